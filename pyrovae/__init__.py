@@ -1,0 +1,37 @@
+"""pyrovae: variational autoencoders as Pyro model/guide pairs.
+
+Train any pair with :func:`fit` (SVI), score it with :func:`log_likelihood` (importance-sampled
+log p(x) per datapoint), and build the classic VAE from swappable pieces with :class:`VAE`.
+"""
+
+from . import data, likelihoods, nets, priors
+from .checkpoint import load_run, load_weights, save_run, save_weights
+from .config import Config, build_vae
+from .errors import CheckpointError, DataError, NonFiniteLossError
+from .evaluation import elbo, iwae, log_likelihood
+from .training import History, fit
+from .vae import VAE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAE",
+    "fit",
+    "History",
+    "log_likelihood",
+    "elbo",
+    "iwae",
+    "Config",
+    "build_vae",
+    "save_run",
+    "load_run",
+    "save_weights",
+    "load_weights",
+    "DataError",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "data",
+    "likelihoods",
+    "nets",
+    "priors",
+]

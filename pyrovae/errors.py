@@ -1,0 +1,30 @@
+"""The errors pyrovae raises. All are :class:`ValueError` s, so one ``except ValueError`` catches
+every bad-input error, and each message names the problem."""
+
+from __future__ import annotations
+
+__all__ = ["DataError", "CheckpointError", "NonFiniteLossError"]
+
+
+class DataError(ValueError):
+    """Data that cannot be found, read or used: a missing folder or file, an empty dataset,
+    non-finite values."""
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that is missing, corrupt, or not a safe weights file."""
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss.
+
+    :ivar int epoch: the epoch (1-based) in which it happened.
+    :ivar int step: the step within that epoch (1-based).
+    :ivar history: the :class:`~pyrovae.training.History` of the epochs that finished.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, history=None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.history = history

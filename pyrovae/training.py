@@ -1,0 +1,239 @@
+"""Training any model/guide pair with stochastic variational inference.
+
+:func:`fit` builds Pyro's ``ELBOModule`` (``loss(model, guide)``, :class:`~pyro.infer.Trace_ELBO`
+by default) and optimizes it with a torch optimizer over every parameter the pair touches: those
+of the :class:`torch.nn.Module` s it is bound to, and every ``pyro.param``/``pyro.module`` site.
+The data live on the training device and batches are taken by index; the loss is accumulated on
+the device, so on CUDA the loop reads nothing back from the GPU until the epoch ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import ELBO, Trace_ELBO
+from torch import nn
+
+from .data import as_tensors
+from .errors import NonFiniteLossError
+
+__all__ = ["fit", "History", "resolve_device"]
+
+log = logging.getLogger("pyrovae")
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a :func:`fit` run. ELBOs are per datapoint, in nats (higher is
+    better); ``val_elbo`` holds ``None`` when no validation data was given."""
+
+    epoch: list[int] = field(default_factory=list)
+    train_elbo: list[float] = field(default_factory=list)
+    val_elbo: list[float | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def append(self, record: dict) -> None:
+        for key in asdict(self):
+            getattr(self, key).append(record[key])
+
+    def records(self) -> list[dict]:
+        """One dict per epoch: ``epoch``, ``train_elbo``, ``val_elbo``, ``seconds``."""
+        columns = asdict(self)
+        return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when there is one, else the CPU.
+
+    :raises ValueError: if CUDA is asked for and not available, or the name is unknown.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def _modules_of(*fns: Callable) -> list[nn.Module]:
+    # The modules a model/guide is, or is a bound method of.
+    mods: list[nn.Module] = []
+    for fn in fns:
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module) and all(owner is not m for m in mods):
+            mods.append(owner)
+    return mods
+
+
+def _params(param_trace, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    # Unconstrained leaves of every pyro.param site seen, plus the modules' parameters (as
+    # pyro.infer.SVI collects them), without duplicates.
+    seen: dict[int, torch.Tensor] = {}
+    for site in param_trace.nodes.values():
+        value = site["value"]
+        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            seen.setdefault(id(leaf), leaf)
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _epoch_loss(elbo_module, tensors, batch_size) -> torch.Tensor:
+    # Sum of the loss over all of ``tensors`` without gradients, on the device.
+    total = torch.zeros((), device=tensors[0].device)
+    with torch.no_grad():
+        for i in range(0, len(tensors[0]), batch_size):
+            total += elbo_module(*(t[i : i + batch_size] for t in tensors)).detach()
+    return total
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    data,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    loss: ELBO | None = None,
+    device: str | torch.device | None = None,
+    val_data=None,
+    seed: int | None = None,
+    transform: Callable | None = None,
+    callback: Callable[[dict], bool | None] | None = None,
+    progress: bool = True,
+) -> History:
+    """Fit a model/guide pair with SVI.
+
+    Works for any pair that takes the batch tensors as positional arguments and puts datapoints
+    in a plate: :class:`~pyrovae.VAE`'s ``model``/``guide``, a :class:`~pyro.nn.PyroModule`, or
+    plain functions using ``pyro.param``/``pyro.module``. Modules the pair is bound to are moved
+    to ``device``; parameters a plain function creates should be made on the data's device.
+
+    :param model: Pyro model, called as ``model(*batch)``.
+    :param guide: Pyro guide, called as ``guide(*batch)``.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
+    :param int epochs: passes over the data.
+    :param int batch_size: datapoints per step.
+    :param float lr: Adam learning rate.
+    :param loss: a Pyro ELBO instance (default ``Trace_ELBO()``; e.g. ``TraceMeanField_ELBO()``
+        for the closed-form KL).
+    :param device: ``"cpu"``, ``"cuda"``, … (default: CUDA when there is one).
+    :param val_data: optional held-out data, scored with the same objective after each epoch.
+    :param int seed: seeds Pyro, torch, numpy and random before training.
+    :param transform: function applied to each training batch (a tuple of tensors); defaults to
+        ``data.transform`` when ``data`` has one (e.g. dynamic binarization).
+    :param callback: called with each epoch's record (a dict); returning ``True`` stops training.
+    :param bool progress: show a tqdm progress bar.
+    :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint.
+    :raises ValueError: for bad arguments or data (checked before the first step).
+    :raises NonFiniteLossError: if a loss is NaN/Inf; the parameters are restored to the end of
+        the last good epoch first.
+    """
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    device = resolve_device(device)
+    transform = transform if transform is not None else getattr(data, "transform", None)
+    tensors = tuple(t.to(device) for t in as_tensors(data, "training data"))
+    val = None
+    if val_data is not None:
+        val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    modules = _modules_of(model, guide)
+    for m in modules:
+        m.to(device)
+    elbo_module = (loss if loss is not None else Trace_ELBO())(model, guide)
+    n, batch_size = len(tensors[0]), min(int(batch_size), len(tensors[0]))
+    steps = -(-n // batch_size)
+    on_cuda = device.type == "cuda"
+
+    from tqdm.auto import tqdm
+
+    history = History()
+    optimizer: torch.optim.Optimizer | None = None
+    params: list[torch.Tensor] = []
+    good: list[torch.Tensor] = []  # parameter values at the end of the last good epoch
+    bar = tqdm(total=int(epochs) * steps, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        for epoch in range(1, int(epochs) + 1):
+            start = time.perf_counter()
+            perm = torch.randperm(n, device=device)
+            total = torch.zeros((), device=device)
+            bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            for step in range(steps):
+                idx = perm[step * batch_size : (step + 1) * batch_size]
+                batch = tuple(t[idx] for t in tensors)
+                if transform is not None:
+                    batch = tuple(transform(batch))
+                if optimizer is None:  # first step: find the parameters the pair touches
+                    with poutine.trace(param_only=True) as param_capture:
+                        loss_t = elbo_module(*batch)
+                    params = _params(param_capture.trace, modules)
+                    if not params:
+                        raise ValueError("the model and guide have no trainable parameters")
+                    optimizer = torch.optim.Adam(params, lr=lr, fused=on_cuda or None)
+                    good = [p.detach().clone() for p in params]
+                else:
+                    loss_t = elbo_module(*batch)
+                finite = torch.isfinite(loss_t)
+                if on_cuda:  # remember the first bad step without a host sync
+                    bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
+                elif not bool(finite):
+                    bad_step.fill_(step)
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss_t.backward()
+                optimizer.step()
+                total += loss_t.detach()
+                bar.update()
+            if int(bad_step) >= 0:  # the epoch's one host sync (besides the ELBO below)
+                with torch.no_grad():
+                    for p, g in zip(params, good, strict=True):
+                        p.copy_(g)
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch}, step {int(bad_step) + 1}; parameters "
+                    f"were restored to the end of epoch {epoch - 1}",
+                    epoch=epoch,
+                    step=int(bad_step) + 1,
+                    history=history,
+                )
+            good = [p.detach().clone() for p in params]
+            record = {
+                "epoch": epoch,
+                "train_elbo": -float(total) / n,
+                "val_elbo": None,
+                "seconds": time.perf_counter() - start,
+            }
+            if val is not None:
+                record["val_elbo"] = -float(_epoch_loss(elbo_module, val, batch_size)) / len(val[0])
+            history.append(record)
+            bar.set_postfix(
+                train_elbo=f"{record['train_elbo']:.2f}",
+                **({"val_elbo": f"{record['val_elbo']:.2f}"} if val is not None else {}),
+            )
+            log.debug("epoch %d: %s", epoch, record)
+            if callback is not None and callback(record):
+                break
+    finally:
+        bar.close()
+    return history
