@@ -32,7 +32,14 @@ from pyro.infer.importance import vectorized_importance_weights
 
 from .data import as_tensors
 
-__all__ = ["elbo", "iwae", "log_likelihood", "log_weights", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = [
+    "elbo",
+    "iwae",
+    "log_likelihood",
+    "log_weights",
+    "plan_chunks",
+    "DEFAULT_CHUNK_ELEMENTS",
+]
 
 #: Default bound on particles × datapoints × (numbers per datapoint) in one chunk: about 64 MiB
 #: per float32 tensor of that size; a 784-400-50 MLP VAE peaks near 0.5 GB.
@@ -40,9 +47,11 @@ DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 def _max_plate_nesting(model, guide, args) -> int:
-    # Trace once on a single datapoint and read the deepest vectorized plate.
+    # Trace once on a single datapoint and read the deepest vectorized plate; the random state
+    # is restored after, so scoring draws the same numbers as Pyro's own ELBOs would.
     one = tuple(a[:1] for a in args)
-    with poutine.block(), torch.no_grad():
+    cuda = sorted({a.device.index or 0 for a in args if a.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
         guide_tr = poutine.trace(guide).get_trace(*one)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*one)
     dims = [
@@ -97,6 +106,20 @@ def log_weights(
     return total
 
 
+def plan_chunks(
+    n: int, k: int, per_item: int, batch_size: int | None, max_chunk_elements: int
+) -> tuple[int, int]:
+    """Datapoints per batch and particles per chunk, so that batch × chunk × per_item stays
+    within ``max_chunk_elements`` (unless one datapoint with one particle already exceeds it).
+    By default a batch holds as many datapoints as fit with all ``k`` particles at once."""
+    per_item = max(1, int(per_item))
+    if batch_size is None:
+        batch_size = max_chunk_elements // (k * per_item)
+    batch_size = max(1, min(n, int(batch_size)))
+    chunk = max(1, min(k, max_chunk_elements // (batch_size * per_item)))
+    return batch_size, chunk
+
+
 def _reduce(
     model,
     guide,
@@ -113,11 +136,8 @@ def _reduce(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tensors = as_tensors(data)
     n, k_total = len(tensors[0]), int(num_particles)
-    per_item = max(1, sum(t[0].numel() for t in tensors))  # numbers per datapoint
-    if batch_size is None:
-        batch_size = max_chunk_elements // (k_total * per_item)
-    batch_size = max(1, min(n, int(batch_size)))
-    chunk = max(1, min(k_total, max_chunk_elements // (batch_size * per_item)))
+    per_item = sum(t[0].numel() for t in tensors)  # numbers per datapoint
+    batch_size, chunk = plan_chunks(n, k_total, per_item, batch_size, max_chunk_elements)
     with torch.no_grad():
         nesting = _max_plate_nesting(model, guide, tensors)
         out = []

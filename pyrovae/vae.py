@@ -83,6 +83,11 @@ class VAE(PyroModule):
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise :class:`ValueError` unless ``x`` is a batch ``(N, *x_shape)`` it can score."""
+        self._check_shape(x)
+        self.likelihood.check_support(x)
+
+    def _check_shape(self, x) -> None:
+        # shapes only: no host sync
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"expected a tensor of images, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.x_shape or x.dim() != 1 + self.event_dim:
@@ -90,12 +95,10 @@ class VAE(PyroModule):
                 f"expected data of shape (N, {', '.join(map(str, self.x_shape))}), "
                 f"got {tuple(x.shape)}"
             )
-        self.likelihood.check_support(x)
 
     def model(self, x: torch.Tensor) -> None:
         """p(z) p(x|z) for a batch ``x`` of shape ``(N, *x_shape)``."""
-        if tuple(x.shape[1:]) != self.x_shape or x.dim() != 1 + self.event_dim:
-            self.check_data(x)  # raises with a message naming both shapes
+        self._check_shape(x)
         if is_validation_enabled():
             self.likelihood.check_support(x)
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -105,6 +108,7 @@ class VAE(PyroModule):
 
     def guide(self, x: torch.Tensor) -> None:
         """q(z|x) = N(μ(x), diag σ(x)²), reparameterized."""
+        self._check_shape(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder(x)  # (N, z_dim) each
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))  # event (z_dim,)
