@@ -1,4 +1,4 @@
-"""The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyrovae`` command: ``train``, ``evaluate``, ``sample`` and ``bench``.
 
 ``pyrovae train`` with no options trains a small VAE on scikit-learn's bundled 8×8 digits, offline,
 and leaves a run directory with the config, a checkpoint, per-epoch metrics and PNG plots.
@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG file to write")
     s.add_argument("-n", "--num", type=int, default=64, help="number of images")
     s.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="images/s of fit and log p(x) against hand-written PyTorch")
+    b.add_argument("--dataset", choices=list(DATASETS), default="digits")
+    b.add_argument("--data-dir", default=None)
+    b.add_argument("--hidden", type=int, nargs="+", default=[400])
+    b.add_argument("--z-dim", type=int, default=50)
+    b.add_argument("--gated", action="store_true")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--rounds", type=int, default=3, help="timed epochs per method")
+    b.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    b.add_argument("--num-samples", type=int, default=5000, help="K for log p(x); 0 skips it")
+    b.add_argument("--eval-n", type=int, default=100, help="test images scored")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -250,7 +264,20 @@ def _sample(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "sample": _sample}
+def _bench(args) -> int:
+    from .bench import main as bench_main
+    from .training import resolve_device
+
+    for key in ("rounds", "batch_size", "eval_n", "z_dim"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.num_samples < 0:
+        raise ValueError(f"--num-samples must be >= 0, got {args.num_samples}")
+    args.device = str(resolve_device(args.device))
+    return bench_main(args)
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "sample": _sample, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:
