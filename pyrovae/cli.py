@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--num-samples", type=int, default=5000, help="K importance samples")
     e.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    e.add_argument("--limit", type=int, default=None, help="score only the first N datapoints")
+    e.add_argument(
+        "--limit", type=int, default=None, help="score N datapoints spread over the split"
+    )
     e.add_argument("--batch-size", type=int, default=None, help="datapoints per chunk")
     e.add_argument("--data-dir", default=None, help="override the run's data root")
     e.add_argument("--device", default="auto")
@@ -206,6 +208,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     import pyro
+    import torch
 
     from .checkpoint import load_run
     from .evaluation import elbo, log_likelihood
@@ -216,9 +219,11 @@ def _evaluate(args) -> int:
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     data = _load(config, args.split)
-    x = data.images if args.limit is None else data.images[: args.limit]
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    x = data.images
+    if args.limit is not None:  # evenly spread: a split may be ordered by class
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        x = x[torch.linspace(0, len(x) - 1, min(args.limit, len(x))).long()]
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()

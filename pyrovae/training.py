@@ -125,6 +125,10 @@ def fit(
     plain functions using ``pyro.param``/``pyro.module``. Modules the pair is bound to are moved
     to ``device``; parameters a plain function creates should be made on the data's device.
 
+    On CUDA the loop itself reads nothing back from the device until an epoch ends. Pyro's
+    validation (on by default) checks values on every step, which does; run under
+    ``pyro.validation_enabled(False)`` once the pair is known to be right.
+
     :param model: Pyro model, called as ``model(*batch)``.
     :param guide: Pyro guide, called as ``guide(*batch)``.
     :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
@@ -210,14 +214,17 @@ def fit(
                 with torch.no_grad():
                     for p, g in zip(params, good, strict=True):
                         p.copy_(g)
+                restored = f"the end of epoch {epoch - 1}" if epoch > 1 else "their initial values"
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch}, step {int(bad_step) + 1}; parameters "
-                    f"were restored to the end of epoch {epoch - 1}",
+                    f"were restored to {restored}",
                     epoch=epoch,
                     step=int(bad_step) + 1,
                     history=history,
                 )
-            good = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, g in zip(params, good, strict=True):
+                    g.copy_(p)
             record = {
                 "epoch": epoch,
                 "train_elbo": -float(total) / n,

@@ -41,6 +41,8 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert result["split"] == "valid" and result["n"] == 180 and result["num_samples"] == 20
     assert result["elbo"] <= result["log_likelihood"] < 0
     assert "log p(x)" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "7"]) == 0
+    assert json.loads((run / "eval.json").read_text())["n"] == 7
 
     out = tmp_path / "grid.png"
     assert cli.main(["sample", str(run), "--out", str(out), "-n", "9"]) == 0

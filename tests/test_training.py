@@ -226,3 +226,19 @@ def test_statistical_training_improves_held_out_log_likelihood():
     assert before < -40
     assert after > -23
     assert after - before > 18
+
+
+@pytest.mark.gpu
+def test_fit_and_score_on_cuda():
+    # Data and model on the GPU; the loop flags a bad step on the device and syncs per epoch.
+    vae = _vae()
+    train = _digits()
+    with pyro.validation_enabled(False):  # Pyro's own checks would sync every step
+        history = pyrovae.fit(vae.model, vae.guide, train, epochs=3, batch_size=128,
+                              device="cuda", val_data=_digits("valid"), progress=False)  # fmt: skip
+    assert next(vae.parameters()).device.type == "cuda"
+    assert history.train_elbo[-1] > history.train_elbo[0]
+    x = _digits("test", n=50).cuda()
+    ll = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=500)
+    assert ll.device.type == "cuda" and torch.isfinite(ll).all()
+    assert (ll >= pyrovae.elbo(vae.model, vae.guide, x, num_particles=50) - 0.5).all()
