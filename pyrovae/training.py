@@ -9,6 +9,7 @@ the device, so on CUDA the loop reads nothing back from the GPU until the epoch 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,10 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from .capture import CaptureError, CudaGraphStep, NoSyncTrace_ELBO, capture
 from .data import as_tensors
 from .errors import NonFiniteLossError
 
@@ -102,6 +105,14 @@ def _epoch_loss(elbo_module, tensors, batch_size) -> torch.Tensor:
     return total
 
 
+def _make_optimizer(params, lr: float, device: torch.device, capturable: bool):
+    # A fused Adam where this torch has one for the device, else the default implementation.
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr, capturable=capturable)
+
+
 def fit(
     model: Callable,
     guide: Callable,
@@ -117,6 +128,7 @@ def fit(
     transform: Callable | None = None,
     callback: Callable[[dict], bool | None] | None = None,
     progress: bool = True,
+    fast: bool = True,
 ) -> History:
     """Fit a model/guide pair with SVI.
 
@@ -125,9 +137,14 @@ def fit(
     plain functions using ``pyro.param``/``pyro.module``. Modules the pair is bound to are moved
     to ``device``; parameters a plain function creates should be made on the data's device.
 
-    On CUDA the loop itself reads nothing back from the device until an epoch ends. Pyro's
-    validation (on by default) checks values on every step, which does; run under
-    ``pyro.validation_enabled(False)`` once the pair is known to be right.
+    The fast path (``fast=True``): the first step runs eagerly, under Pyro's validation as you
+    have it set, and finds the parameters; then the loss is captured once
+    (:func:`pyrovae.capture.capture`) and replayed on every later step without running Pyro's
+    handlers, and on CUDA the whole step is replayed as a CUDA graph. A pair that cannot be
+    replayed safely (data-dependent Python, host syncs, parameters outside its modules) trains
+    eagerly, which is said once in the ``pyrovae`` log. If the model is a method of an object
+    with a ``check_data`` method (as :class:`~pyrovae.VAE` has), it is called once on the whole
+    training and validation data first, since replayed steps run no per-step checks.
 
     :param model: Pyro model, called as ``model(*batch)``.
     :param guide: Pyro guide, called as ``guide(*batch)``.
@@ -135,8 +152,9 @@ def fit(
     :param int epochs: passes over the data.
     :param int batch_size: datapoints per step.
     :param float lr: Adam learning rate.
-    :param loss: a Pyro ELBO instance (default ``Trace_ELBO()``; e.g. ``TraceMeanField_ELBO()``
-        for the closed-form KL).
+    :param loss: a Pyro ELBO instance (e.g. ``TraceMeanField_ELBO()`` for the closed-form KL).
+        Default, and in place of a plain ``Trace_ELBO``:
+        :class:`~pyrovae.capture.NoSyncTrace_ELBO`, the same estimator without host syncs.
     :param device: ``"cpu"``, ``"cuda"``, … (default: CUDA when there is one).
     :param val_data: optional held-out data, scored with the same objective after each epoch.
     :param int seed: seeds Pyro, torch, numpy and random before training.
@@ -144,6 +162,7 @@ def fit(
         ``data.transform`` when ``data`` has one (e.g. dynamic binarization).
     :param callback: called with each epoch's record (a dict); returning ``True`` stops training.
     :param bool progress: show a tqdm progress bar.
+    :param bool fast: capture and replay the loss when the pair allows it.
     :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint.
     :raises ValueError: for bad arguments or data (checked before the first step).
     :raises NonFiniteLossError: if a loss is NaN/Inf; the parameters are restored to the end of
@@ -161,12 +180,22 @@ def fit(
     val = None
     if val_data is not None:
         val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
+    check = getattr(getattr(model, "__self__", None), "check_data", None)
+    if callable(check) and is_validation_enabled():
+        check(*(transform(tensors) if transform is not None else tensors))
+        if val is not None:
+            check(*val)
     if seed is not None:
         pyro.set_rng_seed(seed)
     modules = _modules_of(model, guide)
     for m in modules:
         m.to(device)
-    elbo_module = (loss if loss is not None else Trace_ELBO())(model, guide)
+    if loss is None:
+        loss = NoSyncTrace_ELBO()
+    elif type(loss) is Trace_ELBO:  # same estimator and settings, without the host syncs
+        loss = copy.copy(loss)
+        loss.__class__ = NoSyncTrace_ELBO
+    elbo_module = loss(model, guide)
     n, batch_size = len(tensors[0]), min(int(batch_size), len(tensors[0]))
     steps = -(-n // batch_size)
     on_cuda = device.type == "cuda"
@@ -174,6 +203,9 @@ def fit(
     from tqdm.auto import tqdm
 
     history = History()
+    step_loss: Callable = elbo_module  # the eager loss until a capture succeeds
+    graph_step: CudaGraphStep | None = None
+    warm_up: list[torch.Tensor] = []  # batches run before a CUDA graph is recorded
     optimizer: torch.optim.Optimizer | None = None
     params: list[torch.Tensor] = []
     good: list[torch.Tensor] = []  # parameter values at the end of the last good epoch
@@ -184,21 +216,39 @@ def fit(
             perm = torch.randperm(n, device=device)
             total = torch.zeros((), device=device)
             bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            if graph_step is not None:
+                graph_step.reset()
             for step in range(steps):
                 idx = perm[step * batch_size : (step + 1) * batch_size]
+                if graph_step is not None and len(idx) == batch_size:
+                    if graph_step.ready:
+                        graph_step(idx)
+                    else:
+                        warm_up.append(idx)
+                        if len(warm_up) == 3:
+                            graph_step.warm_up(warm_up)
+                            warm_up = []
+                    bar.update()
+                    continue
                 batch = tuple(t[idx] for t in tensors)
                 if transform is not None:
                     batch = tuple(transform(batch))
-                if optimizer is None:  # first step: find the parameters the pair touches
+                if optimizer is None:  # first step: eager; find the parameters the pair touches
                     with poutine.trace(param_only=True) as param_capture:
                         loss_t = elbo_module(*batch)
                     params = _params(param_capture.trace, modules)
                     if not params:
                         raise ValueError("the model and guide have no trainable parameters")
-                    optimizer = torch.optim.Adam(params, lr=lr, fused=on_cuda or None)
+                    if fast:
+                        step_loss, graph_step = _fast_path(
+                            elbo_module, modules, params, batch, tensors, batch_size, transform
+                        )
+                    optimizer = _make_optimizer(params, lr, device, graph_step is not None)
+                    if graph_step is not None:
+                        graph_step.optimizer = optimizer
                     good = [p.detach().clone() for p in params]
                 else:
-                    loss_t = elbo_module(*batch)
+                    loss_t = step_loss(*batch)
                 finite = torch.isfinite(loss_t)
                 if on_cuda:  # remember the first bad step without a host sync
                     bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
@@ -210,6 +260,12 @@ def fit(
                 optimizer.step()
                 total += loss_t.detach()
                 bar.update()
+            if graph_step is not None:
+                if warm_up:  # an epoch too short to record the graph: run its batches eagerly
+                    graph_step.warm_up(warm_up, record=False)
+                    warm_up = []
+                total = total + graph_step.total
+                bad_step = torch.where(bad_step < 0, graph_step.bad_step, bad_step)
             if int(bad_step) >= 0:  # the epoch's one host sync (besides the ELBO below)
                 with torch.no_grad():
                     for p, g in zip(params, good, strict=True):
@@ -232,7 +288,7 @@ def fit(
                 "seconds": time.perf_counter() - start,
             }
             if val is not None:
-                record["val_elbo"] = -float(_epoch_loss(elbo_module, val, batch_size)) / len(val[0])
+                record["val_elbo"] = -float(_epoch_loss(step_loss, val, batch_size)) / len(val[0])
             history.append(record)
             bar.set_postfix(
                 train_elbo=f"{record['train_elbo']:.2f}",
@@ -244,3 +300,21 @@ def fit(
     finally:
         bar.close()
     return history
+
+
+def _fast_path(elbo_module, modules, params, batch, tensors, batch_size, transform):
+    # Capture the loss; on CUDA also prepare a CUDA graph of the whole step. On failure say why,
+    # once, and keep the eager loss.
+    owned = {id(p) for m in modules for p in m.parameters()}
+    outside = [p for p in params if id(p) not in owned]
+    try:
+        if outside:
+            raise CaptureError(f"{len(outside)} parameter(s) live outside the pair's modules")
+        captured = capture(elbo_module, modules, batch)
+    except CaptureError as e:
+        log.warning("pyrovae.fit: training eagerly, the loss cannot be replayed: %s", e)
+        return elbo_module, None
+    log.info("pyrovae.fit: replaying the captured loss")
+    if tensors[0].device.type != "cuda":
+        return captured, None
+    return captured, CudaGraphStep(captured, None, tensors, batch_size, transform)

@@ -115,7 +115,7 @@ def test_fit_applies_the_datasets_transform():
     vae = _vae()
     data.transform = transform
     pyrovae.fit(vae.model, vae.guide, data, epochs=1, batch_size=10, progress=False)
-    assert calls == [[0.5], [0.5]]
+    assert calls == [[0.5]] * 3  # once for the upfront data check, then once per batch
 
 
 def test_callback_can_stop_early():
@@ -185,7 +185,7 @@ def test_grey_values_need_opt_in_for_bernoulli():
     assert math.isfinite(history.train_elbo[0])
 
 
-def test_non_finite_loss_stops_and_restores_last_good_epoch():
+def test_non_finite_loss_stops_and_restores_last_good_epoch_eager():
     # A decoder weight turns NaN in the 7th call (epoch 2, step 2 with 5 steps per epoch), as
     # a diverging run would.
     vae = _vae()
@@ -206,12 +206,79 @@ def test_non_finite_loss_stops_and_restores_last_good_epoch():
     with pytest.warns(UserWarning, match="NaN"):  # Pyro's validation warns about the NaN first
         with pytest.raises(NonFiniteLossError, match="epoch 2, step 2") as info:
             pyrovae.fit(model, vae.guide, _digits(n=50), epochs=5, batch_size=10,
-                        callback=remember, progress=False)  # fmt: skip
+                        callback=remember, progress=False, fast=False)  # fmt: skip
     assert info.value.epoch == 2 and info.value.step == 2
     assert info.value.history.epoch == [1]
     state = vae.state_dict()
     assert all(torch.equal(state[k], snapshots[-1][k]) for k in state)
     assert torch.isfinite(vae.decoder.out.bias).all()
+
+
+def test_non_finite_loss_on_the_fast_path():
+    # The replayed loss is checked too: a decoder that diverges after epoch 1 stops training
+    # at epoch 2, step 1, and the parameters are those of the end of epoch 1.
+    vae = _vae()
+    snapshots = []
+
+    def diverge(record):
+        snapshots.append({k: v.clone() for k, v in vae.state_dict().items()})
+        with torch.no_grad():
+            vae.decoder.out.bias.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 1") as info:
+        pyrovae.fit(vae.model, vae.guide, _digits(n=50), epochs=5, batch_size=10,
+                    callback=diverge, progress=False)  # fmt: skip
+    assert info.value.history.epoch == [1]
+    state = vae.state_dict()
+    assert all(torch.equal(state[k], snapshots[0][k]) for k in state)
+
+
+def test_fast_and_eager_paths_agree():
+    # Same seed, same data: the replayed loss trains like the eager one. Replay draws the same
+    # random numbers as eager Pyro, so the histories match closely.
+    histories = {}
+    for fast in (True, False):
+        vae = _vae()
+        vae.load_state_dict(_vae().state_dict())  # fresh, but both start from the same weights
+        pyro.set_rng_seed(1)
+        vae = _vae()
+        histories[fast] = pyrovae.fit(vae.model, vae.guide, _digits(), epochs=8, batch_size=64,
+                                      val_data=_digits("valid"), seed=0, progress=False,
+                                      fast=fast)  # fmt: skip
+    fast, eager = histories[True], histories[False]
+    assert abs(fast.val_elbo[-1] - eager.val_elbo[-1]) < 0.5
+    assert abs(fast.train_elbo[-1] - eager.train_elbo[-1]) < 0.5
+
+
+def test_fast_path_falls_back_for_pyro_params(caplog):
+    # Plain pyro.param sites live outside any module: fit says so once and trains eagerly.
+    lg = LinearGaussian()
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2, dtype=x.dtype))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    with caplog.at_level("WARNING", logger="pyrovae"):
+        pyrovae.fit(lg.model, guide, lg.data(40), epochs=2, batch_size=10, progress=False)
+    messages = [r.getMessage() for r in caplog.records if "training eagerly" in r.getMessage()]
+    assert len(messages) == 1 and "outside the pair's modules" in messages[0]
+
+
+def test_fast_path_falls_back_for_data_dependent_control_flow(caplog):
+    # A model that branches on a tensor value cannot be replayed: fit trains it eagerly.
+    vae = _vae()
+
+    def model(x):
+        if x.mean() > 0.5:  # reads a value: data-dependent
+            pyro.factor("unused", torch.zeros(()))
+        vae.model(x)
+
+    with caplog.at_level("WARNING", logger="pyrovae"):
+        history = pyrovae.fit(model, vae.guide, _digits(n=60), epochs=2, batch_size=20,
+                              progress=False)  # fmt: skip
+    assert any("training eagerly" in r.getMessage() for r in caplog.records)
+    assert math.isfinite(history.train_elbo[-1])
 
 
 def test_statistical_training_improves_held_out_log_likelihood():
