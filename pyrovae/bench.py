@@ -1,13 +1,17 @@
-"""``pyrovae bench``: pyrovae against hand-written PyTorch, in one process, on the same data,
-networks and batch size.
+"""``pyrovae bench``: pyrovae against hand-written PyTorch and stock Pyro, in one process, on
+the same data, networks and batch sizes.
 
-Training: images/s of :func:`pyrovae.fit` (with Pyro's validation on, its default, and off) and
-of a hand-written loop computing the same single-sample ELBO (Monte-Carlo KL, as ``Trace_ELBO``)
-with the same Adam. The methods run in interleaved rounds of one epoch each, after a warm-up
-round, and the median round is reported, so machine noise hits all of them alike.
+Training (images/s): :func:`pyrovae.fit` on its fast path (the loss captured once and replayed)
+and eagerly (``fast=False``); a hand-written PyTorch loop computing the same single-sample ELBO
+(Monte-Carlo KL, as ``Trace_ELBO``) with the same Adam; and a stock Pyro loop (``SVI.step`` per
+batch from a ``DataLoader``, as in Pyro's VAE example). Methods run in interleaved rounds of one
+epoch each after a warm-up round, and the median round is reported, so noise on a shared
+machine hits all of them alike. Pyro's validation is off for all of them (it is a debugging aid
+that checks values on every step).
 
-Evaluation: seconds of :func:`pyrovae.log_likelihood` and of a hand-written importance-sampling
-loop with the same chunks, on the same images and K.
+Evaluation (seconds): :func:`pyrovae.log_likelihood` against a hand-written importance-sampling
+loop with the same chunks, on the same images and K, interleaved likewise; with the achieved
+FLOP rate of the dense layers and the peak memory each run added.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import copy
 import math
 import resource
 import statistics
+import threading
 import time
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -26,7 +32,20 @@ from .config import Config, build_vae
 from .evaluation import DEFAULT_CHUNK_ELEMENTS, log_likelihood, plan_chunks
 from .training import fit
 
-__all__ = ["bench_training", "bench_evaluation", "handwritten_epoch", "handwritten_log_likelihood"]
+__all__ = [
+    "ARCHITECTURES",
+    "bench_training",
+    "bench_evaluation",
+    "handwritten_epoch",
+    "handwritten_log_likelihood",
+    "stock_pyro_epoch",
+]
+
+#: Networks by name: config fields.
+ARCHITECTURES = {
+    "mlp": {"hidden": (400,), "z_dim": 50, "gated": False},  # the classic 784-400-50 MLP
+    "vampprior": {"hidden": (300, 300), "z_dim": 40, "gated": True},  # GatedDense(300) x 2
+}
 
 
 def _normal_log_prob(z, loc, scale):
@@ -60,6 +79,15 @@ def handwritten_epoch(enc, dec, optimizer, x, batch_size) -> float:
     return -float(total) / len(x)
 
 
+def stock_pyro_epoch(svi, loader) -> float:
+    """One epoch the way Pyro's VAE example trains: ``svi.step`` per DataLoader batch."""
+    total, n = 0.0, 0
+    for (xb,) in loader:
+        total += svi.step(xb)
+        n += len(xb)
+    return -total / n
+
+
 @torch.no_grad()
 def handwritten_log_likelihood(enc, dec, x, k, max_chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     """Importance-sampled log p(x) in plain PyTorch, chunked like pyrovae's."""
@@ -67,73 +95,123 @@ def handwritten_log_likelihood(enc, dec, x, k, max_chunk_elements=DEFAULT_CHUNK_
     out = []
     for i in range(0, len(x), b):
         xb = x[i : i + b]
-        lse = torch.cat(
-            [
-                _log_weights(enc, dec, xb, min(chunk, k - j)).logsumexp(0, True)
-                for j in range(0, k, chunk)
-            ]
-        ).logsumexp(0)
-        out.append(lse - math.log(k))
+        parts = [
+            _log_weights(enc, dec, xb, min(chunk, k - j)).logsumexp(0, True)
+            for j in range(0, k, chunk)
+        ]
+        out.append(torch.cat(parts).logsumexp(0) - math.log(k))
     return torch.cat(out)
 
 
+class _PeakMemory:
+    # Peak memory added while the block runs: CUDA's allocator statistics on a GPU; on the CPU,
+    # the resident set size sampled every 5 ms.
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss() - self._base)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self._base)
+
+
+def _timed(run: Callable, device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str, list[float]]:
-    """Images/s per round for each method on images ``x``."""
+    """Images/s per round for each training method on images ``x``."""
     x = x.to(device)
-    vae = build_vae(config).to(device)
+    vae, eager_vae, pyro_vae = (build_vae(config).to(device) for _ in range(3))
     enc, dec = copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=config.lr)
+    svi = pyro.infer.SVI(pyro_vae.model, pyro_vae.guide, pyro.optim.Adam({"lr": config.lr}),
+                         pyro.infer.Trace_ELBO())  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x), batch_size=config.batch_size, shuffle=True
+    )
+    kwargs = {"epochs": 1, "batch_size": config.batch_size, "lr": config.lr, "device": device}
     methods = {
-        "pyrovae.fit (validation on)": lambda: _fit_epoch(vae, x, config, device, True),
-        "pyrovae.fit (validation off)": lambda: _fit_epoch(vae, x, config, device, False),
+        "pyrovae.fit (fast path)": lambda: fit(vae.model, vae.guide, x, progress=False, **kwargs),
+        "pyrovae.fit (eager)": lambda: fit(
+            eager_vae.model, eager_vae.guide, x, progress=False, fast=False, **kwargs
+        ),  # fmt: skip
         "hand-written PyTorch": lambda: handwritten_epoch(enc, dec, opt, x, config.batch_size),
+        "stock Pyro (SVI.step)": lambda: stock_pyro_epoch(svi, loader),
     }
     speeds: dict[str, list[float]] = {name: [] for name in methods}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name, run in methods.items():
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            if r:
-                speeds[name].append(len(x) / (time.perf_counter() - start))
+    with pyro.validation_enabled(False):
+        for r in range(rounds + 1):  # round 0 warms up
+            for name, run in methods.items():
+                seconds = _timed(run, device)
+                if r:
+                    speeds[name].append(len(x) / seconds)
     return speeds
 
 
-def _fit_epoch(vae, x, config, device, validation):
-    with pyro.validation_enabled(validation):
-        fit(
-            vae.model,
-            vae.guide,
-            x,
-            epochs=1,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            device=device,
-            progress=False,
-        )
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench_evaluation(x, config: Config, k: int, device="cpu") -> dict[str, float]:
-    """Seconds to score images ``x`` with K=``k`` importance samples, each way."""
+def bench_evaluation(x, config: Config, k: int, rounds: int = 2, device="cpu") -> dict:
+    """Seconds (median of ``rounds`` after a warm-up) and peak added memory to score images
+    ``x`` with K=``k`` importance samples, each way."""
     x = x.to(device)
     vae = build_vae(config).to(device).eval()
-    out = {}
-    for name, run in {
+    methods = {
         "pyrovae.log_likelihood": lambda: log_likelihood(vae.model, vae.guide, x, num_samples=k),
         "hand-written IS": lambda: handwritten_log_likelihood(vae.encoder, vae.decoder, x, k),
-    }.items():
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        out[name] = time.perf_counter() - start
+    }
+    out = {name: {"seconds": [], "memory": 0} for name in methods}
+    with pyro.validation_enabled(False):
+        for r in range(rounds + 1):
+            for name, run in methods.items():
+                with _PeakMemory(device) as mem:
+                    seconds = _timed(run, device)
+                if r:
+                    out[name]["seconds"].append(seconds)
+                    out[name]["memory"] = max(out[name]["memory"], mem.peak)
     return out
+
+
+def _dense_flops(config: Config, n: int, k: int) -> float:
+    # Multiply-adds of the dense layers, ×2: the encoder once per image, the decoder per particle.
+    sizes = [math.prod(config.x_shape), *config.hidden]
+    gate = 2 if config.gated else 1
+    enc = (
+        sum(gate * a * b for a, b in zip(sizes, sizes[1:], strict=False))
+        + 2 * sizes[-1] * config.z_dim
+    )
+    dec_sizes = [config.z_dim, *reversed(config.hidden)]
+    dec = sum(gate * a * b for a, b in zip(dec_sizes, dec_sizes[1:], strict=False))
+    dec += dec_sizes[-1] * math.prod(config.x_shape)
+    return 2.0 * n * (enc + k * dec)
 
 
 def main(args) -> int:
@@ -144,40 +222,38 @@ def main(args) -> int:
     binarize = "none" if args.dataset == "binarized-mnist" else "threshold"
     train = load(args.dataset, "train", args.data_dir, binarize)
     test = load(args.dataset, "test", args.data_dir, binarize)
-    config = Config(
-        dataset=args.dataset,
-        x_shape=train.x_shape,
-        hidden=tuple(args.hidden),
-        z_dim=args.z_dim,
-        gated=args.gated,
-        batch_size=args.batch_size,
-        lr=1e-3,
-    )
-    config.validate()
     x = train.images if args.limit is None else train.images[: args.limit]
+    arch = dict(ARCHITECTURES[args.arch])
     print(
-        f"# {args.dataset}: {len(x)} training images {tuple(x.shape[1:])}, MLP "
-        f"{'gated ' if args.gated else ''}{args.hidden} z={args.z_dim}, batch "
-        f"{args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}"
+        f"# {args.dataset}: {len(x)} training images {tuple(x.shape[1:])}, {args.arch} network "
+        f"{arch}, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; validation off; medians of {args.rounds} rounds"
     )
-    speeds = bench_training(x, config, args.rounds, args.device)
-    ref = statistics.median(speeds["hand-written PyTorch"])
-    print(f"\n{'training':32s} {'images/s (median)':>18s} {'min':>9s} {'max':>9s} {'ratio':>7s}")
-    for name, values in speeds.items():
-        med = statistics.median(values)
-        print(f"{name:32s} {med:18.0f} {min(values):9.0f} {max(values):9.0f} {med / ref:7.3f}")
-    if args.num_samples:
-        xt = test.images[: args.eval_n]
-        secs = bench_evaluation(xt, config, args.num_samples, args.device)
-        ref = secs["hand-written IS"]
-        print(
-            f"\n{'log p(x), K=' + str(args.num_samples) + f', {len(xt)} images':32s} "
-            f"{'seconds':>18s} {'images/s':>9s} {'':>9s} {'ratio':>7s}"
-        )
-        for name, s in secs.items():
-            print(f"{name:32s} {s:18.2f} {len(xt) / s:9.1f} {'':>9s} {s / ref:7.3f}")
+    for batch_size in args.batch_sizes:
+        config = Config(dataset=args.dataset, x_shape=train.x_shape, batch_size=batch_size,
+                        lr=1e-3, **arch)  # fmt: skip
+        config.validate()
+        speeds = bench_training(x, config, args.rounds, args.device)
+        ref = statistics.median(speeds["hand-written PyTorch"])
+        stock = statistics.median(speeds["stock Pyro (SVI.step)"])
+        print(f"\ntraining, batch {batch_size:<6d}     {'images/s':>10s} {'min':>9s} {'max':>9s} "
+              f"{'vs hand':>8s} {'vs stock':>9s}")  # fmt: skip
+        for name, values in speeds.items():
+            med = statistics.median(values)
+            print(f"{name:28s} {med:10.0f} {min(values):9.0f} {max(values):9.0f} "
+                  f"{med / ref:8.3f} {med / stock:9.3f}")  # fmt: skip
+    config = Config(dataset=args.dataset, x_shape=train.x_shape, **arch)
+    xt = test.images[: args.eval_n]
+    for k in args.num_samples:
+        res = bench_evaluation(xt, config, k, args.rounds, args.device)
+        ref = statistics.median(res["hand-written IS"]["seconds"])
+        flops = _dense_flops(config, len(xt), k)
+        print(f"\nlog p(x), K={k}, {len(xt)} images {'seconds':>8s} {'images/s':>9s} "
+              f"{'GFLOP/s':>8s} {'peak MiB':>9s} {'vs hand':>8s}")  # fmt: skip
+        for name, r in res.items():
+            s = statistics.median(r["seconds"])
+            print(f"{name:28s} {s:8.2f} {len(xt) / s:9.1f} {flops / s / 1e9:8.1f} "
+                  f"{r['memory'] / 2**20:9.0f} {s / ref:8.3f}")  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak resident memory of this process: {peak:.0f} MiB")
-    if torch.device(args.device).type == "cuda":
-        print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     return 0

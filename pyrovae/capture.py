@@ -222,6 +222,7 @@ class CudaGraphStep:
         self._loss = loss
         self._tensors, self._transform = tensors, transform
         self._graph = None
+        self.failed = False  # recording the graph failed: callers go on without it
 
     @property
     def ready(self) -> bool:
@@ -254,8 +255,15 @@ class CudaGraphStep:
             return
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._body()
+        step = self.step.clone()
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        except RuntimeError as e:
+            self.failed = True
+            self.step.copy_(step)  # recording ran nothing, but it counted
+            raise CaptureError(f"CUDA graph capture failed: {e}") from e
+        self.step.copy_(step)
         self._graph = graph
 
     def __call__(self, idx: torch.Tensor) -> None:

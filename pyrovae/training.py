@@ -220,15 +220,19 @@ def fit(
                 graph_step.reset()
             for step in range(steps):
                 idx = perm[step * batch_size : (step + 1) * batch_size]
-                if graph_step is not None and len(idx) == batch_size:
+                if graph_step is not None and not graph_step.failed and len(idx) == batch_size:
                     if graph_step.ready:
                         graph_step(idx)
-                    else:
-                        warm_up.append(idx)
-                        if len(warm_up) == 3:
+                        bar.update()
+                        continue
+                    warm_up.append(idx)  # recording a CUDA graph takes three eager steps first
+                    if len(warm_up) == 3:
+                        try:
                             graph_step.warm_up(warm_up)
-                            warm_up = []
-                    bar.update()
+                        except CaptureError as e:
+                            log.warning("pyrovae.fit: no CUDA graph, replaying eagerly: %s", e)
+                        bar.update(len(warm_up))
+                        warm_up = []
                     continue
                 batch = tuple(t[idx] for t in tensors)
                 if transform is not None:
@@ -246,6 +250,7 @@ def fit(
                     optimizer = _make_optimizer(params, lr, device, graph_step is not None)
                     if graph_step is not None:
                         graph_step.optimizer = optimizer
+                        graph_step.step.fill_(step + 1)  # this step runs eagerly
                     good = [p.detach().clone() for p in params]
                 else:
                     loss_t = step_loss(*batch)
@@ -263,6 +268,7 @@ def fit(
             if graph_step is not None:
                 if warm_up:  # an epoch too short to record the graph: run its batches eagerly
                     graph_step.warm_up(warm_up, record=False)
+                    bar.update(len(warm_up))
                     warm_up = []
                 total = total + graph_step.total
                 bad_step = torch.where(bad_step < 0, graph_step.bad_step, bad_step)

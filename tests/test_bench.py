@@ -24,15 +24,30 @@ def test_reference_computes_the_same_math(digits_vae):
 
 
 def test_bench_prints_tables(capsys):
-    argv = ["bench", "--rounds", "1", "--limit", "128", "--batch-size", "64", "--hidden", "16",
-            "--z-dim", "2", "--num-samples", "20", "--eval-n", "8"]  # fmt: skip
+    argv = ["bench", "--rounds", "1", "--limit", "128", "--batch-sizes", "64", "32",
+            "--arch", "vampprior", "--num-samples", "20", "40", "--eval-n", "8"]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    for row in ("pyrovae.fit (validation on)", "hand-written PyTorch", "pyrovae.log_likelihood",
-                "hand-written IS", "peak resident memory"):  # fmt: skip
-        assert row in out
+    for row in ("pyrovae.fit (fast path)", "pyrovae.fit (eager)", "hand-written PyTorch",
+                "stock Pyro (SVI.step)", "training, batch 32", "log p(x), K=40",
+                "pyrovae.log_likelihood", "hand-written IS", "peak resident memory"):  # fmt: skip
+        assert row in out, row
 
 
 def test_bench_bad_sizes(capsys):
     assert cli.main(["bench", "--rounds", "0"]) == 1
     assert "--rounds must be >= 1" in capsys.readouterr().err
+    assert cli.main(["bench", "--batch-sizes", "0"]) == 1
+    assert "--batch-sizes must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_dense_flop_count():
+    from pyrovae.bench import _dense_flops
+
+    config = pyrovae.Config(x_shape=(1, 28, 28), hidden=(400,), z_dim=50)
+    encoder = 784 * 400 + 2 * 400 * 50
+    decoder = 50 * 400 + 400 * 784
+    assert _dense_flops(config, 10, 3) == 2.0 * 10 * (encoder + 3 * decoder)

@@ -309,3 +309,30 @@ def test_fit_and_score_on_cuda():
     ll = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=500)
     assert ll.device.type == "cuda" and torch.isfinite(ll).all()
     assert (ll >= pyrovae.elbo(vae.model, vae.guide, x, num_particles=50) - 0.5).all()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_trains_like_eager(caplog):
+    # On CUDA the fast path records the whole step as a CUDA graph; it must train like eager.
+    histories = {}
+    for fast in (True, False):
+        vae = _vae()
+        with caplog.at_level("INFO", logger="pyrovae"):
+            histories[fast] = pyrovae.fit(vae.model, vae.guide, _digits(), epochs=6,
+                                          batch_size=64, val_data=_digits("valid"), seed=0,
+                                          device="cuda", progress=False, fast=fast)  # fmt: skip
+    assert any("replaying the captured loss" in r.getMessage() for r in caplog.records)
+    assert abs(histories[True].val_elbo[-1] - histories[False].val_elbo[-1]) < 0.5
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_detects_non_finite_loss():
+    vae = _vae()
+
+    def diverge(record):
+        with torch.no_grad():
+            vae.decoder.out.bias.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 1"):
+        pyrovae.fit(vae.model, vae.guide, _digits(), epochs=3, batch_size=64, device="cuda",
+                    callback=diverge, progress=False)  # fmt: skip
