@@ -4,11 +4,15 @@ Train any pair with :func:`fit` (SVI), score it with :func:`log_likelihood` (imp
 log p(x) per datapoint), and build the classic VAE from swappable pieces with :class:`VAE`.
 """
 
-from . import data, likelihoods, nets, priors
+from . import data, guides, likelihoods, nets, objectives, priors, schedules, selection
 from .checkpoint import load_run, load_weights, save_run, save_weights
 from .config import Config, build_vae
 from .errors import CheckpointError, DataError, NonFiniteLossError
 from .evaluation import elbo, iwae, log_likelihood
+from .hvae import HVAE
+from .objectives import IWAE
+from .schedules import KLSchedule
+from .selection import EarlyStopping
 from .training import History, fit
 from .vae import VAE
 
@@ -16,6 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "HVAE",
+    "IWAE",
+    "KLSchedule",
+    "EarlyStopping",
     "fit",
     "History",
     "log_likelihood",
@@ -34,4 +42,8 @@ __all__ = [
     "likelihoods",
     "nets",
     "priors",
+    "guides",
+    "objectives",
+    "schedules",
+    "selection",
 ]

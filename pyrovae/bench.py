@@ -80,11 +80,13 @@ def handwritten_epoch(enc, dec, optimizer, x, batch_size) -> float:
 
 
 def stock_pyro_epoch(svi, loader) -> float:
-    """One epoch the way Pyro's VAE example trains: ``svi.step`` per DataLoader batch."""
+    """One epoch the way Pyro's VAE example trains: ``svi.step`` per DataLoader batch, in a
+    param store of its own (so same-named parameters of other models stay out of it)."""
     total, n = 0.0, 0
-    for (xb,) in loader:
-        total += svi.step(xb)
-        n += len(xb)
+    with pyro.get_param_store().scope():
+        for (xb,) in loader:
+            total += svi.step(xb)
+            n += len(xb)
     return -total / n
 
 

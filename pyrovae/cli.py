@@ -24,8 +24,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import LOSSES, Config
+    from .config import LOSSES, MODELS, Config
     from .data import BINARIZE, DATASETS
+    from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
     from .nets import ACTIVATIONS, NETS
     from .priors import PRIORS
@@ -54,8 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="hidden sizes")
     t.add_argument("--gated", action="store_true", help="GatedDense layers (VampPrior paper)")
     t.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation)
-    t.add_argument("--z-dim", type=int, default=d.z_dim)
-    t.add_argument("--prior", choices=list(PRIORS), default=d.prior)
+    t.add_argument("--z-dim", type=int, default=d.z_dim, help="latent size (top layer of hvae)")
+    t.add_argument(
+        "--model", choices=list(MODELS), default=d.model, help="hvae: two layers z2 -> z1 -> x"
+    )
+    t.add_argument("--prior", choices=list(PRIORS), default=d.prior, help="prior on z (z2 in hvae)")
+    t.add_argument(
+        "--components",
+        type=int,
+        default=d.components,
+        help="K: mixture components (mog) or pseudo-inputs (vampprior)",
+    )
+    t.add_argument(
+        "--guide", choices=list(GUIDES), default=d.guide, help="flow: IAF on the encoder's Gaussian"
+    )
+    t.add_argument(
+        "--flows", type=int, default=d.flows, help="transforms of the flow prior / flow guide"
+    )
     t.add_argument("--likelihood", choices=list(LIKELIHOODS), default=d.likelihood)
     t.add_argument(
         "--variance", type=float, default=d.variance, help="c of the Gaussian N(f(z), c·I)"
@@ -65,6 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--loss", choices=list(LOSSES), default=d.loss)
+    t.add_argument(
+        "--particles", type=int, default=d.particles, help="samples per datapoint (iwae's k)"
+    )
+    t.add_argument("--beta", type=float, default=d.beta, help="KL weight (β-VAE when != 1)")
+    t.add_argument(
+        "--warmup", type=int, default=d.warmup, help="KL warm-up epochs: β rises linearly to --beta"
+    )
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after N epochs (after warm-up) without a better validation ELBO",
+    )
+    t.add_argument(
+        "--train-limit", type=int, default=d.train_limit, help="train on the first N images"
+    )
+    t.add_argument(
+        "--test-every",
+        type=int,
+        default=0,
+        help="every N epochs, record log p(x) on test images in metrics.csv (0: never)",
+    )
+    t.add_argument("--test-samples", type=int, default=100, help="K for --test-every")
+    t.add_argument("--test-limit", type=int, default=1000, help="test images for --test-every")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
@@ -91,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="images/s of fit and log p(x) against hand-written PyTorch")
     b.add_argument("--dataset", choices=list(DATASETS), default="digits")
     b.add_argument("--data-dir", default=None)
-    b.add_argument("--hidden", type=int, nargs="+", default=[400])
-    b.add_argument("--z-dim", type=int, default=50)
-    b.add_argument("--gated", action="store_true")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--rounds", type=int, default=3, help="timed epochs per method")
+    b.add_argument("--arch", choices=["mlp", "vampprior"], default="mlp",
+                   help="mlp: 784-400-50; vampprior: GatedDense(300) x 2, z=40")  # fmt: skip
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
+    b.add_argument("--rounds", type=int, default=3, help="timed repeats per method")
     b.add_argument("--limit", type=int, default=None, help="use the first N training images")
-    b.add_argument("--num-samples", type=int, default=5000, help="K for log p(x); 0 skips it")
+    b.add_argument("--num-samples", type=int, nargs="*", default=[5000],
+                   help="K values for log p(x) (none: skip)")  # fmt: skip
     b.add_argument("--eval-n", type=int, default=100, help="test images scored")
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0)
@@ -120,9 +160,14 @@ def _load(config, split: str):
     )
 
 
+#: Columns of metrics.csv: fit's record, the KL weight β of the epoch, and (with --test-every)
+#: the test log-likelihood estimate.
+METRICS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "test_ll"]
+
+
 def _write_metrics(run_dir: Path, records: list[dict]) -> None:
     with open(run_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "train_elbo", "val_elbo", "seconds"])
+        writer = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
 
@@ -145,33 +190,83 @@ def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
     )
 
 
+def _spread(n: int, limit: int | None):
+    # indices of `limit` datapoints spread evenly over n (a split may be ordered by class)
+    import torch
+
+    if limit is None or limit >= n:
+        return slice(None)
+    return torch.linspace(0, n - 1, limit).long()
+
+
+def _check_train_args(args) -> None:
+    for key in ("test_samples", "test_limit"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.test_every < 0:
+        raise ValueError(f"--test-every must be >= 0, got {args.test_every}")
+
+
 def _train(args) -> int:
+    import pyro
+
     from .checkpoint import save_run
-    from .config import LOSSES, Config, build_vae
+    from .config import Config, build_vae
+    from .data import ImageDataset
     from .errors import NonFiniteLossError
+    from .evaluation import log_likelihood
+    from .objectives import make_loss
+    from .schedules import KLSchedule
+    from .selection import EarlyStopping
     from .training import fit, resolve_device
 
     names = {f.name for f in fields(Config)}
     config = Config.from_dict({k: v for k, v in vars(args).items() if k in names})
     config.validate()
+    _check_train_args(args)
+    # a fresh model: no parameter of an earlier run in this process may shadow its own (a
+    # PyroModule registers its parameters in the global store by name)
+    pyro.clear_param_store()
     device = resolve_device(config.device)
     config.binarize = _resolve_binarize(config)
     train, valid = _load(config, "train"), _load(config, "valid")
+    if config.train_limit is not None and config.train_limit < len(train):
+        n = config.train_limit
+        labels = None if train.labels is None else train.labels[:n]
+        train = ImageDataset(train.images[:n], labels, train.name, train.split, train.transform)
     config.x_shape = train.x_shape
     vae = build_vae(config)
     check = train.images if train.transform is None else train.transform(train.tensors)[0]
     vae.check_data(check)
+    # the plain ELBO is fit's default objective (which fit knows how to run fastest)
+    default = (config.loss, config.particles) == ("elbo", 1)
+    loss = None if default else make_loss(config.loss, config.particles)
+    test_x = None
+    if args.test_every:
+        test = _load(config, "test")
+        test_x = test.images[_spread(len(test), args.test_limit)].to(device)
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    import pyro.infer
-
-    loss = getattr(pyro.infer, LOSSES[config.loss])()
     records: list[dict] = []
+    vae.to(device)
+    schedule = KLSchedule(vae, config.warmup, config.beta)  # β of epoch 1 is set now
+    stopper = EarlyStopping(
+        vae,
+        valid.images.to(device),
+        config.patience,
+        config.warmup,
+        on_improve=lambda record: save_run(run_dir, vae, config),  # the best checkpoint
+    )
 
-    def checkpoint(record: dict) -> None:
+    def callback(record: dict) -> bool:
+        schedule(record)  # records the epoch's β, sets the next one
+        stop = stopper(record)  # records the validation ELBO, keeps the best weights
+        if test_x is not None and record["epoch"] % args.test_every == 0:
+            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=args.test_samples)
+            record["test_ll"] = float(ll.mean())
         records.append(record)
-        save_run(run_dir, vae, config)
         _write_metrics(run_dir, records)
+        return stop
 
     print(f"training on {config.dataset} ({len(train)} images, {device}); run directory {run_dir}")
     start = time.perf_counter()
@@ -185,30 +280,43 @@ def _train(args) -> int:
             lr=config.lr,
             loss=loss,
             device=device,
-            val_data=valid,
             seed=config.seed,
-            callback=checkpoint,
+            callback=callback,
             progress=not args.no_progress,
         )
     except NonFiniteLossError as e:
         kept = (
-            f"the checkpoint of epoch {e.epoch - 1} is kept in {run_dir}"
-            if records
+            f"the checkpoint of epoch {stopper.best_epoch} is kept in {run_dir} (the best "
+            "validation ELBO so far)"
+            if stopper.best_epoch is not None
             else "no checkpoint was written"
         )
         raise ValueError(f"{e}; {kept}") from e
+    seconds = time.perf_counter() - start
+    if stopper.best_epoch is None:
+        raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
+    stopper.restore()
+    vae.beta = config.beta
+    summary = {
+        "best_epoch": stopper.best_epoch,
+        "best_val_elbo": stopper.best_value,
+        "epochs_run": len(records),
+        "stopped_early": stopper.stopped_epoch is not None,
+        "train_seconds": seconds,
+        "device": str(device),
+    }
+    (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
     _plots(run_dir, vae, records, valid, config.seed)
-    last = records[-1]
+    stop = f"stopped early at epoch {len(records)}; " if summary["stopped_early"] else ""
     print(
-        f"done in {time.perf_counter() - start:.1f} s: train ELBO {last['train_elbo']:.3f}, "
-        f"validation ELBO {last['val_elbo']:.3f} nats per image; wrote {run_dir}"
+        f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
+        f"image at epoch {stopper.best_epoch}, kept in {run_dir}"
     )
     return 0
 
 
 def _evaluate(args) -> int:
     import pyro
-    import torch
 
     from .checkpoint import load_run
     from .evaluation import elbo, log_likelihood
@@ -223,7 +331,7 @@ def _evaluate(args) -> int:
     if args.limit is not None:  # evenly spread: a split may be ordered by class
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        x = x[torch.linspace(0, len(x) - 1, min(args.limit, len(x))).long()]
+        x = x[_spread(len(x), args.limit)]
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
@@ -273,11 +381,14 @@ def _bench(args) -> int:
     from .bench import main as bench_main
     from .training import resolve_device
 
-    for key in ("rounds", "batch_size", "eval_n", "z_dim"):
+    for key in ("rounds", "eval_n"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.num_samples < 0:
-        raise ValueError(f"--num-samples must be >= 0, got {args.num_samples}")
+    for key in ("batch_sizes", "num_samples"):
+        if any(v < 1 for v in getattr(args, key)):
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     args.device = str(resolve_device(args.device))
     return bench_main(args)
 

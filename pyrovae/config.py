@@ -1,23 +1,21 @@
-"""One small config for a training run, and the VAE it describes."""
+"""One small config for a training run, and the model it describes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from .guides import GUIDES, make_posterior
+from .hvae import HVAE
 from .likelihoods import LIKELIHOODS, make_likelihood
 from .nets import NETS
-from .priors import make_prior
-from .vae import VAE
+from .objectives import LOSSES
+from .priors import PRIORS, check_positive, make_prior
+from .vae import VAE, BaseVAE
 
-__all__ = ["Config", "build_vae", "LOSSES"]
-
-#: Training objectives by name: Pyro ELBO class paths (imported on use).
-LOSSES = {
-    "elbo": "Trace_ELBO",  # Monte-Carlo KL, any prior
-    "meanfield": "TraceMeanField_ELBO",  # closed-form KL where registered
-}
+__all__ = ["Config", "build_vae", "LOSSES", "MODELS"]
 
 
 @dataclass
@@ -36,8 +34,12 @@ class Config:
     hidden: tuple[int, ...] = (256,)  # hidden sizes of the encoder (the decoder's are reversed)
     gated: bool = False  # GatedDense layers instead of dense + activation
     activation: str = "relu"
-    z_dim: int = 8  # latent size
-    prior: str = "normal"
+    z_dim: int = 8  # latent size (of the top layer z2 for the hvae)
+    model: str = "vae"  # vae | hvae (two stochastic layers, z2 -> z1 -> x)
+    prior: str = "normal"  # normal | learned | mog | vampprior | flow
+    components: int = 500  # K: mixture components (mog) or pseudo-inputs (vampprior)
+    guide: str = "normal"  # normal (mean-field Gaussian) | flow (IAF on the encoder's Gaussian)
+    flows: int = 2  # autoregressive transforms of the flow prior and the flow guide
     likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned
     variance: float = 0.1  # c in N(f(z), c·I) for the fixed-variance Gaussian likelihood
     allow_non_binary: bool = False  # let the Bernoulli likelihood score grey values
@@ -46,7 +48,12 @@ class Config:
     epochs: int = 60
     batch_size: int = 64
     lr: float = 1e-3
-    loss: str = "elbo"  # elbo | meanfield
+    loss: str = "elbo"  # elbo | meanfield | iwae
+    particles: int = 1  # samples per datapoint (k of the iwae bound)
+    beta: float = 1.0  # final KL weight (β-VAE when != 1)
+    warmup: int = 0  # KL warm-up epochs: β rises linearly to `beta` over them
+    patience: int | None = None  # early stopping on the validation ELBO (None: never)
+    train_limit: int | None = None  # train on the first N training images
     seed: int = 0
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
 
@@ -79,31 +86,69 @@ class Config:
             "likelihood": LIKELIHOODS,
             "loss": LOSSES,
             "binarize": ("auto", *BINARIZE),
+            "model": MODELS,
+            "prior": PRIORS,
+            "guide": GUIDES,
         }
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ValueError(
                     f"unknown {key} {getattr(self, key)!r}; choose from {', '.join(options)}"
                 )
-        make_prior(self.prior, max(1, self.z_dim))  # unknown prior names raise here
-        for key in ("z_dim", "epochs", "batch_size"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        for key in ("z_dim", "epochs", "batch_size", "components", "flows", "particles"):
+            check_positive(key, getattr(self, key))
+        for key in ("patience", "train_limit"):
+            if getattr(self, key) is not None:
+                check_positive(key, getattr(self, key))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive integers, got {self.hidden}")
+        if not self.beta > 0:
+            raise ValueError(f"beta (the KL weight) must be > 0, got {self.beta}")
+        if int(self.warmup) != self.warmup or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number of epochs >= 0, got {self.warmup}")
+        if self.loss == "iwae" and (self.beta != 1 or self.warmup):
+            raise ValueError(
+                "the iwae loss uses the model's unscaled densities: it takes no beta or warmup "
+                f"(got beta={self.beta}, warmup={self.warmup}); use the elbo or meanfield loss"
+            )
+        if self.model == "hvae" and self.net != "mlp":
+            raise ValueError(f"the hvae model is built from dense networks: use net 'mlp', "
+                             f"not {self.net!r}")  # fmt: skip
+        flows = [
+            w for w, name in (("prior", "flow"), ("guide", "flow")) if getattr(self, w) == name
+        ]
+        if flows and self.z_dim < 2:
+            raise ValueError(f"the flow {flows[0]} needs z_dim >= 2, got {self.z_dim}")
+        if flows and min(self.hidden) < self.z_dim:
+            raise ValueError(
+                f"the flow {flows[0]}'s autoregressive networks use the hidden sizes "
+                f"{self.hidden}, which must each be >= z_dim={self.z_dim}"
+            )
 
 
-def build_vae(config: Config) -> VAE:
-    """The :class:`~pyrovae.VAE` a config describes (``config.x_shape`` must be set)."""
-    if config.x_shape is None:
-        raise ValueError("config.x_shape is not set: it comes from the data")
+def _likelihood(config: Config):
     options = {
         "bernoulli": {"allow_non_binary": config.allow_non_binary},
         "gaussian": {"variance": config.variance},
     }.get(config.likelihood, {})
-    likelihood = make_likelihood(config.likelihood, **options)
+    return make_likelihood(config.likelihood, **options)
+
+
+def _prior(config: Config):
+    options = {"components": config.components, "x_shape": config.x_shape}
+    return make_prior(
+        config.prior, config.z_dim, flows=config.flows, hidden=config.hidden, **options
+    )
+
+
+def _posterior(config: Config, z_dim: int):
+    return make_posterior(config.guide, z_dim, flows=config.flows, hidden=config.hidden)
+
+
+def _build_one_layer(config: Config) -> VAE:
+    likelihood = _likelihood(config)
     encoder, decoder = NETS[config.net](
         config.x_shape,
         config.z_dim,
@@ -112,4 +157,34 @@ def build_vae(config: Config) -> VAE:
         config.gated,
         likelihood.num_params,
     )
-    return VAE(encoder, decoder, make_prior(config.prior, config.z_dim), likelihood, config.x_shape)
+    posterior = _posterior(config, config.z_dim)
+    return VAE(encoder, decoder, _prior(config), likelihood, config.x_shape, posterior=posterior)
+
+
+def _build_two_layer(config: Config) -> HVAE:
+    return HVAE(
+        config.x_shape,
+        config.z_dim,
+        config.hidden,
+        config.activation,
+        config.gated,
+        prior=_prior(config),
+        likelihood=_likelihood(config),
+        posteriors=(_posterior(config, config.z_dim), _posterior(config, config.z_dim)),
+    )
+
+
+#: Model families by name: name -> builder from a :class:`Config`.
+MODELS: dict[str, Callable[[Config], BaseVAE]] = {"vae": _build_one_layer, "hvae": _build_two_layer}
+
+
+def build_vae(config: Config) -> BaseVAE:
+    """The model a config describes (``config.x_shape`` must be set): a :class:`~pyrovae.VAE`,
+    or an :class:`~pyrovae.hvae.HVAE` for ``model="hvae"``, with its prior and guide. Its
+    ``beta`` is ``config.beta`` (a warm-up schedule lowers it during training)."""
+    if config.x_shape is None:
+        raise ValueError("config.x_shape is not set: it comes from the data")
+    config.validate()
+    model = MODELS[config.model](config)
+    model.beta = config.beta
+    return model

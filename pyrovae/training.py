@@ -81,18 +81,20 @@ def _modules_of(*fns: Callable) -> list[nn.Module]:
 
 
 def _params(param_trace, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
-    # Unconstrained leaves of every pyro.param site seen, plus the modules' parameters (as
-    # pyro.infer.SVI collects them), without duplicates.
+    # The modules' parameters, plus the unconstrained leaves of the pyro.param sites seen (as
+    # pyro.infer.SVI collects them) that the first backward pass reached: a same-named tensor
+    # that Pyro's global param store still holds from another model gets no gradient and is
+    # left out.
     seen: dict[int, torch.Tensor] = {}
-    for site in param_trace.nodes.values():
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-            seen.setdefault(id(leaf), leaf)
     for m in modules:
         for p in m.parameters():
             if p.requires_grad:
                 seen.setdefault(id(p), p)
+    for site in param_trace.nodes.values():
+        value = site["value"]
+        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad is not None:
+            seen.setdefault(id(leaf), leaf)
     return list(seen.values())
 
 
@@ -237,9 +239,16 @@ def fit(
                 batch = tuple(t[idx] for t in tensors)
                 if transform is not None:
                     batch = tuple(transform(batch))
-                if optimizer is None:  # first step: eager; find the parameters the pair touches
+                if optimizer is None:  # first step: eager; find the parameters the pair trains
                     with poutine.trace(param_only=True) as param_capture:
                         loss_t = elbo_module(*batch)
+                    for site in param_capture.trace.nodes.values():  # count this loss's grads only
+                        leaf = getattr(site["value"], "unconstrained", lambda: None)()
+                        if isinstance(leaf, torch.Tensor):
+                            leaf.grad = None
+                    for m in modules:
+                        m.zero_grad(set_to_none=True)
+                    loss_t.backward()
                     params = _params(param_capture.trace, modules)
                     if not params:
                         raise ValueError("the model and guide have no trainable parameters")
@@ -252,16 +261,19 @@ def fit(
                         graph_step.optimizer = optimizer
                         graph_step.step.fill_(step + 1)  # this step runs eagerly
                     good = [p.detach().clone() for p in params]
+                    first = True
                 else:
                     loss_t = step_loss(*batch)
+                    first = False
                 finite = torch.isfinite(loss_t)
                 if on_cuda:  # remember the first bad step without a host sync
                     bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
                 elif not bool(finite):
                     bad_step.fill_(step)
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss_t.backward()
+                if not first:  # the first step's gradients are in place already
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_t.backward()
                 optimizer.step()
                 total += loss_t.detach()
                 bar.update()

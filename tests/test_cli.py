@@ -59,7 +59,7 @@ def test_gaussian_and_conv_options(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "--prior", "vamp"], "invalid choice: 'vamp' (choose from 'normal')"),
+    (["train", "--prior", "vamp"], "invalid choice: 'vamp' (choose from 'normal', 'learned'"),
     (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
     (["train", "--likelihood", "poisson"], "invalid choice: 'poisson'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -96,33 +96,30 @@ def test_evaluate_corrupt_checkpoint_and_pickle(capsys, tmp_path):
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(capsys, tmp_path, monkeypatch):
-    # The decoder diverges in epoch 2: the CLI says where, in one line, and the checkpoint
-    # written after epoch 1 is left intact.
-    from pyrovae.vae import VAE
+    # The decoder diverges right after epoch 1 is saved: the CLI says where, in one line, and
+    # the checkpoint written after epoch 1 is left intact.
+    import pyrovae.checkpoint
 
-    original, calls = VAE.model, {"n": 0}
-    per_epoch = 20 + 3  # 1257 training digits and 180 validation digits, batch 64
+    original, saved = pyrovae.checkpoint.save_run, []
 
-    def diverging(self, x):
-        calls["n"] += 1
-        if calls["n"] == per_epoch + 3:
-            with torch.no_grad():
-                self.decoder.out.bias.fill_(float("nan"))
-        return original(self, x)
+    def save_then_diverge(run_dir, vae, config):
+        original(run_dir, vae, config)
+        saved.append({k: v.clone() for k, v in vae.state_dict().items()})
+        with torch.no_grad():
+            vae.decoder.out.bias.fill_(float("nan"))
 
-    monkeypatch.setattr(VAE, "model", diverging)
+    monkeypatch.setattr(pyrovae.checkpoint, "save_run", save_then_diverge)
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), "--epochs", "3", "--hidden", "32", "--no-progress"]
-    with pytest.warns(UserWarning, match="NaN"):
-        err = _one_line_error(capsys, argv, "non-finite loss at epoch 2, step 3")
+    err = _one_line_error(capsys, argv, "non-finite loss at epoch 2, step 1")
     assert "checkpoint of epoch 1 is kept" in err
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert len(rows) == 1
-    monkeypatch.setattr(VAE, "model", original)
     from pyrovae import load_run
 
     vae, _ = load_run(run)
-    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    state = vae.state_dict()
+    assert len(saved) == 1 and all(torch.equal(state[k], saved[0][k]) for k in state)
 
 
 def test_default_train_runs_offline_under_a_minute(tmp_path):
@@ -143,3 +140,59 @@ def test_import_does_not_import_torchvision():
     code = "import sys, pyrovae, pyrovae.cli; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_hvae_vampprior_warmup_and_test_curve(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--model", "hvae", "--prior", "vampprior",
+            "--components", "10", "--warmup", "2", "--epochs", "3", "--hidden", "32",
+            "--z-dim", "2", "--train-limit", "300", "--test-every", "2", "--test-samples", "10",
+            "--test-limit", "40", "--gated", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "hvae" and config["prior"] == "vampprior"
+    assert config["components"] == 10 and config["warmup"] == 2 and config["train_limit"] == 300
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [float(r["beta"]) for r in rows] == [0.5, 1.0, 1.0]
+    assert [r["test_ll"] != "" for r in rows] == [False, True, False]
+    assert float(rows[1]["test_ll"]) < 0
+    summary = json.loads((run / "train.json").read_text())
+    best = max(range(3), key=lambda i: float(rows[i]["val_elbo"])) + 1
+    assert summary["best_epoch"] == best and summary["epochs_run"] == 3
+    assert cli.main(["evaluate", str(run), "--num-samples", "200", "--limit", "100"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["elbo"] < result["log_likelihood"] < 0 and result["n"] == 100
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    # With a learning rate too small to matter, the validation ELBO only moves with Monte-Carlo
+    # noise: patience 1 stops at the first epoch that does not improve on the best so far.
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--epochs", "40", "--lr", "1e-9", "--patience", "1",
+            "--prior", "learned", "--loss", "iwae", "--particles", "3", *FAST[2:]]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    vals = [float(r["val_elbo"]) for r in rows]
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["stopped_early"] and len(rows) < 40 and vals[-1] <= max(vals[:-1])
+    assert summary["best_epoch"] == vals.index(max(vals)) + 1
+    assert summary["best_val_elbo"] == max(vals)
+    from pyrovae import load_run
+
+    vae, config = load_run(run)
+    assert config.patience == 1 and config.loss == "iwae" and config.particles == 3
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--particles", "0"], "particles must be a positive integer, got 0"),
+    (["train", "--components", "0", "--prior", "mog"], "components must be a positive integer"),
+    (["train", "--patience", "0"], "patience must be a positive integer, got 0"),
+    (["train", "--beta", "0"], "beta (the KL weight) must be > 0"),
+    (["train", "--loss", "iwae", "--warmup", "5"], "the iwae loss uses the model's unscaled"),
+    (["train", "--model", "hvae", "--net", "conv"], "the hvae model is built from dense networks"),
+    (["train", "--prior", "flow", "--z-dim", "1"], "the flow prior needs z_dim >= 2"),
+    (["train", "--test-samples", "0"], "--test-samples must be >= 1, got 0"),
+])  # fmt: skip
+def test_bad_model_settings_fail_before_training(capsys, tmp_path, argv, match):
+    _one_line_error(capsys, [*argv, "--out", str(tmp_path / "o")], match)
+    assert not (tmp_path / "o").exists()  # nothing was trained or written

@@ -336,3 +336,17 @@ def test_cuda_graph_step_detects_non_finite_loss():
     with pytest.raises(NonFiniteLossError, match="epoch 2, step 1"):
         pyrovae.fit(vae.model, vae.guide, _digits(), epochs=3, batch_size=64, device="cuda",
                     callback=diverge, progress=False)  # fmt: skip
+
+
+def test_second_model_in_a_used_param_store_trains_on_the_fast_path(caplog):
+    # Pyro's global param store still holds the first model's same-named tensors; fit trains
+    # the second model's own parameters, replayed, and leaves the first model alone.
+    first, second = _vae(), _vae()
+    pyrovae.fit(first.model, first.guide, _digits(n=200), epochs=1, progress=False)
+    frozen = {k: v.clone() for k, v in first.state_dict().items()}
+    before = pyrovae.elbo(second.model, second.guide, _digits("valid")).mean()
+    with caplog.at_level("WARNING", logger="pyrovae"):
+        pyrovae.fit(second.model, second.guide, _digits(), epochs=3, progress=False)
+    assert not [r for r in caplog.records if "training eagerly" in r.getMessage()]
+    assert pyrovae.elbo(second.model, second.guide, _digits("valid")).mean() > before + 5
+    assert all(torch.equal(v, frozen[k]) for k, v in first.state_dict().items())

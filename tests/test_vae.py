@@ -161,3 +161,23 @@ def test_config_json_round_trip_and_validation():
     with pytest.raises(ValueError, match="unknown config keys: colour"):
         pyrovae.Config.from_dict({"colour": "red"})
     assert pyro.get_param_store().keys() == set()
+
+
+def test_stock_pyro_svi_trains_the_vae():
+    # vae.model / vae.guide register their networks with Pyro (pyro_method), so plain SVI, as in
+    # Pyro's own VAE example, trains them.
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.optim import Adam
+
+    x = pyrovae.data.load("digits", "train", binarize="threshold").images
+    vae = pyrovae.build_vae(pyrovae.Config(x_shape=(1, 8, 8), hidden=(64,), z_dim=4))
+    before = pyrovae.elbo(vae.model, vae.guide, x[:300], num_particles=10).mean()
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), Trace_ELBO())
+    for i in range(150):
+        svi.step(x[(i * 64) % 1152 : (i * 64) % 1152 + 64])
+    after = pyrovae.elbo(vae.model, vae.guide, x[:300], num_particles=10).mean()
+    assert after > before + 10
+    names = pyro.get_param_store().keys()
+    assert any(n.startswith("encoder") for n in names) and any(
+        n.startswith("decoder") for n in names
+    )

@@ -1,0 +1,63 @@
+"""KL warm-up and β-VAE: the weight β of the latent sites, epoch by epoch.
+
+A :class:`KLSchedule` is a :func:`pyrovae.fit` callback: it sets ``model.beta`` before the first
+epoch and, after each epoch, for the next one. pyrovae's models scale the latent sites of model
+and guide together by ``beta`` (``poutine.scale``), so the training objective is
+
+    E_q[log p(x|z)] − β_e · E_q[log q(z|x) − log p(z)],   β_e = β · min(1, e / N)
+
+for epoch e = 1, 2, … and N warm-up epochs (β_e rises linearly from β/N in the first epoch to β
+at epoch N, and stays there; N = 0 means no warm-up). This is the schedule of the VampPrior
+paper's code [1] (there with β = 1, N = 100); a constant β ≠ 1 is the β-VAE [2]. β_e is never 0
+(``poutine.scale`` needs a positive scale, and β = 0 would leave q(z|x) unconstrained).
+
+References:
+  [1] J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018; C. K. Sønderby et al.,
+      "Ladder Variational Autoencoders", NeurIPS 2016 (warm-up).
+  [2] I. Higgins et al., "β-VAE: Learning Basic Visual Concepts with a Constrained Variational
+      Framework", ICLR 2017.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["KLSchedule"]
+
+
+class KLSchedule:
+    """Sets ``target.beta`` to β · min(1, e / warmup) for each epoch e (1-based).
+
+    Pass it as ``fit(..., callback=schedule)`` (or call it from your own callback): it returns
+    ``False``, so it never stops training.
+
+    :param target: the model, anything with a settable ``beta`` (e.g. :class:`~pyrovae.VAE`).
+    :param int warmup: N, the number of warm-up epochs (0: β from the start).
+    :param float beta: the final weight β > 0 (1: the ELBO).
+    :raises ValueError: for a negative warm-up or a non-positive β.
+    """
+
+    def __init__(self, target, warmup: int = 0, beta: float = 1.0):
+        if isinstance(warmup, bool) or int(warmup) != warmup or int(warmup) < 0:
+            raise ValueError(f"warmup must be a whole number of epochs >= 0, got {warmup}")
+        if not (float(beta) > 0 and math.isfinite(float(beta))):
+            raise ValueError(f"beta (the KL weight) must be a finite number > 0, got {beta}")
+        self.target, self.warmup, self.beta = target, int(warmup), float(beta)
+        self.set_epoch(1)
+
+    def value(self, epoch: int) -> float:
+        """β for (1-based) ``epoch``."""
+        if self.warmup == 0 or epoch >= self.warmup:
+            return self.beta
+        return self.beta * max(int(epoch), 1) / self.warmup
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the target's β for ``epoch``."""
+        self.target.beta = self.value(epoch)
+
+    def __call__(self, record: dict) -> bool:
+        """After epoch ``record["epoch"]``: set β for the next epoch; add ``record["beta"]``,
+        the β the finished epoch trained with."""
+        record["beta"] = self.value(record["epoch"])
+        self.set_epoch(record["epoch"] + 1)
+        return False
