@@ -188,6 +188,17 @@ def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
     plots.plot_latent(
         means, data.labels, run_dir / "latent.png", f"q(z|x) means, {data.split} split"
     )
+    with torch.no_grad():
+        if means.shape[1] == 2:  # the decoded latent plane
+            plots.plot_manifold(
+                lambda z: vae.decode(z.to(x.device)).cpu(), run_dir / "manifold.png"
+            )
+        else:  # one row per latent dimension, through the centre of the codes
+            plots.plot_traversals(
+                lambda z: vae.decode(z.to(x.device)).cpu(),
+                means.mean(0),
+                run_dir / "traversals.png",
+            )
 
 
 def _spread(n: int, limit: int | None):
@@ -351,6 +362,13 @@ def _evaluate(args) -> int:
         "device": str(device),
     }
     Path(args.run_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    from . import plots
+
+    plots.plot_log_likelihood(
+        ll.cpu(),
+        Path(args.run_dir, "log_px.png"),
+        title=f"log p(x), {args.split} split, K={args.num_samples}",
+    )
     print(
         f"{config.dataset} {args.split} (n={len(x)}): ELBO {result['elbo']:.3f}, "
         f"log p(x) {result['log_likelihood']:.3f} nats (K={args.num_samples}, {seconds:.1f} s)"

@@ -18,8 +18,10 @@ class CheckpointError(ValueError):
 class NonFiniteLossError(ValueError):
     """Training produced a NaN or infinite loss.
 
-    :ivar int epoch: the epoch (1-based) in which it happened.
-    :ivar int step: the step within that epoch (1-based).
+    :ivar epoch: the epoch (1-based) in which it happened.
+    :vartype epoch: int
+    :ivar step: the step within that epoch (1-based).
+    :vartype step: int
     :ivar history: the :class:`~pyrovae.training.History` of the epochs that finished.
     """
 

@@ -27,12 +27,10 @@ __all__ = [
 
 
 class Likelihood(PyroModule):
-    """Base class: ``forward(params, event_dim)`` returns p(x|z) given the decoder's output.
-
-    :cvar int num_params: numbers the decoder must produce per pixel.
-    """
+    """Base class: ``forward(params, event_dim)`` returns p(x|z) given the decoder's output."""
 
     num_params: int = 1
+    """Numbers the decoder must produce per pixel."""
 
     def check_support(self, x: torch.Tensor) -> None:
         """Raise :class:`ValueError` if ``x`` holds values this likelihood cannot score."""

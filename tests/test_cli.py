@@ -25,7 +25,7 @@ def test_train_evaluate_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), *FAST]) == 0
     for name in ("config.json", WEIGHTS, "metrics.csv", "elbo.png", "reconstructions.png",
-                 "samples.png", "latent.png"):  # fmt: skip
+                 "samples.png", "latent.png", "manifold.png"):  # fmt: skip
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["dataset"] == "digits" and config["binarize"] == "threshold"
@@ -40,6 +40,7 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert {"log_likelihood", "elbo", "num_samples", "split", "n"} <= set(result)
     assert result["split"] == "valid" and result["n"] == 180 and result["num_samples"] == 20
     assert result["elbo"] <= result["log_likelihood"] < 0
+    assert (run / "log_px.png").read_bytes()[:4] == b"\x89PNG"
     assert "log p(x)" in capsys.readouterr().out
     assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "7"]) == 0
     assert json.loads((run / "eval.json").read_text())["n"] == 7

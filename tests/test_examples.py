@@ -1,0 +1,196 @@
+"""Every script in examples/ runs with tiny arguments on the bundled digits (or synthetic data),
+offline, and says in one line when it is given a dataset it cannot use."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pyrovae
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PNG = b"\x89PNG\r\n\x1a\n"
+QUIET = ("--no-progress",)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The examples' tiny models are too small for a second thread to pay off: on a busy two-core
+    # machine it spins, and steps get several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name: str, args: str, *extra: str):
+    """Run ``examples/NAME.py``'s ``main`` in this process with ``args.split() + extra``."""
+    module = _load(name)
+    return module.main(module.build_parser().parse_args([*args.split(), *extra]))
+
+
+def _pngs(folder: Path, *names: str) -> None:
+    for name in names:
+        assert (folder / name).read_bytes()[:8] == PNG, name
+
+
+@pytest.fixture
+def unlabelled_data(tmp_path):
+    """A synthetic binarized-mnist folder: binary images, no labels (like the real one)."""
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.random((30, 784)) < 0.2).astype(np.uint8) for s in pyrovae.data.SPLITS}
+    np.savez(tmp_path / "binarized_mnist.npz", **arrays)
+    return tmp_path
+
+
+def test_vae(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = "--dataset digits --epochs 1 --hidden 16 --z-dim 3 --limit 500 --eval-n 40"
+    r = _run("vae", args, "--num-samples", "50", "--embedding", "pca", "--out", str(out), *QUIET)
+    assert r["n_test"] == 40 and r["num_samples"] == 50
+    assert r["test_elbo"] < r["test_log_px"] < 0  # the bound sits below the estimate
+    printed = capsys.readouterr().out
+    assert f"log p(x) {r['test_log_px']:.2f} nats (K=50" in printed
+    _pngs(out, "elbo.png", "recon.png", "samples.png", "latent.png", "traversals.png",
+          "interpolations.png", "log_px.png")  # fmt: skip
+
+
+def test_custom_pair_matches_the_exact_log_likelihood(capsys):
+    args = "--epochs 30 --batch-size 32 --z-dim 3 --limit 300 --num-samples 300"
+    r = _run("custom_model_guide", args, *QUIET)
+    # The linear-Gaussian posterior is in the guide's family: importance sampling is near exact.
+    assert abs(r["test_log_px"] - r["test_exact"]) < 0.05
+    assert abs(r["train_log_px"] - r["train_exact"]) < 0.05
+    assert r["train_elbo"] <= r["train_exact"] + 0.05  # a lower bound
+    assert r["train_exact"] <= r["train_mle"] + 1e-6  # nothing beats the closed-form maximum
+    assert r["train_exact"] > r["train_mle"] - 1.0  # and training got close to it
+    assert "exact log p(x), trained model" in capsys.readouterr().out
+
+
+def test_custom_pair_student_t_prior():
+    args = "--prior student-t --epochs 3 --z-dim 2 --limit 200 --num-samples 200"
+    r = _run("custom_model_guide", args, *QUIET)
+    (train1, test1), (train100, test100) = r["iwae_1"], r["iwae_100"]
+    assert train1 < train100 + 0.05 and test1 < test100 + 0.05  # the IWAE bound rises with K
+    assert math.isfinite(r["test_log_px"])
+
+
+def test_cvae_quadrants_and_classes(tmp_path):
+    out = tmp_path / "out"
+    common = "--dataset digits --epochs 1 --hidden 32 --z-dim 2 --limit 400 --eval-n 30"
+    r = _run("cvae", common, "--num-samples", "20", "--out", str(out), *QUIET)
+    assert r["cvae_elbo"] < r["cvae_log_p"] < 0 and r["baseline_log_p"] < 0
+    _pngs(out, "completions.png")
+    r = _run("cvae", common, "--task", "class", "--label", "3", "--out", str(out), *QUIET)
+    assert math.isfinite(r["cvae_log_p"])
+    _pngs(out, "classes.png")
+
+
+def test_cvae_bad_input(unlabelled_data):
+    with pytest.raises(pyrovae.DataError, match="--task class needs class labels"):
+        _run("cvae", "--dataset binarized-mnist --task class --data-dir", str(unlabelled_data))
+    with pytest.raises(ValueError, match="--label takes a class"):
+        _run("cvae", "--dataset digits --label 3")
+
+
+def test_quadrant_task_splits_images():
+    cvae = _load("cvae")
+    data = pyrovae.data.load("digits", "test", binarize="threshold")
+    context, target = cvae.make_task(data, "quadrants", visible=1)
+    assert context.shape == (360, 64) and target.shape == (360, 48)
+    mask = cvae.quadrant_mask((1, 8, 8), 1).flatten()
+    assert (context[:, ~mask] == -1).all()  # hidden pixels are marked, not leaked
+    assert (context[:, mask] == data.images.flatten(1)[:, mask]).all()
+
+
+def test_ss_vae_m2(tmp_path, capsys):
+    args = "--dataset digits --labels 100 --unlabelled 500 --epochs 2 --batch-size 32 --lr 3e-3"
+    args += " --hidden 64 --z-dim 4 --label-repeat 2 --baseline"
+    r = _run("ss_vae_m2", args, "--out", str(tmp_path), *QUIET)
+    assert r["labelled"] == 100 and r["unlabelled"] == 500
+    assert r["test_accuracy"] > 0.5  # chance is 0.1; 100 labels and 2 epochs reach about 0.7
+    assert 0 <= r["baseline_accuracy"] <= 1
+    assert "labelled images alone" in capsys.readouterr().out
+    _pngs(tmp_path, "analogies.png")
+
+
+def test_m2_labels_are_balanced_and_hidden():
+    m2 = _load("ss_vae_m2")
+    labels = pyrovae.data.load("digits", "train").labels
+    mask = m2.choose_labelled(labels, 50)
+    assert mask.sum() == 50 and (labels[mask].bincount(minlength=10) == 5).all()
+    with pytest.raises(ValueError, match="multiple of 10"):
+        m2.choose_labelled(labels, 55)
+    with pytest.raises(ValueError, match="fewer than"):
+        m2.choose_labelled(labels, 10000)
+
+
+def test_conv_vae(tmp_path):
+    args = "--dataset digits --epochs 1 --channels 4 --hidden 16 --z-dim 2 --limit 300"
+    args += " --eval-n 20 --num-samples 10 --likelihood gaussian"
+    r = _run("conv_vae", args, "--out", str(tmp_path), *QUIET)
+    assert r["test_elbo"] < r["test_log_px"]
+    _pngs(tmp_path, "samples.png", "recon.png", "elbo.png", "manifold.png")
+
+
+def test_walkthrough(tmp_path, capsys):
+    args = "--dataset digits --epochs 2 --hidden 16 --limit 400 --eval-n 60 --lines 10 --grid 4"
+    args += " --judge-steps 30 --variances 0.1 1"
+    r = _run("walkthrough", args, "--out", str(tmp_path), *QUIET)
+    variants = r["variants"]
+    assert [v["variant"] for v in variants] == ["a", "b", "c", "d"]
+    for v in variants + r["variance_study"]:
+        for key in ("recon_mse", "continuity_mean", "continuity_p95", "completeness"):
+            assert math.isfinite(v[key]), (v["title"], key)
+        assert 0.1 <= v["completeness"] <= 1  # a confidence over 10 classes
+        assert v["continuity_mean"] <= v["continuity_p95"] + 1e-9
+    assert variants[0]["kl"] is None and variants[3]["kl"] > 0
+    assert variants[0]["mean_sigma"] == 0 and variants[2]["mean_sigma"] == pytest.approx(0.3)
+    assert [v["variance"] for v in r["variance_study"]] == [0.1, 1.0]
+    printed = capsys.readouterr().out
+    assert "(a) autoencoder" in printed and "(d) VAE, learned σ" in printed
+    _pngs(tmp_path, "walkthrough.png", "variance.png")
+    header = (tmp_path / "walkthrough.csv").read_text().splitlines()[0]
+    assert header.startswith("title,recon_mse,continuity_mean")
+
+
+def test_continuity_of_a_linear_decoder():
+    wt = _load("walkthrough")
+    codes = torch.randn(50, 2) * 3
+
+    def decode(z):  # pixel change is exactly 2 per unit of latent distance, in every direction
+        return 2 * torch.cat([z, -z], -1) / math.sqrt(2)
+
+    spread = float((codes - codes.mean(0)).pow(2).sum(-1).mean().sqrt())
+    mean, p95 = wt.continuity(decode, codes, lines=20)
+    # RMS over 4 "pixels" of a change of norm 2·|Δz|: |Δz|, per |Δz| / spread
+    assert mean == pytest.approx(spread, rel=1e-4) and p95 == pytest.approx(spread, rel=1e-4)
+
+
+def test_unusable_dataset_is_one_line_from_any_folder(unlabelled_data, tmp_path):
+    # Run as a script from an unrelated folder: imports work, the error is one line.
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    script = [sys.executable, str(EXAMPLES / "ss_vae_m2.py")]
+    args = ["--dataset", "binarized-mnist", "--data-dir", str(unlabelled_data)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        script + args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "M2 needs class labels" in err and "binarized-mnist has none" in err, err

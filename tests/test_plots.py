@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+import torch
+
+import pyrovae
+from pyrovae import plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny inputs: on a busy two-core machine extra OpenMP/torch threads only spin (t-SNE's
+    # gradient loop in scikit-learn is OpenMP).
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def _png_shape(path):
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG
+    return imread(path).shape
+
+
+def test_traverse_sweeps_one_coordinate_per_row():
+    z = torch.tensor([0.5, -1.0, 2.0])
+    codes = plots.traverse(z, dims=[0, 2], span=2.0, steps=5)
+    assert codes.shape == (2, 5, 3)
+    torch.testing.assert_close(codes[0, :, 0], torch.linspace(-2, 2, 5))
+    torch.testing.assert_close(codes[1, :, 2], torch.linspace(-2, 2, 5))
+    assert (codes[0, :, 1:] == z[1:]).all() and (codes[1, :, :2] == z[:2]).all()
+    assert plots.traverse(z).shape == (3, 9, 3)
+    with pytest.raises(ValueError, match="coordinates in 0..2"):
+        plots.traverse(z, dims=[3])
+    with pytest.raises(ValueError, match="one code"):
+        plots.traverse(z[None])
+
+
+def test_interpolate_includes_both_ends_and_is_linear():
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    line = plots.interpolate(z1, z2, steps=6)
+    assert line.shape == (4, 6, 3)
+    torch.testing.assert_close(line[:, 0], z1)
+    torch.testing.assert_close(line[:, -1], z2)
+    steps = line.diff(dim=1)  # equal steps along each line
+    torch.testing.assert_close(steps, steps[:, :1].expand_as(steps))
+    assert plots.interpolate(z1[0], z2[0], 3).shape == (1, 3, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        plots.interpolate(z1, z2[:2])
+
+
+def test_manifold_grid_is_quantiles_with_z2_growing_upwards():
+    grid = plots.manifold_grid(n=5, quantile=0.1)
+    assert grid.shape == (25, 2)
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.1, 0.9, 5))
+    rows = grid.reshape(5, 5, 2)
+    torch.testing.assert_close(rows[0, :, 0], q)  # z1 grows to the right
+    torch.testing.assert_close(rows[:, 0, 1], q.flip(0))  # z2 is largest in the top row
+    shifted = plots.manifold_grid(n=5, quantile=0.1, loc=(1.0, -2.0), scale=(2.0, 0.5))
+    torch.testing.assert_close(shifted, grid * torch.tensor([2.0, 0.5]) + torch.tensor([1, -2.0]))
+    with pytest.raises(ValueError, match="quantile"):
+        plots.manifold_grid(quantile=0.5)
+
+
+def test_embed_pca_tsne_and_low_dimensional_codes():
+    g = torch.Generator().manual_seed(0)
+    means = torch.cat([torch.randn(30, 6, generator=g) + 4, torch.randn(30, 6, generator=g) - 4])
+    for method in ("pca", "tsne"):
+        points = plots.embed(means, method)
+        assert points.shape == (60, 2) and np.isfinite(points).all()
+        # two well separated clusters stay separated along some axis
+        gap = np.abs(points[:30].mean(0) - points[30:].mean(0)).max()
+        assert gap > 3 * max(points[:30].std(0).max(), points[30:].std(0).max()), method
+    two = torch.randn(10, 2)
+    np.testing.assert_array_equal(plots.embed(two), two.numpy())
+    assert plots.embed(torch.randn(10, 1)).shape == (10, 2)
+    with pytest.raises(ValueError, match="unknown embedding"):
+        plots.embed(means, "umap")
+
+
+@pytest.fixture
+def tiny_vae():
+    data = pyrovae.data.load("digits", "test", binarize="threshold")
+    vae = pyrovae.build_vae(pyrovae.Config(x_shape=data.x_shape, hidden=(16,), z_dim=2))
+    return vae, data
+
+
+def test_plot_traversals_interpolations_and_manifold(tiny_vae, tmp_path):
+    vae, data = tiny_vae
+    means = vae.encode(data.images[:6])[0].detach()
+    images = plots.plot_traversals(vae.decode, means[0], tmp_path / "trav.png", steps=7)
+    assert images.shape == (2, 7, 1, 8, 8)
+    assert 0 <= images.min() and images.max() <= 1  # Bernoulli means
+    # a row holds every coordinate but one fixed: it equals decoding the traversal codes
+    expected = vae.decode(plots.traverse(means[0], steps=7).reshape(-1, 2)).reshape(2, 7, 1, 8, 8)
+    torch.testing.assert_close(images, expected.detach())
+    assert _png_shape(tmp_path / "trav.png")[:2] > (50, 50)
+
+    lines = plots.plot_interpolations(
+        vae.decode, means[:3], means[3:], tmp_path / "interp.png", steps=5,
+        ends=(data.images[:3], data.images[3:6]),
+    )  # fmt: skip
+    assert lines.shape == (3, 5, 1, 8, 8)
+    torch.testing.assert_close(lines[:, 0], vae.decode(means[:3]).detach())
+    torch.testing.assert_close(lines[:, -1], vae.decode(means[3:6]).detach())
+    assert _png_shape(tmp_path / "interp.png")[0] > 50
+
+    grid = plots.plot_manifold(vae.decode, tmp_path / "manifold.png", n=6)
+    assert grid.shape == (36, 1, 8, 8)
+    torch.testing.assert_close(grid, vae.decode(plots.manifold_grid(6)).detach())
+    height, width = _png_shape(tmp_path / "manifold.png")[:2]
+    assert abs(height - width) < 0.3 * width  # a square grid of images
+
+
+def test_plot_manifold_needs_two_dimensional_decoder(tmp_path):
+    data = pyrovae.data.load("digits", "test", binarize="threshold")
+    vae = pyrovae.build_vae(pyrovae.Config(x_shape=data.x_shape, hidden=(16,), z_dim=3))
+    with pytest.raises(RuntimeError):  # the decoder cannot take 2-D codes
+        plots.plot_manifold(vae.decode, tmp_path / "m.png")
+
+    def bad_decode(z):
+        return z  # not images
+
+    with pytest.raises(ValueError, match="decode must map codes"):
+        plots.plot_manifold(bad_decode, tmp_path / "m.png")
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_plot_embedding_and_log_likelihood_histogram(tmp_path):
+    means, labels = torch.randn(50, 5), torch.arange(50) % 3
+    points = plots.plot_embedding(means, labels, tmp_path / "tsne.png", method="tsne")
+    assert points.shape == (50, 2)
+    pca = plots.plot_embedding(means, None, tmp_path / "pca.png", method="pca")
+    from sklearn.decomposition import PCA
+
+    np.testing.assert_allclose(
+        np.abs(pca), np.abs(PCA(2).fit_transform(means.numpy())), rtol=1e-4, atol=1e-5
+    )
+    for name in ("tsne.png", "pca.png"):
+        assert _png_shape(tmp_path / name)[:2] == (500, 600)
+
+    plots.plot_log_likelihood(torch.randn(100) - 50, tmp_path / "ll.png")
+    plots.plot_log_likelihood(
+        {"train": torch.randn(80) - 40, "test": torch.randn(60) - 45}, tmp_path / "ll2.png"
+    )
+    assert _png_shape(tmp_path / "ll2.png")[:2] == (400, 600)
+    with pytest.raises(ValueError, match="finite"):
+        plots.plot_log_likelihood(torch.tensor([0.0, float("-inf")]), tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="at least one value"):
+        plots.plot_log_likelihood({"empty": torch.zeros(0)}, tmp_path / "bad.png")
+
+
+def test_image_rows_and_existing_figures(tmp_path):
+    images = torch.rand(3, 4, 1, 8, 8)
+    plots.plot_image_rows(images, tmp_path / "rows.png", "rows", row_labels=["a", "b", "c"])
+    assert _png_shape(tmp_path / "rows.png")[0] > 50
+    with pytest.raises(ValueError, match="rows, steps"):
+        plots.plot_image_rows(images[0], tmp_path / "x.png")
+    grid = plots.image_grid(torch.ones(5, 1, 4, 4), nrow=3, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1)
+    assert grid[1:5, 1:5].min() == 1 and grid[0, 0] == 0.5  # images, then padding
+    plots.plot_history(
+        [{"epoch": 1, "train_elbo": -50.0, "val_elbo": -52.0}, {"epoch": 2, "train_elbo": -45.0,
+          "val_elbo": None}], tmp_path / "h.png",
+    )  # fmt: skip
+    plots.plot_latent(torch.randn(20, 4), torch.arange(20) % 2, tmp_path / "latent.png")
+    for name in ("h.png", "latent.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
