@@ -29,6 +29,7 @@ import torch
 
 import pyrovae
 from pyrovae import plots
+from pyrovae.data import spread
 from pyrovae.likelihoods import make_likelihood
 from pyrovae.nets import ConvDecoder, ConvEncoder
 from pyrovae.priors import make_prior
@@ -72,11 +73,6 @@ def build_conv_vae(
     return pyrovae.VAE(encoder, decoder, make_prior("normal", z_dim), lik, x_shape)
 
 
-def _spread(n_total: int, n: int) -> torch.Tensor:
-    # n indices spread evenly over a split (a test split may be ordered by class)
-    return torch.linspace(0, n_total - 1, max(1, min(int(n), n_total))).round().long()
-
-
 def main(args: argparse.Namespace) -> dict:
     """Train the CNN VAE, print its test scores, write the figures; returns the scores."""
     for key in ("epochs", "batch_size", "eval_n", "num_samples", "z_dim", "channels"):
@@ -96,8 +92,8 @@ def main(args: argparse.Namespace) -> dict:
         train.x_shape, args.z_dim, args.likelihood, args.variance, args.channels, args.hidden
     )
     vae.check_data(train.images if train.transform is None else train.transform(train.tensors)[0])
-    idx = _spread(len(test), args.eval_n)
-    val = valid.images[_spread(len(valid), args.eval_n)]
+    idx = spread(len(test), args.eval_n)
+    val = valid.images[spread(len(valid), args.eval_n)]
     print(
         f"CNN VAE ({args.likelihood}) on {args.dataset}: {len(train)} training images, "
         f"z {args.z_dim}, {sum(p.numel() for p in vae.parameters())} parameters, {device}"

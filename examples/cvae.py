@@ -43,6 +43,7 @@ from torch import nn
 
 import pyrovae
 from pyrovae import plots
+from pyrovae.data import spread
 from pyrovae.nets import MLPDecoder, MLPEncoder
 
 __all__ = ["build_parser", "main", "CVAE", "Baseline", "quadrant_mask", "make_task"]
@@ -164,11 +165,6 @@ def make_task(data: pyrovae.data.ImageDataset, task: str, visible: int = 1):
     return context, x[:, ~mask]  # target: the hidden pixels, (N, T)
 
 
-def _spread(n_total: int, n: int | None) -> torch.Tensor:
-    n = n_total if n is None else max(1, min(int(n), n_total))
-    return torch.linspace(0, n_total - 1, n).round().long()
-
-
 def main(args: argparse.Namespace) -> dict:
     """Train the CVAE and the baseline, print log p(y|c) of both; returns them as a dict."""
     for key in ("epochs", "batch_size", "eval_n", "num_samples", "z_dim"):
@@ -188,7 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.task == "quadrants" and (train.x_shape[1] % 2 or train.x_shape[2] % 2):
         raise ValueError(f"--task quadrants needs even image sides, got {train.x_shape}")
     ctx, target = make_task(train, args.task, args.visible)
-    idx = _spread(len(test), args.eval_n)
+    idx = spread(len(test), args.eval_n)
     test_ctx, test_target = (t[idx] for t in make_task(test, args.task, args.visible))
     what = f"{args.visible} quadrant(s) shown" if args.task == "quadrants" else "label given"
     print(
@@ -240,7 +236,7 @@ def main(args: argparse.Namespace) -> dict:
             images[..., ~mask] = hidden_pixels
             return images
 
-        pick = _spread(len(idx), n_show)  # spread over the classes of an ordered test set
+        pick = spread(len(idx), n_show)  # spread over the classes of an ordered test set
         x, c = test.images[idx[pick]], test_ctx[pick]
         shown = torch.where(mask, x, torch.full_like(x, 0.5))
         draws = cvae.sample(c, n_draws).transpose(0, 1)  # (n, draws, T)

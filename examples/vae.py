@@ -23,6 +23,7 @@ import torch
 
 import pyrovae
 from pyrovae import plots
+from pyrovae.data import spread
 from pyrovae.training import resolve_device
 
 __all__ = ["build_parser", "main"]
@@ -58,12 +59,6 @@ def _load(args, split: str) -> pyrovae.data.ImageDataset:
     return pyrovae.data.load(args.dataset, split, args.data_dir, binarize, seed=args.seed)
 
 
-def _spread(n_total: int, n: int | None) -> torch.Tensor:
-    # n indices spread evenly over a split (test splits may be ordered by class)
-    n = n_total if n is None else max(1, min(int(n), n_total))
-    return torch.linspace(0, n_total - 1, n).round().long()
-
-
 def main(args: argparse.Namespace) -> dict:
     """Train, score and plot; returns the printed numbers as a dict."""
     for key in ("epochs", "batch_size", "eval_n", "num_samples", "z_dim"):
@@ -81,7 +76,7 @@ def main(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     vae = pyrovae.build_vae(config)
     vae.check_data(train.images if train.transform is None else train.transform(train.tensors)[0])
-    val = valid.images[_spread(len(valid), args.eval_n)]
+    val = valid.images[spread(len(valid), args.eval_n)]
     print(f"{args.dataset}: {len(train)} training images {train.x_shape}, {device}")
     start = time.perf_counter()
     history = pyrovae.fit(
@@ -90,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     train_s = time.perf_counter() - start
 
-    idx = _spread(len(test), args.eval_n)
+    idx = spread(len(test), args.eval_n)
     x, labels = test.images[idx].to(device), test.labels[idx] if test.labels is not None else None
     pyro.set_rng_seed(args.seed)
     vae.eval()

@@ -91,6 +91,22 @@ class _Holder(nn.Module):
         return self.loss_fn(*batch)
 
 
+def _explain(e: Exception) -> str:
+    # Why a fake-tensor trace failed, in terms of the user's model and guide.
+    name, text = type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200]
+    if "DataDependent" in name or "data-dependent" in text:
+        return (
+            "the model or guide reads a tensor's value in Python (data-dependent control flow, "
+            f".item(), float(t), or a validation check) [{name}]"
+        )
+    if "convert all Tensors to FakeTensors" in text:
+        return (
+            "the model or guide uses a tensor that is neither an argument nor a parameter or "
+            "buffer of its modules (e.g. a plain pyro.param, or a tensor held elsewhere)"
+        )
+    return f"{name}: {text}"
+
+
 class CapturedLoss:
     """A pair's loss recorded as an ATen graph, replayed on the current parameters.
 
@@ -125,8 +141,7 @@ class CapturedLoss:
             with pyro.validation_enabled(False), pyro.get_param_store().scope():
                 graph = make_fx(loss, tracing_mode="fake")(list(before.values()), *batch)
         except Exception as e:  # any failure to trace means: do not replay this pair
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise CaptureError(f"{type(e).__name__}: {reason}") from e
+            raise CaptureError(_explain(e)) from e
         finally:
             self._restore(before)
         # On fake tensors a value read back (.item(), float(t)) traces as a symbol instead of

@@ -201,15 +201,6 @@ def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
             )
 
 
-def _spread(n: int, limit: int | None):
-    # indices of `limit` datapoints spread evenly over n (a split may be ordered by class)
-    import torch
-
-    if limit is None or limit >= n:
-        return slice(None)
-    return torch.linspace(0, n - 1, limit).long()
-
-
 def _check_train_args(args) -> None:
     for key in ("test_samples", "test_limit"):
         if getattr(args, key) < 1:
@@ -223,7 +214,7 @@ def _train(args) -> int:
 
     from .checkpoint import save_run
     from .config import Config, build_vae
-    from .data import ImageDataset
+    from .data import ImageDataset, spread
     from .errors import NonFiniteLossError
     from .evaluation import log_likelihood
     from .objectives import make_loss
@@ -255,7 +246,7 @@ def _train(args) -> int:
     test_x = None
     if args.test_every:
         test = _load(config, "test")
-        test_x = test.images[_spread(len(test), args.test_limit)].to(device)
+        test_x = test.images[spread(len(test), args.test_limit)].to(device)
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -330,6 +321,7 @@ def _evaluate(args) -> int:
     import pyro
 
     from .checkpoint import load_run
+    from .data import spread
     from .evaluation import elbo, log_likelihood
     from .training import resolve_device
 
@@ -342,7 +334,7 @@ def _evaluate(args) -> int:
     if args.limit is not None:  # evenly spread: a split may be ordered by class
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        x = x[_spread(len(x), args.limit)]
+        x = x[spread(len(x), args.limit)]
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()

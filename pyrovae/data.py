@@ -36,6 +36,7 @@ __all__ = [
     "default_root",
     "as_tensors",
     "dynamic_binarize",
+    "spread",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -268,6 +269,14 @@ def load(
         transform = dynamic_binarize
     y = torch.from_numpy(labels) if labels is not None else None
     return ImageDataset(x, y, name=name, split=split, transform=transform)
+
+
+def spread(n_total: int, n: int | None) -> torch.Tensor:
+    """Indices of ``n`` datapoints spread evenly over a split of ``n_total`` (all of them for
+    ``None``): a subset to score that is fair to splits ordered by class, as binarized MNIST's
+    test split is."""
+    n = n_total if n is None else max(1, min(int(n), n_total))
+    return torch.linspace(0, n_total - 1, n).round().long()
 
 
 def as_tensors(data, what: str = "data") -> tuple[torch.Tensor, ...]:

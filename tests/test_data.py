@@ -163,3 +163,11 @@ def test_real_binarized_mnist():
 def test_real_fashion_mnist():
     ds = load("fashion-mnist", "test", root=SHARED / "fashion-mnist")
     assert len(ds) == 10000 and ds.labels.bincount().tolist() == [1000] * 10
+
+
+def test_spread_picks_evenly_over_the_split():
+    from pyrovae.data import spread
+
+    assert spread(10, 3).tolist() == [0, 4, 9]  # first, middle, last
+    assert spread(5, None).tolist() == [0, 1, 2, 3, 4] and spread(5, 99).tolist() == [0, 1, 2, 3, 4]
+    assert len(spread(10000, 1000).unique()) == 1000
