@@ -65,7 +65,9 @@ class IWAE(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         # Pyro's ELBO interface; the weights come from log_weights instead of single traces.
-        raise NotImplementedError("IWAE computes its weights with pyrovae.evaluation.log_weights")
+        raise TypeError(
+            "IWAE builds no single traces: its weights come from pyrovae.evaluation.log_weights"
+        )
 
     def per_datapoint(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         """The bound of each datapoint, ``(N,)`` in nats, with gradients.
