@@ -318,6 +318,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    import numpy as np
     import pyro
 
     from .checkpoint import load_run
@@ -345,6 +346,9 @@ def _evaluate(args) -> int:
     el = elbo(vae.model, vae.guide, x)
     result = {
         "log_likelihood": float(ll.mean()),
+        # standard error of the mean over the scored images (the spread between images, not
+        # the importance-sampling noise, dominates it)
+        "log_likelihood_se": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else None,
         "elbo": float(el.mean()),
         "num_samples": args.num_samples,
         "split": args.split,
@@ -354,6 +358,8 @@ def _evaluate(args) -> int:
         "device": str(device),
     }
     Path(args.run_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    # per-image values, in the order scored: paired comparisons between runs on the same images
+    np.savetxt(Path(args.run_dir, "log_px.csv"), ll.cpu().double().numpy(), fmt="%.6f")
     from . import plots
 
     plots.plot_log_likelihood(

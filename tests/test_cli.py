@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,11 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert result["split"] == "valid" and result["n"] == 180 and result["num_samples"] == 20
     assert result["elbo"] <= result["log_likelihood"] < 0
     assert (run / "log_px.png").read_bytes()[:4] == b"\x89PNG"
+    per_image = torch.tensor(np.loadtxt(run / "log_px.csv"))  # one value per scored image
+    assert per_image.shape == (180,)
+    assert per_image.mean().item() == pytest.approx(result["log_likelihood"], abs=1e-5)
+    se = per_image.std().item() / 180**0.5
+    assert result["log_likelihood_se"] == pytest.approx(se, rel=1e-4)
     assert "log p(x)" in capsys.readouterr().out
     assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "7"]) == 0
     assert json.loads((run / "eval.json").read_text())["n"] == 7

@@ -5,6 +5,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vampprior.py"
 
 
@@ -18,20 +21,32 @@ def _module():
 def test_tiny_budget_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # any folder
     example = _module()
-    argv = ["--dataset", "digits", "--runs", "vampprior", "hvae-vampprior", "--epochs", "3",
+    argv = ["--dataset", "digits", "--runs", "standard", "vampprior", "hvae-vampprior",
+            "--epochs", "3",
             "--warmup", "2", "--patience", "2", "--hidden", "32", "32", "--z-dim", "4",
             "--components", "16", "--num-samples", "30", "--test-limit", "60", "--out", "vp",
             "--curve-every", "1", "--curve-samples", "5", "--curve-limit", "30"]  # fmt: skip
     assert example.main(argv) == 0
     out = tmp_path / "vp"
     rows = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in rows] == ["vampprior", "hvae-vampprior"]
+    assert [r["name"] for r in rows] == ["standard", "vampprior", "hvae-vampprior"]
+    standard = np.loadtxt(out / "standard" / "log_px.csv")  # per image, same 60 test images
     for r in rows:
         assert 0 < r["test_nll"] < 64 * 0.7 and r["num_samples"] == 30 and r["n_test"] == 60
+        assert 0 < r["test_nll_se"] < r["test_nll"]
+        if r["name"] != "standard":  # paired: image by image against the standard prior
+            d = standard - np.loadtxt(out / r["name"] / "log_px.csv")
+            assert r["vs_baseline"] == pytest.approx(d.mean())
+            assert r["vs_baseline_se"] == pytest.approx(d.std(ddof=1) / 60**0.5)
         assert [e for e, _ in r["curve"]] == [1, 2, 3] and r["epochs_run"] == 3
         assert r["train_seconds"] > 0 and r["reference"] == {}  # no paper values for digits
     table = (out / "results.md").read_text()
     assert "| VAE + VampPrior |" in table and "| HVAE (L=2) + VampPrior |" in table
+    vamp = next(r for r in rows if r["name"] == "vampprior")
+    assert (
+        f"| {vamp['test_nll']:.2f} ± {vamp['test_nll_se']:.2f} | {vamp['vs_baseline']:+.2f} ±"
+        in table
+    )
     assert (out / "nll_curves.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "vampprior" / "config.json").read_text())
     assert config["gated"] and config["warmup"] == 2 and config["prior"] == "vampprior"
