@@ -5,7 +5,7 @@ log p(x) per datapoint), and build the classic VAE from swappable pieces with :c
 """
 
 from . import data, guides, likelihoods, nets, objectives, priors, schedules, selection
-from .checkpoint import load_run, load_weights, save_run, save_weights
+from .checkpoint import load_run, load_state, load_weights, save_run, save_state, save_weights
 from .config import Config, build_vae
 from .errors import CheckpointError, DataError, NonFiniteLossError
 from .evaluation import elbo, iwae, log_likelihood
@@ -13,7 +13,7 @@ from .hvae import HVAE
 from .objectives import IWAE
 from .schedules import KLSchedule
 from .selection import EarlyStopping
-from .training import History, fit
+from .training import History, TrainState, fit
 from .vae import VAE
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "EarlyStopping",
     "fit",
     "History",
+    "TrainState",
     "log_likelihood",
     "elbo",
     "iwae",
@@ -35,6 +36,8 @@ __all__ = [
     "load_run",
     "save_weights",
     "load_weights",
+    "save_state",
+    "load_state",
     "DataError",
     "CheckpointError",
     "NonFiniteLossError",

@@ -193,9 +193,10 @@ def capture(
     if not modules:
         raise CaptureError("the pair is bound to no torch module")
     captured = CapturedLoss(_Holder(modules, loss_fn), {})
-    captured(*batch)  # traces
+    devices = sorted({t.device.index or 0 for t in batch if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # capturing leaves the generators as they were
+        captured(*batch)  # traces
     if check:
-        devices = sorted({t.device.index or 0 for t in batch if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             seed = int(torch.randint(0, 2**31 - 1, ()))
             torch.manual_seed(seed)

@@ -2,9 +2,12 @@
 config in JSON.
 
 A run directory holds ``config.json`` and ``model.safetensors``; :func:`load_run` rebuilds the
-exact model from them. Files are written to a temporary name and renamed, so a crash never leaves
-a half-written checkpoint in place of the last good one. A pickle (``torch.save``) file offered
-as a checkpoint is refused, never unpickled.
+exact model from them. A run that can be continued also holds the state of its last epoch:
+``last.safetensors`` (the weights) and ``state.safetensors`` (the optimizer's moments and the
+random generators as tensors, the epoch and the caller's bookkeeping as JSON metadata), written
+by :func:`save_state` and read by :func:`load_state`. Files are written to a temporary name and
+renamed, so a crash never leaves a half-written checkpoint in place of the last good one. A pickle
+(``torch.save``) file offered as a checkpoint is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .config import Config, build_vae
 from .errors import CheckpointError
+from .training import TrainState
 from .vae import VAE
 
 __all__ = [
@@ -28,19 +32,29 @@ __all__ = [
     "save_run",
     "load_run",
     "load_config",
+    "save_state",
+    "load_state",
     "CONFIG",
     "WEIGHTS",
+    "LAST",
+    "STATE",
 ]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+LAST = "last.safetensors"
+STATE = "state.safetensors"
 
 
-def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Save a module's parameters and buffers to ``path`` (safetensors), atomically."""
+def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Save a module's parameters and buffers to ``path`` (safetensors), atomically.
+
+    :param dict metadata: extra string entries for the file's header.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_model(module, str(tmp), metadata={"format": "pt", "writer": "pyrovae"})
+    meta = {"format": "pt", "writer": "pyrovae", **(metadata or {})}
+    save_model(module, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
@@ -112,3 +126,89 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     vae = build_vae(config)
     load_weights(vae, Path(run_dir) / WEIGHTS, device=str(device))
     return vae.to(device).eval(), config
+
+
+def save_state(
+    run_dir: str | os.PathLike, module: nn.Module, state: TrainState, extra: dict | None = None
+) -> None:
+    """Save what it takes to continue training: ``module``'s weights now (``last.safetensors``)
+    and ``state`` (``state.safetensors``), both tagged with ``state.epoch``.
+
+    Call it at the end of an epoch, e.g. last thing in :func:`pyrovae.fit`'s callback, which
+    runs after fit has updated ``state``. The random generators are saved as they are at the
+    call (and set so in ``state``), after whatever the callback drew for validation: that is
+    where the next epoch's draws start, so a continued run repeats the uninterrupted one.
+
+    :param extra: JSON-serializable bookkeeping of the caller (e.g. an
+        :class:`~pyrovae.EarlyStopping`'s ``state_dict()``), returned by :func:`load_state`.
+    :raises ValueError: if ``state`` holds no optimizer state yet.
+    """
+    if state.optimizer is None:
+        raise ValueError("the training state has no optimizer state yet: save it after an epoch")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors, moments = {}, {}
+    for i, entry in state.optimizer["state"].items():
+        moments[str(i)] = sorted(entry)
+        for key, value in entry.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optimizer.{i}.{key}"] = value.detach().cpu().contiguous()
+    state.rng = torch.get_rng_state()
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    for key in ("rng", "cuda_rng"):
+        if getattr(state, key) is not None:
+            tensors[key] = getattr(state, key).cpu().contiguous()
+    meta = {
+        "epoch": int(state.epoch),
+        "moments": moments,
+        "param_groups": state.optimizer["param_groups"],
+        "extra": extra or {},
+    }
+    tmp = run_dir / (STATE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"writer": "pyrovae", "state": json.dumps(meta)})
+    save_weights(module, run_dir / LAST, {"epoch": str(int(state.epoch))})
+    os.replace(tmp, run_dir / STATE)
+
+
+def load_state(
+    run_dir: str | os.PathLike, module: nn.Module, device: str | torch.device = "cpu"
+) -> tuple[TrainState, dict]:
+    """Load the weights of a run's last epoch into ``module`` and return its training state.
+
+    :returns: ``(state, extra)``: the :class:`~pyrovae.training.TrainState` to pass to
+        :func:`pyrovae.fit`, and the ``extra`` bookkeeping given to :func:`save_state`.
+    :raises CheckpointError: if the files are missing, unsafe, corrupt, from different epochs,
+        or do not fit ``module``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / STATE
+    if not path.is_file() or not (run_dir / LAST).is_file():
+        raise CheckpointError(
+            f"{run_dir} holds no training state ({STATE} and {LAST}): it cannot be continued"
+        )
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        tensors = load_file(str(path))
+        with safe_open(str(run_dir / LAST), "pt") as f:
+            last_epoch = int((f.metadata() or {}).get("epoch", -1))
+        epoch = int(meta["epoch"])
+        optimizer = {
+            "state": {
+                int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys}
+                for i, keys in meta["moments"].items()
+            },
+            "param_groups": meta["param_groups"],
+        }
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable training state: {e}") from e
+    if last_epoch != epoch:
+        raise CheckpointError(
+            f"{run_dir}: {LAST} is from epoch {last_epoch} but {STATE} from epoch {epoch} (a "
+            "save was interrupted); the run cannot be continued exactly"
+        )
+    load_weights(module, run_dir / LAST, device=str(device))
+    state = TrainState(epoch, optimizer, tensors.get("rng"), tensors.get("cuda_rng"))
+    return state, meta["extra"]

@@ -1,4 +1,4 @@
-"""The ``pyrovae`` command: ``train``, ``evaluate``, ``sample`` and ``bench``.
+"""The ``pyrovae`` command: ``train``, ``resume``, ``evaluate``, ``sample`` and ``bench``.
 
 ``pyrovae train`` with no options trains a small VAE on scikit-learn's bundled 8×8 digits, offline,
 and leaves a run directory with the config, a checkpoint, per-epoch metrics and PNG plots.
@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    r = sub.add_parser("resume", help="continue an interrupted run where its last epoch ended")
+    r.add_argument("run_dir")
+    r.add_argument(
+        "--epochs", type=int, default=None, help="train up to N epochs in all (default: the run's)"
+    )
+    r.add_argument("--device", default=None, help="train on another device (default: the run's)")
+    r.add_argument("--data-dir", default=None, help="override the run's data root")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     e = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
     e.add_argument("run_dir")
     e.add_argument("--num-samples", type=int, default=5000, help="K importance samples")
@@ -209,23 +218,75 @@ def _check_train_args(args) -> None:
         raise ValueError(f"--test-every must be >= 0, got {args.test_every}")
 
 
+#: The train options that are not part of the model's Config; a continued run keeps them.
+OPTIONS = ("test_every", "test_samples", "test_limit")
+
+
 def _train(args) -> int:
+    from .config import Config
+
+    names = {f.name for f in fields(Config)}
+    config = Config.from_dict({k: v for k, v in vars(args).items() if k in names})
+    config.validate()
+    _check_train_args(args)
+    run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    options = {key: getattr(args, key) for key in OPTIONS}
+    return _run_training(run_dir, config, options, progress=not args.no_progress)
+
+
+def _resume(args) -> int:
+    from .checkpoint import load_config
+
+    run_dir = Path(args.run_dir)
+    config = load_config(run_dir)
+    finished = run_dir / "train.json"
+    if finished.is_file():
+        summary = json.loads(finished.read_text())
+        if summary.get("stopped_early"):
+            raise ValueError(
+                f"{run_dir} stopped early at epoch {summary['epochs_run']} (no better validation "
+                f"ELBO for {config.patience} epochs); there is nothing to continue"
+            )
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        config.epochs = args.epochs
+    if args.device is not None:
+        config.device = args.device
+    if args.data_dir is not None:
+        config.data_dir = args.data_dir
+    return _run_training(run_dir, config, None, progress=not args.no_progress)
+
+
+def _read_metrics(run_dir: Path, last_epoch: int) -> list[dict]:
+    # metrics.csv back into records, up to the saved epoch (a later row was not saved in full)
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    records = []
+    for row in rows:
+        record = {k: (None if v in ("", None) else float(v)) for k, v in row.items()}
+        record["epoch"] = int(record["epoch"])
+        if record["epoch"] <= last_epoch:
+            records.append(record)
+    return records
+
+
+def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -> int:
+    """Train ``config``'s model in ``run_dir``: a new run when ``options`` are given, else the
+    continuation of the run saved there (its weights, optimizer, generators, warm-up, early
+    stopping and metrics as at the end of its last epoch)."""
     import pyro
 
-    from .checkpoint import save_run
-    from .config import Config, build_vae
+    from .checkpoint import WEIGHTS, load_state, load_weights, save_run, save_state
+    from .config import build_vae
     from .data import ImageDataset, spread
     from .errors import NonFiniteLossError
     from .evaluation import log_likelihood
     from .objectives import make_loss
     from .schedules import KLSchedule
     from .selection import EarlyStopping
-    from .training import fit, resolve_device
+    from .training import TrainState, fit, resolve_device
 
-    names = {f.name for f in fields(Config)}
-    config = Config.from_dict({k: v for k, v in vars(args).items() if k in names})
-    config.validate()
-    _check_train_args(args)
     # a fresh model: no parameter of an earlier run in this process may shadow its own (a
     # PyroModule registers its parameters in the global store by name)
     pyro.clear_param_store()
@@ -237,21 +298,11 @@ def _train(args) -> int:
         labels = None if train.labels is None else train.labels[:n]
         train = ImageDataset(train.images[:n], labels, train.name, train.split, train.transform)
     config.x_shape = train.x_shape
+    pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
     vae = build_vae(config)
     check = train.images if train.transform is None else train.transform(train.tensors)[0]
     vae.check_data(check)
-    # the plain ELBO is fit's default objective (which fit knows how to run fastest)
-    default = (config.loss, config.particles) == ("elbo", 1)
-    loss = None if default else make_loss(config.loss, config.particles)
-    test_x = None
-    if args.test_every:
-        test = _load(config, "test")
-        test_x = test.images[spread(len(test), args.test_limit)].to(device)
-    run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
-    vae.to(device)
-    schedule = KLSchedule(vae, config.warmup, config.beta)  # β of epoch 1 is set now
+    state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
     stopper = EarlyStopping(
         vae,
         valid.images.to(device),
@@ -259,19 +310,47 @@ def _train(args) -> int:
         config.warmup,
         on_improve=lambda record: save_run(run_dir, vae, config),  # the best checkpoint
     )
+    if options is None:  # continue the run saved in run_dir
+        state, extra = load_state(run_dir, vae, device)
+        if state.epoch >= config.epochs:
+            raise ValueError(
+                f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
+                f"N > {state.epoch} to train longer"
+            )
+        options, before = extra["options"], float(extra["train_seconds"])
+        best = load_weights(build_vae(config), run_dir / WEIGHTS)
+        stopper.load_state_dict(
+            extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
+        )
+        records = _read_metrics(run_dir, state.epoch)
+    # the plain ELBO is fit's default objective (which fit knows how to run fastest)
+    default = (config.loss, config.particles) == ("elbo", 1)
+    loss = None if default else make_loss(config.loss, config.particles)
+    test_x = None
+    if options["test_every"]:
+        test = _load(config, "test")
+        test_x = test.images[spread(len(test), options["test_limit"])].to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vae.to(device)
+    schedule = KLSchedule(vae, config.warmup, config.beta)
+    schedule.set_epoch(state.epoch + 1)
+    start = time.perf_counter()
 
     def callback(record: dict) -> bool:
         schedule(record)  # records the epoch's β, sets the next one
         stop = stopper(record)  # records the validation ELBO, keeps the best weights
-        if test_x is not None and record["epoch"] % args.test_every == 0:
-            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=args.test_samples)
+        if test_x is not None and record["epoch"] % options["test_every"] == 0:
+            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"])
             record["test_ll"] = float(ll.mean())
         records.append(record)
         _write_metrics(run_dir, records)
+        seconds = before + time.perf_counter() - start
+        extra = {"stopper": stopper.state_dict(), "options": options, "train_seconds": seconds}
+        save_state(run_dir, vae, state, extra)  # what `pyrovae resume` continues from
         return stop
 
-    print(f"training on {config.dataset} ({len(train)} images, {device}); run directory {run_dir}")
-    start = time.perf_counter()
+    what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
+    print(f"{what} on {config.dataset} ({len(train)} images, {device}); run directory {run_dir}")
     try:
         fit(
             vae.model,
@@ -284,7 +363,8 @@ def _train(args) -> int:
             device=device,
             seed=config.seed,
             callback=callback,
-            progress=not args.no_progress,
+            progress=progress,
+            state=state,
         )
     except NonFiniteLossError as e:
         kept = (
@@ -294,11 +374,12 @@ def _train(args) -> int:
             else "no checkpoint was written"
         )
         raise ValueError(f"{e}; {kept}") from e
-    seconds = time.perf_counter() - start
+    seconds = before + time.perf_counter() - start
     if stopper.best_epoch is None:
         raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
     stopper.restore()
     vae.beta = config.beta
+    save_run(run_dir, vae, config)  # the best weights, and the config with its epochs
     summary = {
         "best_epoch": stopper.best_epoch,
         "best_val_elbo": stopper.best_value,
@@ -409,7 +490,13 @@ def _bench(args) -> int:
     return bench_main(args)
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "sample": _sample, "bench": _bench}
+COMMANDS = {
+    "train": _train,
+    "resume": _resume,
+    "evaluate": _evaluate,
+    "sample": _sample,
+    "bench": _bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

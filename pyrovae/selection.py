@@ -99,6 +99,25 @@ class EarlyStopping:
             return True
         return False
 
+    def state_dict(self) -> dict:
+        """The bookkeeping to continue selection later (JSON-serializable; the best weights are
+        not in it: they are the best checkpoint, saved by ``on_improve``)."""
+        return {
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def load_state_dict(self, state: dict, best_state: dict[str, torch.Tensor] | None) -> None:
+        """Continue from :meth:`state_dict`, with the best epoch's weights ``best_state`` (a
+        ``state_dict`` of the model, e.g. read back from the best checkpoint)."""
+        self.best_value = float(state["best_value"])
+        self.best_epoch = state["best_epoch"]
+        self.wait = int(state["wait"])
+        self.stopped_epoch = state["stopped_epoch"]
+        self.best_state = best_state
+
     def restore(self) -> None:
         """Load the best epoch's weights back into the model (no-op before the first epoch)."""
         if self.best_state is not None:

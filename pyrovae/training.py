@@ -5,6 +5,10 @@ by default) and optimizes it with a torch optimizer over every parameter the pai
 of the :class:`torch.nn.Module` s it is bound to, and every ``pyro.param``/``pyro.module`` site.
 The data live on the training device and batches are taken by index; the loss is accumulated on
 the device, so on CUDA the loop reads nothing back from the GPU until the epoch ends.
+
+A :class:`TrainState` passed to :func:`fit` is kept up to date at the end of every epoch (epochs
+done, the optimizer's moments, the random generators), so a run can be saved
+(:func:`pyrovae.checkpoint.save_state`) and continued later where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .capture import CaptureError, CudaGraphStep, NoSyncTrace_ELBO, capture
 from .data import as_tensors
 from .errors import NonFiniteLossError
 
-__all__ = ["fit", "History", "resolve_device"]
+__all__ = ["fit", "History", "TrainState", "resolve_device"]
 
 log = logging.getLogger("pyrovae")
 
@@ -52,6 +56,42 @@ class History:
 
     def __len__(self) -> int:
         return len(self.epoch)
+
+
+@dataclass
+class TrainState:
+    """Where a :func:`fit` run stands: what it takes to continue it later.
+
+    :func:`fit` updates it in place at the end of every epoch, before the callback runs, so a
+    callback can save it with :func:`pyrovae.checkpoint.save_state`. Passed to a later
+    :func:`fit` (with the model's weights restored), training continues with epoch
+    ``epoch + 1``, Adam's moments as they were, and the random generators where they were.
+    """
+
+    epoch: int = 0  # epochs completed
+    optimizer: dict | None = None  # the torch optimizer's state_dict() at the end of `epoch`
+    rng: torch.Tensor | None = None  # torch's CPU generator state, torch.get_rng_state()
+    cuda_rng: torch.Tensor | None = None  # the training device's CUDA generator state
+
+
+def _load_moments(optimizer: torch.optim.Optimizer, saved: dict, params) -> None:
+    # Load a saved optimizer's per-parameter state (Adam's moments and step) into a new optimizer
+    # over the same parameters, keeping the new one's hyperparameters and implementation (fused,
+    # capturable), which may differ between devices.
+    state = saved.get("state", {})
+    if set(state) - set(range(len(params))):
+        raise ValueError(
+            f"the saved optimizer state has {len(state)} parameters, this pair trains {len(params)}"
+        )
+    for i, moments in state.items():
+        for key, value in moments.items():
+            if key != "step" and tuple(value.shape) != tuple(params[i].shape):
+                raise ValueError(
+                    f"the saved optimizer state does not fit this pair: parameter {i} has shape "
+                    f"{tuple(params[i].shape)}, its saved {key} {tuple(value.shape)}"
+                )
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -131,6 +171,7 @@ def fit(
     callback: Callable[[dict], bool | None] | None = None,
     progress: bool = True,
     fast: bool = True,
+    state: TrainState | None = None,
 ) -> History:
     """Fit a model/guide pair with SVI.
 
@@ -165,7 +206,12 @@ def fit(
     :param callback: called with each epoch's record (a dict); returning ``True`` stops training.
     :param bool progress: show a tqdm progress bar.
     :param bool fast: capture and replay the loss when the pair allows it.
-    :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint.
+    :param TrainState state: continue a run: epochs ``state.epoch + 1 .. epochs`` are trained,
+        the optimizer starts from ``state.optimizer`` and the generators from ``state.rng``
+        (after ``seed``); the model's weights must already be those of ``state.epoch``. Updated
+        in place after every epoch.
+    :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint (the epochs
+        trained by this call).
     :raises ValueError: for bad arguments or data (checked before the first step).
     :raises NonFiniteLossError: if a loss is NaN/Inf; the parameters are restored to the end of
         the last good epoch first.
@@ -187,8 +233,16 @@ def fit(
         check(*(transform(tensors) if transform is not None else tensors))
         if val is not None:
             check(*val)
+    if state is None:
+        state = TrainState()
+    if int(state.epoch) < 0:
+        raise ValueError(f"state.epoch must be >= 0, got {state.epoch}")
     if seed is not None:
         pyro.set_rng_seed(seed)
+    if state.rng is not None:
+        torch.set_rng_state(state.rng.cpu())
+    if state.cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state.cuda_rng.cpu(), device)
     modules = _modules_of(model, guide)
     for m in modules:
         m.to(device)
@@ -211,9 +265,11 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None
     params: list[torch.Tensor] = []
     good: list[torch.Tensor] = []  # parameter values at the end of the last good epoch
-    bar = tqdm(total=int(epochs) * steps, disable=not progress, unit="step", dynamic_ncols=True)
+    first_epoch = int(state.epoch) + 1
+    total_steps = max(int(epochs) - first_epoch + 1, 0) * steps
+    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(1, int(epochs) + 1):
+        for epoch in range(first_epoch, int(epochs) + 1):
             start = time.perf_counter()
             perm = torch.randperm(n, device=device)
             total = torch.zeros((), device=device)
@@ -257,6 +313,8 @@ def fit(
                             elbo_module, modules, params, batch, tensors, batch_size, transform
                         )
                     optimizer = _make_optimizer(params, lr, device, graph_step is not None)
+                    if state.optimizer is not None:
+                        _load_moments(optimizer, state.optimizer, params)
                     if graph_step is not None:
                         graph_step.optimizer = optimizer
                         graph_step.step.fill_(step + 1)  # this step runs eagerly
@@ -299,6 +357,9 @@ def fit(
             with torch.no_grad():
                 for p, g in zip(params, good, strict=True):
                     g.copy_(p)
+            state.epoch, state.optimizer = epoch, optimizer.state_dict()
+            state.rng = torch.get_rng_state()
+            state.cuda_rng = torch.cuda.get_rng_state(device) if on_cuda else None
             record = {
                 "epoch": epoch,
                 "train_elbo": -float(total) / n,

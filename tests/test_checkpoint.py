@@ -98,3 +98,47 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_weights(vae, tmp_path / WEIGHTS)
     assert (tmp_path / WEIGHTS).read_bytes() == good
+
+
+def test_training_state_round_trip_and_refusals(tmp_path):
+    from pyrovae.checkpoint import LAST, STATE, load_state, save_state
+    from pyrovae.training import TrainState
+
+    vae, config, _ = _trained_run(tmp_path)
+    state = TrainState()
+    with pytest.raises(ValueError, match="no optimizer state yet"):
+        save_state(tmp_path, vae, state)
+    pyrovae.fit(vae.model, vae.guide, _digits_train(), epochs=1, progress=False, state=state)
+    save_state(tmp_path, vae, state, extra={"note": [1, 2]})
+    assert torch.equal(state.rng, torch.get_rng_state())  # the generator as at the save
+    fresh = pyrovae.build_vae(config)
+    loaded, extra = load_state(tmp_path, fresh)
+    assert extra == {"note": [1, 2]} and loaded.epoch == 1
+    assert torch.equal(loaded.rng, state.rng) and loaded.cuda_rng is None
+    for a, b in zip(vae.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for i, moments in state.optimizer["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, loaded.optimizer["state"][i][key]), (i, key)
+    assert loaded.optimizer["param_groups"][0]["lr"] == state.optimizer["param_groups"][0]["lr"]
+
+    # weights and state of different epochs (a save cut short between the two files)
+    state.epoch = 2
+    save_weights(vae, tmp_path / LAST, {"epoch": "1"})
+    (tmp_path / STATE).unlink()
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        load_state(tmp_path, fresh)
+    save_state(tmp_path, vae, state)
+    save_weights(vae, tmp_path / LAST, {"epoch": "1"})
+    with pytest.raises(CheckpointError, match="is from epoch 1 but state.safetensors from epoch 2"):
+        load_state(tmp_path, fresh)
+    torch.save({"x": 1}, tmp_path / STATE)  # a pickle in its place is refused, never loaded
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_state(tmp_path, fresh)
+    (tmp_path / STATE).write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable training state"):
+        load_state(tmp_path, fresh)
+
+
+def _digits_train():
+    return pyrovae.data.load("digits", "train", binarize="threshold")

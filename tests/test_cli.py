@@ -203,3 +203,42 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
 def test_bad_model_settings_fail_before_training(capsys, tmp_path, argv, match):
     _one_line_error(capsys, [*argv, "--out", str(tmp_path / "o")], match)
     assert not (tmp_path / "o").exists()  # nothing was trained or written
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
+    # train 2 epochs, `pyrovae resume` to 4 == train 4: the same weights, metrics and selection,
+    # with warm-up, early-stopping bookkeeping and the test curve carried across the break
+    opts = ["--hidden", "32", "--z-dim", "3", "--no-progress", "--prior", "vampprior",
+            "--components", "8", "--warmup", "3", "--patience", "5", "--test-every", "1",
+            "--test-samples", "5", "--test-limit", "20"]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(["train", "--out", str(whole), "--epochs", "4", *opts]) == 0
+    assert cli.main(["train", "--out", str(parts), "--epochs", "2", *opts]) == 0
+    assert cli.main(["resume", str(parts), "--epochs", "4", "--no-progress"]) == 0
+    assert "continuing from epoch 2" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    for name in (WEIGHTS, "last.safetensors"):
+        a, b = load_file(whole / name), load_file(parts / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def metrics(run):
+        rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert metrics(parts) == metrics(whole) and len(metrics(whole)) == 4
+    assert [r["beta"] for r in metrics(parts)] == ["0.3333333333333333", "0.6666666666666666",
+                                                   "1.0", "1.0"]  # fmt: skip
+    a, b = (json.loads((run / "train.json").read_text()) for run in (whole, parts))
+    assert {k: a[k] for k in a if k != "train_seconds"} == {
+        k: b[k] for k in b if k != "train_seconds"
+    }
+    assert json.loads((parts / "config.json").read_text())["epochs"] == 4
+    # nothing left to do, and runs that cannot be continued, each in one line
+    _one_line_error(capsys, ["resume", str(parts)], "has trained 4 epochs already; give --epochs")
+    stopped = json.loads((parts / "train.json").read_text()) | {"stopped_early": True}
+    (parts / "train.json").write_text(json.dumps(stopped))
+    _one_line_error(capsys, ["resume", str(parts), "--epochs", "9"], "stopped early at epoch 4")
+    (whole / "state.safetensors").unlink()
+    _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], "holds no training state")
+    _one_line_error(capsys, ["resume", str(tmp_path / "nope")], "does not exist")

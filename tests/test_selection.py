@@ -80,3 +80,26 @@ def test_validation_elbo_is_unscaled():
         == stopper.score()
         == pytest.approx(float(pyrovae.elbo(vae.model, vae.guide, val).mean()), abs=1.0)
     )
+
+
+def test_state_dict_round_trip_continues_the_count():
+    # stopped after epoch 4 (two epochs without gain) and continued: as one uninterrupted run
+    values = [-90.0, -88.0, -89.0, -89.5, -87.0, -88.2, -90.0, -89.0]
+    whole = _Scripted(values, patience=3)
+    _run(whole, len(values))
+    first = _Scripted(values[:4], patience=3)
+    _run(first, 4)
+    assert first.state_dict() == {"best_value": -88.0, "best_epoch": 2, "wait": 2,
+                                  "stopped_epoch": None}  # fmt: skip
+    rest = _Scripted(values[4:], patience=3)
+    rest.load_state_dict(first.state_dict(), first.best_state)
+    assert _run_from(rest, 5, 8) == 8 == whole.stopped_epoch  # epochs 6, 7, 8: no gain
+    assert rest.state_dict() == whole.state_dict()
+    assert rest.state_dict()["best_epoch"] == 5
+
+
+def _run_from(stopper, first, last):
+    for epoch in range(first, last + 1):
+        if stopper({"epoch": epoch}):
+            return epoch
+    return None

@@ -351,3 +351,48 @@ def test_second_model_in_a_used_param_store_trains_on_the_fast_path(caplog):
     assert not [r for r in caplog.records if "training eagerly" in r.getMessage()]
     assert pyrovae.elbo(second.model, second.guide, _digits("valid")).mean() > before + 5
     assert all(torch.equal(v, frozen[k]) for k, v in first.state_dict().items())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])
+def test_a_continued_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path, fast):
+    # 2 epochs, saved to disk, continued in a fresh model to 4 == 4 epochs in one go: the same
+    # weights, Adam moments and random draws (VampPrior, so the prior's parameters count too).
+    from pyrovae.checkpoint import load_state, save_state
+    from pyrovae.training import TrainState
+
+    def run(epochs, vae, state, save=False):
+        callback = (lambda record: save_state(tmp_path, vae, state)) if save else None
+        return pyrovae.fit(vae.model, vae.guide, _digits(), epochs=epochs, batch_size=128,
+                           seed=0, progress=False, fast=fast, state=state,
+                           callback=callback)  # fmt: skip
+
+    pyro.set_rng_seed(1)
+    straight, state = _vae(prior="vampprior", components=8), TrainState()
+    run(4, straight, state)
+    pyro.set_rng_seed(1)
+    first = _vae(prior="vampprior", components=8)
+    assert run(2, first, TrainState(), save=True).epoch == [1, 2]
+    pyro.clear_param_store()
+    resumed = _vae(prior="vampprior", components=8)  # other initial weights, replaced by load
+    saved, _ = load_state(tmp_path, resumed)
+    assert saved.epoch == 2
+    assert run(4, resumed, saved).epoch == [3, 4] and saved.epoch == 4
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    moments = zip(state.optimizer["state"].values(), saved.optimizer["state"].values(), strict=True)
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in moments)
+    assert run(4, resumed, saved).epoch == []  # nothing left to train
+
+
+def test_optimizer_state_of_another_pair_is_refused():
+    from pyrovae.training import TrainState
+
+    small, state = _vae(), TrainState()
+    pyrovae.fit(small.model, small.guide, _digits(), epochs=1, progress=False, state=state)
+    pyro.clear_param_store()
+    other = pyrovae.build_vae(pyrovae.Config(x_shape=(1, 8, 8), hidden=(32,), z_dim=4))
+    state.epoch = 0
+    with pytest.raises(ValueError, match="saved optimizer state does not fit this pair"):
+        pyrovae.fit(other.model, other.guide, _digits(), epochs=1, progress=False, state=state)
