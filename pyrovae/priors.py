@@ -52,8 +52,8 @@ __all__ = [
     "check_flow_hidden",
 ]
 
-#: Bound on (points × components × z_dim) that :class:`DiagonalGaussianMixture` materializes at
-#: once when scoring; larger batches are scored in chunks (64 MiB of float32 each).
+#: Bound on (points × components) that :class:`DiagonalGaussianMixture` materializes at once
+#: when scoring; larger batches are scored in chunks (128 MiB of float64 each).
 MIXTURE_CHUNK_ELEMENTS = 2**24
 
 
@@ -126,9 +126,11 @@ class LearnedNormal(Prior):
 class DiagonalGaussianMixture(TorchDistribution):
     """A mixture of K diagonal Gaussians over vectors, p(z) = Σ_k w_k N(z; μ_k, diag σ_k²).
 
-    Unlike :class:`~pyro.distributions.MixtureSameFamily`, scoring never materializes more than
-    ``max_chunk_elements`` numbers at once (points × K × dim), so a 500-component prior can score
-    the millions of particles of a K=5000 log-likelihood estimate in bounded memory. The
+    Unlike :class:`~pyro.distributions.MixtureSameFamily`, scoring never materializes a
+    (points × K × dim) tensor: the K squared distances of a point come from two matrix products,
+    in float64, and at most ``max_chunk_elements`` (points × K) numbers are held at once, so a
+    500-component prior scores the millions of particles of a K=5000 log-likelihood estimate
+    fast and in bounded memory. The
     parameters are shared by the whole batch (expanding only changes the batch shape). Samples
     are not reparameterized (the component is discrete).
 
@@ -204,17 +206,28 @@ class DiagonalGaussianMixture(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         d = value.shape[-1]
-        log_w = self.logits.log_softmax(-1)  # (K,)
-        # per component: -D/2 log 2π - Σ_d log σ_kd
-        const = log_w - 0.5 * d * math.log(2 * math.pi) - self.scale.log().sum(-1)  # (K,)
-        inv = self.scale.reciprocal()  # (K, D)
-        flat = value.reshape(-1, d)  # (M, D)
-        step = max(1, self.max_chunk_elements // max(1, self.loc.numel()))
+        # Σ_d ((z_d - μ_kd) / σ_kd)² = z² · (1/σ_k²) - 2 z · (μ_k/σ_k²) + Σ_d μ_kd²/σ_kd²: two
+        # matrix products per chunk instead of a (m, K, D) tensor. The three terms are large and
+        # their sum can be small (z near μ_k, σ_k small), so this runs in float64.
+        inv_var = self.scale.double().pow(-2)  # (K, D)
+        loc = self.loc.double()  # (K, D)
+        # per component: log w_k - D/2 log 2π - Σ_d log σ_kd - ½ Σ_d μ_kd²/σ_kd²
+        const = (
+            self.logits.double().log_softmax(-1)
+            - 0.5 * d * math.log(2 * math.pi)
+            - self.scale.double().log().sum(-1)
+            - 0.5 * (loc.square() * inv_var).sum(-1)
+        )  # (K,)
+        flat = value.reshape(-1, d).double()  # (M, D)
+        step = max(1, self.max_chunk_elements // max(1, self.loc.shape[0]))
         parts = []
+        scaled_loc = (loc * inv_var).T  # (D, K)
         for z in flat.split(step):
-            u = (z.unsqueeze(-2) - self.loc) * inv  # (m, K, D)
-            parts.append(torch.logsumexp(const - 0.5 * u.square().sum(-1), -1))  # (m,)
-        lp = torch.cat(parts).reshape(value.shape[:-1])  # (...)
+            # const - ½ z²·(1/σ²) + z·(μ/σ²), fused into the products
+            log_joint = torch.addmm(const, z.square(), inv_var.T, alpha=-0.5)  # (m, K)
+            log_joint = torch.addmm(log_joint, z, scaled_loc)  # (m, K)
+            parts.append(torch.logsumexp(log_joint, -1))  # (m,)
+        lp = torch.cat(parts).to(value.dtype).reshape(value.shape[:-1])  # (...)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
 
