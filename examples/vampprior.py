@@ -30,9 +30,12 @@ The full recipe takes longer than one sitting: every epoch saves the run's state
 is stopped (a time limit, a lost machine) loses at most the epoch in progress, and the same
 command with ``--resume`` continues each row where it stopped (``pyrovae resume RUN_DIR``), with
 the result of an uninterrupted run (bit for bit on the CPU, tested); rows already trained or
-scored are not redone::
+scored are not redone. ``--resume`` with more ``--epochs`` than a row had also raises its budget:
+a row that ran out of epochs (rather than stopping early) continues to the new budget and is
+scored again::
 
     timeout 9m python examples/vampprior.py --data-dir DATA --out runs/vp --resume   # repeat
+    python examples/vampprior.py --data-dir DATA --out runs/vp --resume --epochs 300  # more
 
 References:
   [1] J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018 (arXiv:1705.07120).
@@ -108,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="finish what an earlier call started: scored rows are reused, trained rows are "
-        "scored, interrupted rows continue from their last epoch",
+        "scored, interrupted rows, and rows that ran out of fewer --epochs, continue from their "
+        "last epoch",
     )
     p.add_argument("--progress", action="store_true", help="show training progress bars")
     return p
@@ -150,17 +154,22 @@ def _run(args, name: str, out: Path) -> dict:
     trained = (run_dir / "train.json").is_file()
     scored = trained and (run_dir / "eval.json").is_file()
     started = (run_dir / "state.safetensors").is_file()
-    if not (args.resume and scored):
-        if args.resume and started and not trained:  # interrupted: continue where it stopped
-            argv = ["resume", str(run_dir), "--epochs", str(args.epochs), "--no-progress"]
-        elif not (args.resume and trained):
-            argv = train_argv(args, name, run_dir)
-        else:
-            argv = None
-        if argv is not None:
-            print(f"\n== {name}: pyrovae {' '.join(argv)}", flush=True)
-            if cli.main(argv) != 0:
-                return {**row, "error": "training failed"}
+    short = False  # trained, but ran out of epochs below this call's budget
+    if trained and started:
+        done = json.loads((run_dir / "train.json").read_text())
+        short = not done["stopped_early"] and done["epochs_run"] < args.epochs
+    argv = None
+    if not args.resume:
+        argv = train_argv(args, name, run_dir)
+    elif started and (not trained or short):  # interrupted, or given more epochs: continue
+        argv = ["resume", str(run_dir), "--epochs", str(args.epochs), "--no-progress"]
+    elif not trained:
+        argv = train_argv(args, name, run_dir)
+    if argv is not None:
+        print(f"\n== {name}: pyrovae {' '.join(argv)}", flush=True)
+        if cli.main(argv) != 0:
+            return {**row, "error": "training failed"}
+    if argv is not None or not scored:
         if cli.main(evaluate_argv(args, run_dir)) != 0:
             return {**row, "error": "evaluation failed"}
     train = json.loads((run_dir / "train.json").read_text())

@@ -59,8 +59,13 @@ def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict | No
 
 
 def _refuse_pickle(path: Path) -> None:
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Its first byte
+    # can be 0x80 like a pickle's (a header of 128 + 256 n bytes), so that layout is checked first
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    header = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and 8 + header <= path.stat().st_size:
+        return
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path} is a pickle (torch.save) file, not a safetensors checkpoint; pyrovae never "

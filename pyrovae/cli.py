@@ -312,7 +312,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     )
     if options is None:  # continue the run saved in run_dir
         state, extra = load_state(run_dir, vae, device)
-        if state.epoch >= config.epochs:
+        summarized = (run_dir / "train.json").is_file()
+        if state.epoch > config.epochs or (state.epoch == config.epochs and summarized):
             raise ValueError(
                 f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
                 f"N > {state.epoch} to train longer"
@@ -323,6 +324,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
             extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
         )
         records = _read_metrics(run_dir, state.epoch)
+        if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
+            config.epochs = state.epoch  # nothing to train: only finish the run
     # the plain ELBO is fit's default objective (which fit knows how to run fastest)
     default = (config.loss, config.particles) == ("elbo", 1)
     loss = None if default else make_loss(config.loss, config.particles)

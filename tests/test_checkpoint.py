@@ -47,6 +47,18 @@ def test_pickle_payload_is_refused_and_never_run(tmp_path):
         assert not marker.exists()
 
 
+def test_safetensors_that_starts_like_a_pickle_loads(tmp_path):
+    # a header of 128 + 256 n bytes makes the file's first byte 0x80, a pickle's first byte
+    module, path = torch.nn.Linear(3, 2), tmp_path / "w.safetensors"
+    for pad in range(512):
+        save_weights(module, path, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    loaded = load_weights(torch.nn.Linear(3, 2), path)
+    assert torch.equal(loaded.weight, module.weight) and torch.equal(loaded.bias, module.bias)
+
+
 def test_corrupt_checkpoint(tmp_path):
     _trained_run(tmp_path)
     (tmp_path / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -234,6 +234,31 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
         k: b[k] for k in b if k != "train_seconds"
     }
     assert json.loads((parts / "config.json").read_text())["epochs"] == 4
+    # a run cut off after its last epoch was saved, before its summary: resume only finishes it
+    summary = (parts / "train.json").read_text()
+    for name in ("train.json", "elbo.png"):
+        (parts / name).unlink()
+    assert cli.main(["resume", str(parts), "--no-progress"]) == 0
+    assert json.loads((parts / "train.json").read_text())["epochs_run"] == 4
+    assert (parts / "elbo.png").is_file() and metrics(parts) == metrics(whole)
+    b = load_file(parts / WEIGHTS)
+    assert all(torch.equal(load_file(whole / WEIGHTS)[k], b[k]) for k in b)
+    assert (
+        json.loads(summary)["best_epoch"]
+        == json.loads((parts / "train.json").read_text())["best_epoch"]
+    )
+    # ... and one cut off after early stopping ended it: no further epoch, even with more allowed
+    from pyrovae.checkpoint import load_run, load_state, save_state
+
+    vae, _ = load_run(parts)
+    state, extra = load_state(parts, vae)
+    extra["stopper"]["stopped_epoch"] = 4
+    save_state(parts, vae, state, extra)
+    (parts / "train.json").unlink()
+    assert cli.main(["resume", str(parts), "--epochs", "9", "--no-progress"]) == 0
+    done = json.loads((parts / "train.json").read_text())
+    assert done["stopped_early"] and done["epochs_run"] == 4 and metrics(parts) == metrics(whole)
+    (parts / "train.json").write_text(summary)
     # nothing left to do, and runs that cannot be continued, each in one line
     _one_line_error(capsys, ["resume", str(parts)], "has trained 4 epochs already; give --epochs")
     stopped = json.loads((parts / "train.json").read_text()) | {"stopped_early": True}

@@ -48,17 +48,25 @@ def test_tiny_budget_end_to_end(tmp_path, monkeypatch):
         in table
     )
     assert (out / "nll_curves.png").read_bytes()[:4] == b"\x89PNG"
-    # --resume finishes what a stopped call left: a row interrupted after its last saved epoch
-    # continues from it, a trained row is only scored, a scored row is reused
-    (out / "vampprior" / "train.json").unlink()
+    # --resume finishes what a stopped call left: a trained row is only scored, a scored row is
+    # reused
     (out / "hvae-vampprior" / "eval.json").unlink()
     scored = (out / "standard" / "eval.json").stat().st_mtime_ns
-    assert example.main([*argv, "--resume", "--epochs", "4"]) == 0
+    assert example.main([*argv, "--resume"]) == 0
     again = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
     assert (out / "standard" / "eval.json").stat().st_mtime_ns == scored
-    assert again["standard"] == rows[0] and again["hvae-vampprior"]["epochs_run"] == 3
-    assert [e for e, _ in again["vampprior"]["curve"]] == [1, 2, 3, 4]
-    assert again["vampprior"]["curve"][:3] == rows[1]["curve"]
+    assert again["standard"] == rows[0] and again["vampprior"] == rows[1]
+    assert again["hvae-vampprior"]["epochs_run"] == 3 and (out / "hvae-vampprior" / "eval.json")
+    # ... and with more --epochs, a row interrupted after its last saved epoch continues from
+    # it, and rows that ran out of epochs continue to the new budget and are scored again
+    (out / "vampprior" / "train.json").unlink()
+    assert example.main([*argv, "--resume", "--epochs", "4"]) == 0
+    again = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert (out / "standard" / "eval.json").stat().st_mtime_ns != scored
+    for before in rows:
+        r = again[before["name"]]
+        assert r["epochs_run"] == 4 and [e for e, _ in r["curve"]] == [1, 2, 3, 4]
+        assert r["curve"][:3] == before["curve"]
     config = json.loads((out / "vampprior" / "config.json").read_text())
     assert config["gated"] and config["warmup"] == 2 and config["prior"] == "vampprior"
     # the argument lists are the CLI's: the paper recipe by default
