@@ -303,6 +303,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     check = train.images if train.transform is None else train.transform(train.tensors)[0]
     vae.check_data(check)
     state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
+    last_epoch = config.epochs  # the epoch to train up to
     stopper = EarlyStopping(
         vae,
         valid.images.to(device),
@@ -312,7 +313,10 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     )
     if options is None:  # continue the run saved in run_dir
         state, extra = load_state(run_dir, vae, device)
-        summarized = (run_dir / "train.json").is_file()
+        summary = run_dir / "train.json"  # may be an earlier call's, if this one was cut off
+        summarized = summary.is_file() and json.loads(summary.read_text())["epochs_run"] >= (
+            state.epoch
+        )
         if state.epoch > config.epochs or (state.epoch == config.epochs and summarized):
             raise ValueError(
                 f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
@@ -325,7 +329,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         )
         records = _read_metrics(run_dir, state.epoch)
         if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
-            config.epochs = state.epoch  # nothing to train: only finish the run
+            last_epoch = state.epoch  # nothing to train: only finish the run
     # the plain ELBO is fit's default objective (which fit knows how to run fastest)
     default = (config.loss, config.particles) == ("elbo", 1)
     loss = None if default else make_loss(config.loss, config.particles)
@@ -359,7 +363,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
             vae.model,
             vae.guide,
             train,
-            epochs=config.epochs,
+            epochs=last_epoch,
             batch_size=config.batch_size,
             lr=config.lr,
             loss=loss,

@@ -234,10 +234,11 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
         k: b[k] for k in b if k != "train_seconds"
     }
     assert json.loads((parts / "config.json").read_text())["epochs"] == 4
-    # a run cut off after its last epoch was saved, before its summary: resume only finishes it
+    # a run cut off after its last epoch was saved, before its summary (train.json is still the
+    # one of the call that trained 2 epochs): resume only finishes it
     summary = (parts / "train.json").read_text()
-    for name in ("train.json", "elbo.png"):
-        (parts / name).unlink()
+    (parts / "train.json").write_text(json.dumps(json.loads(summary) | {"epochs_run": 2}))
+    (parts / "elbo.png").unlink()
     assert cli.main(["resume", str(parts), "--no-progress"]) == 0
     assert json.loads((parts / "train.json").read_text())["epochs_run"] == 4
     assert (parts / "elbo.png").is_file() and metrics(parts) == metrics(whole)
@@ -258,9 +259,12 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
     assert cli.main(["resume", str(parts), "--epochs", "9", "--no-progress"]) == 0
     done = json.loads((parts / "train.json").read_text())
     assert done["stopped_early"] and done["epochs_run"] == 4 and metrics(parts) == metrics(whole)
+    assert json.loads((parts / "config.json").read_text())["epochs"] == 9  # the budget it had
     (parts / "train.json").write_text(summary)
     # nothing left to do, and runs that cannot be continued, each in one line
-    _one_line_error(capsys, ["resume", str(parts)], "has trained 4 epochs already; give --epochs")
+    _one_line_error(
+        capsys, ["resume", str(parts), "--epochs", "4"], "has trained 4 epochs already; give"
+    )
     stopped = json.loads((parts / "train.json").read_text()) | {"stopped_early": True}
     (parts / "train.json").write_text(json.dumps(stopped))
     _one_line_error(capsys, ["resume", str(parts), "--epochs", "9"], "stopped early at epoch 4")
