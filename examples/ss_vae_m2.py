@@ -7,16 +7,17 @@ The generative model treats the class y as a second latent, observed for a few l
 and the guide is q(y|x) q(z|x, y): the classifier q(y|x) is part of the guide. For an unlabelled
 image, y is summed out exactly: Pyro enumerates its ten values in parallel (``"enumerate":
 "parallel"`` on the guide's y site, ``TraceEnum_ELBO``), which gives M2's bound
-U(x) = Σ_y q(y|x) [L(x, y)] + H(q(y|x)). For a labelled image, y is observed and the model adds
-the classification term α·log q(y|x) (Kingma et al.'s eq. 9), without which the classifier would
-learn from unlabelled images alone.
+U(x) = Σ_y q(y|x) [L(x, y)] + H(q(y|x)). For a labelled image, y is observed, and an auxiliary
+loss α·(−log q(y|x)) (Kingma et al.'s eq. 9) trains the classifier on the labels, without which
+it would learn from unlabelled images alone.
 
-Each batch mixes labelled and unlabelled images: the data are three tensors
-``(x, y, labelled)`` that ``pyrovae.fit`` passes on as ``model(x, y, labelled)``. Inside, the
-batch splits into a ``"labelled"`` plate and an ``"unlabelled"`` plate, so the 3000 labelled
-images are seen once per epoch, as in Pyro's SS-VAE tutorial, with no second training loop.
-Pixels are grey values scored with the Bernoulli cross-entropy (as in that tutorial; it is not a
-normalized density on [0, 1], so this example reports accuracy, not log p(x)).
+The pair is written as Pyro's SS-VAE example writes it: ``model(xs, ys=None)``,
+``guide(xs, ys=None)``, ``model_classify``/``guide_classify``. One ``pyrovae.fit`` call trains
+its three objectives — the ELBO on unlabelled images, the ELBO on labelled images and the
+auxiliary loss, each on its own data — with one optimizer whose moments persist across steps and
+epochs (``pyrovae.Objective``). Every step takes a batch from each. Pixels are grey values
+scored with the Bernoulli cross-entropy (as in that tutorial; it is not a normalized density on
+[0, 1], so this example reports accuracy, not log p(x)).
 
     python examples/ss_vae_m2.py --dataset fashion-mnist --data-dir /path/to/data --labels 3000
 
@@ -35,7 +36,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
@@ -92,58 +92,47 @@ class M2(nn.Module):
     :param int dim: pixels per image.
     :param int z_dim: size of the continuous latent ("style").
     :param hidden: hidden sizes of the classifier, encoder and decoder.
-    :param float alpha: weight of the classification term on labelled images.
     """
 
-    def __init__(self, dim: int, z_dim: int = 50, hidden=(500,), alpha: float = 46.0):
+    def __init__(self, dim: int, z_dim: int = 50, hidden=(500,)):
         super().__init__()
-        self.z_dim, self.alpha = z_dim, float(alpha)
+        self.z_dim = z_dim
         self.classifier = nn.Sequential(MLP(dim, hidden), nn.Linear(hidden[-1], NUM_CLASSES))
         self.encoder = _Joint(dim, NUM_CLASSES, hidden, 2 * z_dim)  # q(z | x, y)
         self.decoder = _Joint(z_dim, NUM_CLASSES, hidden[::-1], dim)  # p(x | z, y)
 
-    # -- model ---------------------------------------------------------------------------------
-    def _generate(self, plate: str, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        with pyro.plate(plate, x.shape[0]):
-            z = pyro.sample(f"z_{plate}", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
-            prior_y = dist.OneHotCategorical(logits=x.new_zeros(NUM_CLASSES))
-            y_value = pyro.sample(f"y_{plate}", prior_y, obs=y)  # enumerated: (10, 1, 10)
-            logits = self.decoder(z, y_value)  # (10, N, D) when y is enumerated
-            # validate_args=False: grey pixels scored with the Bernoulli cross-entropy
-            px = dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
-            pyro.sample(f"x_{plate}", px, obs=x)
-            if y is not None:
-                # Kingma et al.'s α·log q(y|x): the classifier also learns from the labels
-                with poutine.scale(scale=self.alpha):
-                    qy = dist.OneHotCategorical(logits=self.classifier(x))
-                    pyro.sample("y_aux", qy, obs=y)
-
-    def model(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> None:
-        """p(y) p(z) p(x|y,z) for a batch: images ``(N, D)``, labels ``(N,)`` (read only where
-        ``labelled``), and the boolean mask ``labelled`` ``(N,)``."""
+    # -- the pair, as Pyro's SS-VAE example writes it -------------------------------------------
+    def model(self, xs: torch.Tensor, ys: torch.Tensor | None = None) -> None:
+        """p(y) p(z) p(x|y,z) for images ``(N, D)``; ``ys`` one-hot ``(N, 10)`` where known."""
         pyro.module("m2", self)
-        x_l, y_l = x[labelled], F.one_hot(y[labelled], NUM_CLASSES).to(x.dtype)
-        if len(x_l):
-            self._generate("labelled", x_l, y_l)
-        if not bool(labelled.all()):
-            self._generate("unlabelled", x[~labelled], None)
+        with pyro.plate("data", xs.shape[0]):
+            z = pyro.sample("z", dist.Normal(xs.new_zeros(self.z_dim), 1.0).to_event(1))
+            prior_y = dist.OneHotCategorical(logits=xs.new_zeros(NUM_CLASSES))
+            y = pyro.sample("y", prior_y, obs=ys)  # enumerated: (10, 1, 10)
+            logits = self.decoder(z, y)  # (10, N, D) when y is enumerated
+            # validate_args=False: grey pixels scored with the Bernoulli cross-entropy
+            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=xs)
 
-    # -- guide ---------------------------------------------------------------------------------
-    def _infer(self, plate: str, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        with pyro.plate(plate, x.shape[0]):
-            if y is None:  # q(y|x), summed over its ten values in parallel
-                qy = dist.OneHotCategorical(logits=self.classifier(x))
-                y = pyro.sample(f"y_{plate}", qy, infer={"enumerate": "parallel"})
-            loc, raw = self.encoder(x, y).chunk(2, -1)
-            pyro.sample(f"z_{plate}", dist.Normal(loc, F.softplus(raw) + 1e-4).to_event(1))
-
-    def guide(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> None:
+    def guide(self, xs: torch.Tensor, ys: torch.Tensor | None = None) -> None:
         """q(y|x) q(z|x,y); y is observed (not sampled) for labelled images."""
         pyro.module("m2", self)
-        if bool(labelled.any()):
-            self._infer("labelled", x[labelled], F.one_hot(y[labelled], NUM_CLASSES).to(x.dtype))
-        if not bool(labelled.all()):
-            self._infer("unlabelled", x[~labelled], None)
+        with pyro.plate("data", xs.shape[0]):
+            if ys is None:  # q(y|x), summed over its ten values in parallel
+                qy = dist.OneHotCategorical(logits=self.classifier(xs))
+                ys = pyro.sample("y", qy, infer={"enumerate": "parallel"})
+            loc, raw = self.encoder(xs, ys).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-4).to_event(1))
+
+    def model_classify(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """Kingma et al.'s auxiliary term log q(y|x) on labelled images (weighted by α in fit),
+        without which the classifier would learn from unlabelled images alone."""
+        pyro.module("m2", self)
+        with pyro.plate("data", xs.shape[0]):
+            qy = dist.OneHotCategorical(logits=self.classifier(xs))
+            pyro.sample("y_aux", qy, obs=ys)
+
+    def guide_classify(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """The auxiliary loss has no latent sites."""
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,15 +197,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.unlabelled is not None:  # keep every labelled image and N unlabelled ones
         keep = labelled | (torch.cumsum(~labelled, 0) <= args.unlabelled)
         x, labels, labelled = x[keep], labels[keep], labelled[keep]
-    y = torch.where(labelled, labels, 0)  # the model never sees an unlabelled image's class
     n_labelled, n_unlabelled = int(labelled.sum()), int((~labelled).sum())
-    if args.label_repeat > 1:  # oversample the few labelled images
-        extra = labelled.nonzero().flatten().repeat(args.label_repeat - 1)
-        x, y, labelled = (
-            torch.cat([x, x[extra]]),
-            torch.cat([y, y[extra]]),
-            torch.cat([labelled, labelled[extra]]),
-        )
+    x_l, y_l = x[labelled], F.one_hot(labels[labelled], NUM_CLASSES).to(x.dtype)
+    x_u = x[~labelled]  # the model never sees an unlabelled image's class
     x_val, y_val = valid.images.flatten(1), valid.labels
     x_test, y_test = test.images.flatten(1), test.labels
     print(
@@ -224,23 +207,36 @@ def main(args: argparse.Namespace) -> dict:
         f"and {n_unlabelled} unlabelled training images, α={args.alpha:g}, hidden "
         f"{args.hidden}, z {args.z_dim}"
     )
-    m2 = M2(x.shape[1], args.z_dim, tuple(args.hidden), args.alpha)
+    m2 = M2(x.shape[1], args.z_dim, tuple(args.hidden))
     curve: list[dict] = []
 
     def report(record: dict) -> None:
         record["valid_accuracy"] = accuracy(m2, x_val, y_val)
         curve.append(record)
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in record["parts"].items())
         print(
-            f"epoch {record['epoch']}: objective {record['train_elbo']:.2f} per image, "
-            f"validation accuracy {record['valid_accuracy']:.4f} ({record['seconds']:.1f} s)"
+            f"epoch {record['epoch']}: per image {parts}; validation accuracy "
+            f"{record['valid_accuracy']:.4f} ({record['seconds']:.1f} s)"
         )
 
-    # A batch may hold labelled images only, and then no site is enumerated: that is expected.
-    loss = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+    # Three objectives, one optimizer (Adam with the betas of Pyro's SS-VAE example): the ELBO
+    # of unlabelled images with y enumerated, the ELBO of labelled images, and α·(−log q(y|x)).
+    # Every step takes a batch of each; labelled batches are sized so that each labelled image
+    # is seen label_repeat times an epoch (an epoch is one pass over the unlabelled images).
+    steps = -(-n_unlabelled // args.batch_size)
+    labelled_batch = max(1, -(-args.label_repeat * n_labelled // steps))
+    enum = TraceEnum_ELBO(max_plate_nesting=1)
+    objectives = [
+        pyrovae.Objective(m2.model, m2.guide, x_u, loss=enum, name="unlabelled"),
+        pyrovae.Objective(m2.model, m2.guide, (x_l, y_l), batch_size=labelled_batch,
+                          name="labelled"),
+        pyrovae.Objective(m2.model_classify, m2.guide_classify, (x_l, y_l),
+                          batch_size=labelled_batch, weight=args.alpha, name="classifier"),
+    ]  # fmt: skip
     start = time.perf_counter()
     pyrovae.fit(
-        m2.model, m2.guide, (x, y, labelled), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, loss=loss, device="cpu", seed=args.seed, callback=report,
+        objectives, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optim_args={"betas": (0.95, 0.999)}, device="cpu", seed=args.seed, callback=report,
         progress=not args.no_progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -258,11 +254,9 @@ def main(args: argparse.Namespace) -> dict:
     )
     if args.baseline:
         start = time.perf_counter()
-        first = labelled[: len(labels)]  # the labelled images, without the repeats
         alone = supervised_baseline(
-            x[: len(labels)][first], labels[first], x.shape[1], tuple(args.hidden), lr=args.lr,
-            seed=args.seed,
-        )  # fmt: skip
+            x_l, labels[labelled], x.shape[1], tuple(args.hidden), lr=args.lr, seed=args.seed
+        )
         result["baseline_accuracy"] = accuracy(alone, x_test, y_test)
         print(
             f"the same classifier trained on the {result['labelled']} labelled images alone "

@@ -13,7 +13,7 @@ from .hvae import HVAE
 from .objectives import IWAE
 from .schedules import KLSchedule
 from .selection import EarlyStopping
-from .training import History, TrainState, fit
+from .training import History, Objective, TrainState, fit
 from .vae import VAE
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "KLSchedule",
     "EarlyStopping",
     "fit",
+    "Objective",
     "History",
     "TrainState",
     "log_likelihood",

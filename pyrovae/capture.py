@@ -10,9 +10,11 @@ Random draws are recorded as operations, so every replay draws fresh noise.
 
 Tracing on fake tensors is also the safety check: a pair whose Python reads tensor values
 (data-dependent control flow, ``.item()``, validation checks, the host syncs in Pyro's own
-``Trace_ELBO``) cannot be traced, and :func:`capture` raises :class:`CaptureError` saying why;
-so does a pair whose parameters live outside the modules it is bound to (plain ``pyro.param``
-sites). :func:`pyrovae.fit` then trains eagerly.
+``Trace_ELBO``) cannot be traced, and :func:`capture` raises :class:`CaptureError` saying why
+(in the user's code or inside the loss); :func:`pyrovae.fit` then trains eagerly. Pyro's ELBOs
+run as their :class:`NoSync` twins, which read nothing back. Parameters are graph inputs
+whichever way the pair holds them: the modules it is bound to (``PyroModule``), modules it
+registers with ``pyro.module``, and plain ``pyro.param`` sites.
 
 On CUDA, :class:`CudaGraphStep` goes further and records the whole training step — batch
 gather, replayed loss, backward, optimizer step, loss accumulation — as one CUDA graph
@@ -21,58 +23,175 @@ gather, replayed loss, backward, optimizer step, loss accumulation — as one CU
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import pyro
 import torch
-from pyro.distributions.util import is_identically_zero
-from pyro.infer import Trace_ELBO
-from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-__all__ = ["NoSyncTrace_ELBO", "CaptureError", "CapturedLoss", "capture", "CudaGraphStep"]
+__all__ = [
+    "NoSync",
+    "NoSyncTrace_ELBO",
+    "NoSyncTraceMeanField_ELBO",
+    "NoSyncTraceEnum_ELBO",
+    "NO_SYNC",
+    "no_sync",
+    "CaptureError",
+    "CapturedLoss",
+    "capture",
+    "recording_modules",
+    "CudaGraphStep",
+]
 
 
-class NoSyncTrace_ELBO(Trace_ELBO):
-    """Pyro's :class:`~pyro.infer.Trace_ELBO` computed without reading values back to the host.
+# Where Pyro's ELBOs read values back to the host: ``torch_item`` (a float per site or per
+# loss), ``warn_if_nan`` (a NaN check on the loss) and, in TraceEnum_ELBO's Dice estimator, a
+# test of whether every enumerated probability is positive. Inside :class:`NoSync` losses they
+# are swapped for versions that keep tensors: the same values and gradients, nothing read back.
+def _detach(x):
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
-    ``Trace_ELBO`` sums each site's log-density into a Python float (``torch_item``, one host
-    sync per site), checks the loss for NaN and returns ``loss + (surrogate − surrogate.item())``.
-    This keeps every term a tensor and returns ``loss + (surrogate − surrogate.detach())``: the
-    same value and the same gradient estimator (score-function terms included), with nothing
-    read back. :func:`pyrovae.fit` checks the loss for NaN itself, once per epoch on CUDA.
+
+def _no_warn(value, *args, **kwargs):
+    return value
+
+
+def _fulldot_positive(prob: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    # Σ prob·cost over the entries with prob > 0 (a cost where prob = 0 may be infinite), with
+    # no data-dependent shapes: what Pyro's Dice computes with masked_select after mask.all().
+    positive = prob > 0
+    return (prob * torch.where(positive, cost, torch.zeros_like(cost))).sum()
+
+
+def _compute_expectation(self, costs):
+    # pyro.infer.util.Dice.compute_expectation (Pyro 1.9, Apache-2.0), its masked sum taken
+    # with _fulldot_positive instead of branching on ``mask.all()`` on the host.
+    from opt_einsum import shared_intermediates
+    from pyro.ops import packed
+    from pyro.ops.einsum.adjoint import require_backward
+    from pyro.ops.rings import MarginalRing
+
+    with shared_intermediates() as cache:
+        ring = MarginalRing(cache=cache)
+        expected_cost = 0.0
+        for ordinal, cost_terms in costs.items():
+            log_factors = self._get_log_factors(ordinal)
+            scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
+            log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
+            queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
+            for log_factor in log_factors:
+                key = frozenset(log_factor._pyro_dims)
+                if queries.get(key, False) is None:
+                    queries[key] = log_factor
+            for cost in cost_terms:
+                key = frozenset(cost._pyro_dims)
+                if queries[key] is None:
+                    query = torch.zeros_like(cost)
+                    query._pyro_dims = cost._pyro_dims
+                    log_factors.append(query)
+                    queries[key] = query
+            sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+            for query in queries.values():
+                require_backward(query)
+            root = ring.sumproduct(log_factors, sum_dims)
+            root._pyro_backward()
+            probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
+            for cost in cost_terms:
+                key = frozenset(cost._pyro_dims)
+                prob = probs[key]
+                prob._pyro_dims = queries[key]._pyro_dims
+                cost, prob = packed.broadcast_all(cost, prob)
+                expected_cost = expected_cost + scale * _fulldot_positive(prob, cost)
+    return expected_cost
+
+
+def _patches():
+    # (owner, attribute, replacement) for every host read in Pyro's ELBOs.
+    from pyro.infer import elbo, trace_elbo, trace_mean_field_elbo, traceenum_elbo, util
+
+    return [
+        (trace_elbo, "torch_item", _detach),
+        (trace_elbo, "warn_if_nan", _no_warn),
+        (trace_mean_field_elbo, "torch_item", _detach),
+        (trace_mean_field_elbo, "warn_if_nan", _no_warn),
+        (traceenum_elbo, "warn_if_nan", _no_warn),
+        (elbo, "warn_if_nan", _no_warn) if hasattr(elbo, "warn_if_nan") else None,
+        (util.Dice, "compute_expectation", _compute_expectation),
+    ]
+
+
+_patch_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    # Swap the host-reading helpers in Pyro's ELBO modules while a NoSync loss runs.
+    with _patch_lock:
+        saved = [(o, n, getattr(o, n)) for o, n, _ in filter(None, _patches())]
+        for owner, name, value in filter(None, _patches()):
+            setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            for owner, name, value in reversed(saved):
+                setattr(owner, name, value)
+
+
+class NoSync:
+    """Mixin: a Pyro ELBO computed without reading values back to the host.
+
+    Pyro's ``Trace_ELBO`` sums each site's log-density into a Python float (``torch_item``, one
+    host sync per site) and checks the loss for NaN (``warn_if_nan``); ``TraceMeanField_ELBO``
+    and ``TraceEnum_ELBO`` check it too. A ``NoSync`` loss runs Pyro's own estimator with those
+    two helpers keeping tensors: the same value and the same gradient estimator (score-function
+    terms, closed-form KL and enumeration included), with nothing read back, so the loss can be
+    captured (:func:`capture`) and recorded in a CUDA graph. :func:`pyrovae.fit` checks the loss
+    for NaN itself, once per epoch on CUDA. Make one with :func:`no_sync`.
     """
 
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
-        # Trace_ELBO's estimator with tensors where it uses torch_item.
-        elbo, surrogate, log_r = 0.0, 0.0, None
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                elbo = elbo + site["log_prob_sum"].detach()
-                surrogate = surrogate + site["log_prob_sum"]
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample":
-                _, score_function_term, entropy_term = site["score_parts"]
-                elbo = elbo - site["log_prob_sum"].detach()
-                if not is_identically_zero(entropy_term):
-                    surrogate = surrogate - entropy_term.sum()
-                if not is_identically_zero(score_function_term):
-                    if log_r is None:
-                        log_r = _compute_log_r(model_trace, guide_trace)
-                    surrogate = (
-                        surrogate
-                        + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
-                    )
-        return -elbo, -surrogate
-
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        loss, surrogate = 0.0, 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss_p, surrogate_p = self._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + loss_p / self.num_particles
-            surrogate = surrogate + surrogate_p / self.num_particles
-        return loss + (surrogate - surrogate.detach())
+        with _no_host_reads():
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+
+
+class NoSyncTrace_ELBO(NoSync, Trace_ELBO):
+    """:class:`~pyro.infer.Trace_ELBO` without host syncs (see :class:`NoSync`)."""
+
+
+class NoSyncTraceMeanField_ELBO(NoSync, TraceMeanField_ELBO):
+    """:class:`~pyro.infer.TraceMeanField_ELBO` without host syncs (see :class:`NoSync`)."""
+
+
+class NoSyncTraceEnum_ELBO(NoSync, TraceEnum_ELBO):
+    """:class:`~pyro.infer.TraceEnum_ELBO` without host syncs (see :class:`NoSync`)."""
+
+
+#: Pyro's ELBO classes and their no-sync twins.
+NO_SYNC = {
+    Trace_ELBO: NoSyncTrace_ELBO,
+    TraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
+    TraceEnum_ELBO: NoSyncTraceEnum_ELBO,
+}
+
+
+def no_sync(loss):
+    """The no-sync twin of a Pyro ELBO instance (same settings: particles, vectorization,
+    plate nesting), or ``loss`` itself when it has none (already no-sync, or another class).
+
+    :param loss: a Pyro ELBO instance.
+    """
+    twin = NO_SYNC.get(type(loss))
+    if twin is None:
+        return loss
+    loss = copy.copy(loss)
+    loss.__class__ = twin
+    return loss
 
 
 class CaptureError(RuntimeError):
@@ -80,31 +199,86 @@ class CaptureError(RuntimeError):
 
 
 class _Holder(nn.Module):
-    # Gathers the modules a pair is bound to, so their parameters and buffers can be swapped for
-    # graph inputs by torch.func.functional_call while the loss runs.
-    def __init__(self, modules: Sequence[nn.Module], loss_fn: Callable):
+    # Gathers what a pair's loss reads, so torch.func.functional_call can swap it for graph
+    # inputs while the loss runs: the modules it is bound to or registers with pyro.module, and
+    # the unconstrained tensors of plain pyro.param sites (as buffers, installed in Pyro's param
+    # store under their names for the duration of the call).
+    def __init__(self, modules: Sequence[nn.Module], loss_fn: Callable, free: dict | None = None):
         super().__init__()
         self.mods = nn.ModuleList(modules)
         self.loss_fn = loss_fn
+        self.free = nn.Module()
+        self._free_names: dict[str, tuple[str, object]] = {}  # buffer -> (param name, constraint)
+        for i, (name, (tensor, constraint)) in enumerate((free or {}).items()):
+            self.free.register_buffer(f"p{i}", tensor, persistent=False)
+            self._free_names[f"p{i}"] = (name, constraint)
 
     def forward(self, *batch):
+        store = pyro.get_param_store()
+        for key, (name, constraint) in self._free_names.items():
+            value = getattr(self.free, key)  # the swapped-in graph input
+            store._params[name] = value
+            store._constraints[name] = constraint
+            store._param_to_name[value] = name
         return self.loss_fn(*batch)
 
 
+@contextlib.contextmanager
+def recording_modules(found: list[nn.Module]):
+    """Note every module passed to ``pyro.module`` while the block runs (appended to ``found``
+    once each): how :func:`pyrovae.fit` finds the networks of a pair written as plain functions,
+    in the style of Pyro's tutorials."""
+    import pyro.primitives
+
+    original = pyro.primitives.module
+
+    def module(name, nn_module, *args, **kwargs):
+        if all(m is not nn_module for m in found):
+            found.append(nn_module)
+        return original(name, nn_module, *args, **kwargs)
+
+    pyro.module = pyro.primitives.module = module
+    try:
+        yield found
+    finally:
+        pyro.module = pyro.primitives.module = original
+
+
+def _where(e: BaseException) -> str:
+    # The innermost frame of the failure outside torch: in Pyro's ELBO, or in the user's code.
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    if "/pyro/infer/" in f.filename:
+        return (
+            f" (inside Pyro's loss, {f.filename.rsplit('/pyro/', 1)[-1]}:{f.lineno}: pass a loss "
+            "without host reads, e.g. pyrovae.capture.no_sync(loss))"
+        )
+    if "/pyro/" in f.filename:
+        return f" (inside Pyro, {f.filename.rsplit('/pyro/', 1)[-1]}:{f.lineno})"
+    return f" (in your code, {f.filename}:{f.lineno}: {f.line})"
+
+
 def _explain(e: Exception) -> str:
-    # Why a fake-tensor trace failed, in terms of the user's model and guide.
+    # Why a fake-tensor trace failed, in terms of the user's model and guide or of the loss.
     name, text = type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200]
+    where = _where(e)
     if "DataDependent" in name or "data-dependent" in text:
         return (
-            "the model or guide reads a tensor's value in Python (data-dependent control flow, "
-            f".item(), float(t), or a validation check) [{name}]"
+            "the loss reads a tensor's value in Python (data-dependent control flow, "
+            f".item(), float(t), or a validation check) [{name}]{where}; such a pair trains "
+            "eagerly: remove the value read to get the fast path back"
         )
     if "convert all Tensors to FakeTensors" in text:
         return (
             "the model or guide uses a tensor that is neither an argument nor a parameter or "
-            "buffer of its modules (e.g. a plain pyro.param, or a tensor held elsewhere)"
+            f"buffer of its modules (e.g. a tensor held elsewhere){where}; register it in a "
+            "module (a buffer), or pass it as data"
         )
-    return f"{name}: {text}"
+    return f"{name}: {text}{where}"
 
 
 class CapturedLoss:
@@ -139,11 +313,26 @@ class CapturedLoss:
         before = self._state()
         try:
             with pyro.validation_enabled(False), pyro.get_param_store().scope():
-                graph = make_fx(loss, tracing_mode="fake")(list(before.values()), *batch)
+                # tensors the pair closes over (constants such as a fixed matrix) are kept by
+                # reference; trained tensors must be graph inputs (checked below)
+                graph = make_fx(loss, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                    list(before.values()), *batch
+                )
         except Exception as e:  # any failure to trace means: do not replay this pair
             raise CaptureError(_explain(e)) from e
         finally:
             self._restore(before)
+        trained = [
+            name
+            for name, value in vars(graph).items()
+            if isinstance(value, torch.Tensor) and value.requires_grad
+        ]
+        if trained:
+            raise CaptureError(
+                f"the loss reads {len(trained)} tensor(s) with gradients that are neither "
+                "parameters of the pair's modules nor pyro.param sites; register them in a "
+                "module or with pyro.param"
+            )
         # On fake tensors a value read back (.item(), float(t)) traces as a symbol instead of
         # failing; replaying it would freeze that value, so such a loss is refused.
         reads = [
@@ -152,8 +341,8 @@ class CapturedLoss:
         if reads:
             raise CaptureError(
                 f"the loss reads {len(reads)} value(s) back from the device (.item() or a Python "
-                "number made from a tensor), e.g. Pyro's stock Trace_ELBO; use "
-                "pyrovae.capture.NoSyncTrace_ELBO"
+                "number made from a tensor), e.g. Pyro's stock ELBOs; use "
+                "pyrovae.capture.no_sync(loss)"
             )
         return graph
 
@@ -180,6 +369,7 @@ def capture(
     modules: Sequence[nn.Module],
     batch: Sequence[torch.Tensor],
     check: bool = True,
+    free: dict | None = None,
 ) -> CapturedLoss:
     """Record ``loss_fn(*batch)`` (e.g. an ``ELBOModule``) as a replayable graph.
 
@@ -188,22 +378,25 @@ def capture(
         reads must not be a tensor that changes between steps.
     :param batch: an example batch.
     :param bool check: replay once and compare with the eager loss under the same random state.
+    :param dict free: plain ``pyro.param`` sites the loss reads, ``{name: (unconstrained
+        tensor, constraint)}``; they become graph inputs like the modules' parameters.
     :raises CaptureError: if the pair cannot be replayed safely.
     """
-    if not modules:
-        raise CaptureError("the pair is bound to no torch module")
-    captured = CapturedLoss(_Holder(modules, loss_fn), {})
+    if not modules and not free:
+        raise CaptureError("the pair has no parameters to capture")
+    captured = CapturedLoss(_Holder(modules, loss_fn, free), {})
     devices = sorted({t.device.index or 0 for t in batch if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # capturing leaves the generators as they were
         captured(*batch)  # traces
     if check:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # with gradients enabled: some ELBOs (TraceEnum_ELBO) refuse a loss without them
+        with torch.random.fork_rng(devices=devices):
             seed = int(torch.randint(0, 2**31 - 1, ()))
             torch.manual_seed(seed)
-            replayed = captured(*batch)
+            replayed = captured(*batch).detach()
             torch.manual_seed(seed)
             with pyro.validation_enabled(False):
-                eager = loss_fn(*batch)
+                eager = loss_fn(*batch).detach()
         a, b = float(replayed), float(eager)
         if not (
             math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) or (math.isnan(a) and math.isnan(b))
@@ -259,6 +452,7 @@ class CudaGraphStep:
 
     def warm_up(self, indices: Sequence[torch.Tensor], record: bool = True) -> None:
         """Run eager steps on a side stream (one per index tensor given), then record."""
+        gc.collect()  # an earlier step's autograd graph must not survive into these
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -272,11 +466,15 @@ class CudaGraphStep:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         step = self.step.clone()
+        generator = torch.cuda.default_generators[self.index.device.index or 0]
+        rng = generator.clone_state()  # a failed recording leaves the generator mid-capture
         try:
             with torch.cuda.graph(graph):
                 self._body()
         except RuntimeError as e:
             self.failed = True
+            generator.graphsafe_set_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
             self.step.copy_(step)  # recording ran nothing, but it counted
             raise CaptureError(f"CUDA graph capture failed: {e}") from e
         self.step.copy_(step)

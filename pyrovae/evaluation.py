@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.enum import get_importance_trace
 from pyro.infer.importance import vectorized_importance_weights
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 
 from .data import as_tensors
 
@@ -38,6 +42,10 @@ __all__ = [
     "log_likelihood",
     "log_weights",
     "plan_chunks",
+    "default_chunk_elements",
+    "find_data_plate",
+    "inspect_pair",
+    "PairLayout",
     "DEFAULT_CHUNK_ELEMENTS",
 ]
 
@@ -46,23 +54,81 @@ __all__ = [
 DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
-def _max_plate_nesting(model, guide, args) -> int:
-    # Trace once on a single datapoint and read the deepest vectorized plate; the random state
-    # is restored after, so scoring draws the same numbers as Pyro's own ELBOs would.
-    one = tuple(a[:1] for a in args)
-    cuda = sorted({a.device.index or 0 for a in args if a.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
-        guide_tr = poutine.trace(guide).get_trace(*one)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*one)
-    dims = [
-        frame.dim
-        for tr in (model_tr, guide_tr)
-        for site in tr.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
+def _frames(site) -> list:
+    return [f for f in site["cond_indep_stack"] if f.vectorized]
+
+
+def _plates_seen(trace) -> str:
+    # "'batch' (size 128), 'pixels' (size 784)": the plates of a trace, for error messages.
+    seen: dict[str, int] = {}
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            for f in _frames(site):
+                seen.setdefault(f.name, f.full_size if f.full_size is not None else f.size)
+    return ", ".join(f"{name!r} (size {size})" for name, size in seen.items()) or "none"
+
+
+def find_data_plate(model_trace, rows: int, data_plate: str | None = None):
+    """The plate over datapoints of a model trace: the one all observed sites share whose size
+    is the batch's (``rows``), or whose full size is (a model that subsamples its own plate);
+    the one named ``data_plate`` if given. Returns its ``CondIndepStackFrame``.
+
+    :raises ValueError: if none fits, saying which plates the model has.
+    """
+    observed = [s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"]]
+    if not observed:
+        raise ValueError("the model has no observed sample site (obs=...) to score")
+    shared = {f.name: f for f in _frames(observed[0])}
+    for site in observed[1:]:
+        names = {f.name for f in _frames(site)}
+        shared = {k: f for k, f in shared.items() if k in names}
+    if data_plate is not None:
+        if data_plate in shared:
+            return shared[data_plate]
+        raise ValueError(
+            f"no plate named {data_plate!r} holds every observed site; plates in the model: "
+            f"{_plates_seen(model_trace)}; pass data_plate= the plate over datapoints"
+        )
+    fits = [f for f in shared.values() if rows in (f.size, f.full_size) or f.size == -1]
+    if not fits:
+        raise ValueError(
+            f"found no plate over the {rows} datapoints that all observed sites share; plates "
+            f"in the model: {_plates_seen(model_trace)}; put the datapoints in one "
+            "pyro.plate(name, batch_size) in model and guide, or pass data_plate="
+        )
+    return next((f for f in fits if f.name == "data"), fits[0])
+
+
+def _site_log_prob(site, frame, particle_dim: int | None) -> torch.Tensor:
+    # A site's log density without poutine.scale (e.g. a KL weight), masks applied, summed over
+    # every dim but the particles' and the data plate's: (K, N), or (N,) with no particle dim.
+    lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])  # batch shape
+    if particle_dim is None:
+        lp = lp.movedim(frame.dim, 0)  # (N, other plates...)
+        return lp.reshape(lp.shape[0], -1).sum(-1)
+    lp = lp.movedim((particle_dim, frame.dim), (0, 1))  # (K, N, other plates...)
+    return lp.reshape(lp.shape[0], lp.shape[1], -1).sum(-1)
+
+
+def _sum_sites(model_tr, guide_tr, rows: int, data_plate: str | None, particle_dim):
+    # Σ_sites log p − Σ_latent log q per datapoint (and particle), from importance traces.
+    frame = find_data_plate(model_tr, rows, data_plate)
+    total = 0.0
+    for trace, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
+                continue
+            here = next((f for f in site["cond_indep_stack"] if f.name == frame.name), None)
+            if here is None:
+                raise ValueError(
+                    f"site {name!r} is outside the {frame.name!r} plate, so log p(x) does not "
+                    f"factor per datapoint; pyrovae scores pairs whose latent and observed sites "
+                    f"all sit inside the data plate (a global latent needs another estimator)"
+                )
+            total = total + sign * _site_log_prob(site, here, particle_dim)
+    if not isinstance(total, torch.Tensor):
+        raise ValueError("the model has no sample sites to score")
+    return total
 
 
 def log_weights(
@@ -71,39 +137,45 @@ def log_weights(
     *args: torch.Tensor,
     num_particles: int,
     max_plate_nesting: int,
-    data_plate: str = "data",
+    data_plate: str | None = None,
+    vectorized: bool = True,
 ) -> torch.Tensor:
     """Log importance weights ``(num_particles, N)`` of a batch, one per particle and datapoint.
+
+    Two ways to draw the particles, the same estimator: ``vectorized`` puts them in a plate
+    left of the model's plates (:func:`pyro.infer.importance.vectorized_importance_weights`);
+    otherwise each datapoint is repeated ``num_particles`` times inside the data plate, so
+    particles are rows of an ordinary batch (for models that index or reshape their batch in
+    ways that do not broadcast over a particle dimension, such as boolean masks).
 
     :param args: the batch, as passed to ``model(*args)`` and ``guide(*args)``.
     :param int num_particles: particles drawn from the guide for each datapoint.
     :param int max_plate_nesting: how many plates the model nests (particles go left of them).
-    :param str data_plate: name of the plate over datapoints.
-    :raises ValueError: if a sample site lies outside the data plate.
+    :param str data_plate: name of the plate over datapoints (default: found from the trace).
+    :param bool vectorized: vectorize particles (else repeat datapoints).
+    :raises ValueError: if a sample site lies outside the data plate, or no plate fits.
     """
-    _, model_tr, guide_tr = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_particles, max_plate_nesting=max_plate_nesting
-    )
-    particle_dim = -max_plate_nesting - 1
-    total = 0.0
-    for trace, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
-                continue
-            frame = next((f for f in site["cond_indep_stack"] if f.name == data_plate), None)
-            if frame is None:
-                raise ValueError(
-                    f"site {name!r} is outside the {data_plate!r} plate, so log p(x) does not "
-                    f"factor per datapoint; pyrovae scores pairs whose latent and observed sites "
-                    f"all sit inside the data plate (a global latent needs another estimator)"
-                )
-            # log density without poutine.scale (e.g. a KL weight), masks applied
-            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])  # batch shape
-            lp = lp.movedim((particle_dim, frame.dim), (0, 1))  # (K, N, other plates...)
-            total = total + sign * lp.reshape(lp.shape[0], lp.shape[1], -1).sum(-1)  # (K, N)
-    if not isinstance(total, torch.Tensor):
-        raise ValueError("the model has no sample sites to score")
-    return total
+    k, rows = int(num_particles), len(args[0])
+    if vectorized:
+        _, model_tr, guide_tr = vectorized_importance_weights(
+            model, guide, *args, num_samples=k, max_plate_nesting=max_plate_nesting
+        )
+        particle_dim = -max_plate_nesting - 1
+        return _sum_sites(model_tr, guide_tr, rows, data_plate, particle_dim)  # (k, N)
+    repeated = tuple(torch.cat([a] * k) for a in args)  # (k·N, ...): particle j, datapoint i
+    model_tr, guide_tr = get_importance_trace("flat", max_plate_nesting, model, guide, repeated, {})
+    return _sum_sites(model_tr, guide_tr, k * rows, data_plate, None).reshape(k, rows)
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """The chunk bound for a device: :data:`DEFAULT_CHUNK_ELEMENTS` on the CPU; on a GPU, as
+    much as a 64th of its free memory in elements allows, up to 2**28 (fewer, larger chunks:
+    each chunk costs a fixed Python overhead in Pyro's handlers, which small chunks cannot
+    hide behind GPU work)."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(2**28, max(DEFAULT_CHUNK_ELEMENTS, free // 64)))
 
 
 def plan_chunks(
@@ -120,6 +192,116 @@ def plan_chunks(
     return batch_size, chunk
 
 
+@dataclass(frozen=True)
+class PairLayout:
+    """How :func:`log_likelihood` runs a pair, found by :func:`inspect_pair`."""
+
+    plate: str  # the plate over datapoints
+    nesting: int  # how many plates the model nests
+    vectorized: bool  # particles in a plate of their own; else datapoints repeated in the batch
+    subsample: int | None = None  # the model subsamples its own plate to this size
+
+
+def _traces(model, guide, args):
+    guide_tr = poutine.trace(guide).get_trace(*args)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    return model_tr, guide_tr
+
+
+def _try_weights(model, guide, args, nesting, plate, vectorized) -> Exception | None:
+    # Run one path on two particles; None if it gives one weight per particle and datapoint.
+    try:
+        lw = log_weights(model, guide, *args, num_particles=2, max_plate_nesting=nesting,
+                         data_plate=plate, vectorized=vectorized)  # fmt: skip
+    except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as e:
+        return e
+    if tuple(lw.shape) != (2, len(args[0])):
+        return ValueError(f"weights of shape {tuple(lw.shape)}, expected (2, {len(args[0])})")
+    return None
+
+
+def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLayout:
+    """Trace a pair on two datapoints and decide how to score it: which plate holds the
+    datapoints, how deep the plates nest, whether particles can be vectorized (else the
+    repeated-batch path), and whether the model subsamples its own plate from the full data.
+    The random state is restored after, so scoring draws what Pyro's own ELBOs would.
+
+    :raises ValueError: if neither path can score the pair, with both reasons.
+    """
+    probe = tuple(t[:2] for t in tensors)
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
+        try:
+            model_tr, guide_tr = _traces(model, guide, probe)
+        except ValueError as e:  # a plate that subsamples the full data it is given
+            if "subsample_size" not in str(e):
+                raise
+            probe = tensors
+            model_tr, guide_tr = _traces(model, guide, probe)
+        frame = find_data_plate(model_tr, len(probe[0]), data_plate)
+        dims = [-f.dim for tr in (model_tr, guide_tr) for site in tr.nodes.values()
+                if site["type"] == "sample" for f in _frames(site)]  # fmt: skip
+        nesting = max(dims, default=0)
+        if frame.full_size is not None and frame.size < frame.full_size == len(probe[0]):
+            return PairLayout(frame.name, nesting, True, subsample=frame.size)
+        vec = _try_weights(model, guide, probe, nesting, frame.name, True)
+        if vec is None:
+            return PairLayout(frame.name, nesting, True)
+        rep = _try_weights(model, guide, probe, nesting, frame.name, False)
+    if rep is None:
+        return PairLayout(frame.name, nesting, False)
+    raise ValueError(
+        f"cannot score this pair: with particles vectorized, {type(vec).__name__}: {vec}; with "
+        f"datapoints repeated in the batch, {type(rep).__name__}: {rep}"
+    )
+
+
+class _Indices(Messenger):
+    # Sets the indices a subsampling plate draws (as replay would: a value, not an observation).
+    def __init__(self, plate: str, idx: torch.Tensor):
+        super().__init__()
+        self.plate, self.idx = plate, idx
+
+    def _process_message(self, msg) -> None:
+        if msg["name"] == self.plate and isinstance(msg["fn"], _Subsample):
+            msg["value"] = self.idx
+
+
+def _chunk_weights(model, guide, args, k, layout: PairLayout, idx=None) -> torch.Tensor:
+    # (k, b) log weights of one chunk; for a subsampling model, of the datapoints ``idx``.
+    if idx is not None:  # the model replays the guide's indices
+        guide = _Indices(layout.plate, idx)(guide)
+    return log_weights(model, guide, *args, num_particles=k, max_plate_nesting=layout.nesting,
+                       data_plate=layout.plate, vectorized=layout.vectorized)  # fmt: skip
+
+
+def _batches(tensors, n: int, batch_size: int, layout: PairLayout):
+    # (args, idx, rows) per batch: slices of the data, or, for a model that subsamples its own
+    # plate, the full data with that plate's indices (the last chunk padded to its size).
+    if layout.subsample is None:
+        for i in range(0, n, batch_size):
+            yield tuple(t[i : i + batch_size] for t in tensors), None, min(batch_size, n - i)
+        return
+    device = tensors[0].device
+    for i in range(0, n, layout.subsample):
+        idx = torch.arange(i, i + layout.subsample, device=device) % n
+        yield tensors, idx, min(layout.subsample, n - i)
+
+
+PARTICLES = ("auto", "vectorized", "repeated")
+
+
+def _on_pair_device(model, guide, tensors):
+    # The data on the device of the modules the pair is bound to (fit may have moved them to
+    # CUDA): scoring runs where the model is. Pairs bound to no module keep the data's device.
+    from .training import _modules_of
+
+    for module in _modules_of(model, guide):
+        for p in module.parameters():
+            return tuple(t.to(p.device) for t in tensors)
+    return tensors
+
+
 def _reduce(
     model,
     guide,
@@ -127,42 +309,40 @@ def _reduce(
     num_particles: int,
     reduce: str,
     batch_size: int | None,
-    data_plate: str,
-    max_chunk_elements: int,
+    data_plate: str | None,
+    max_chunk_elements: int | None,
+    particles: str = "auto",
 ) -> torch.Tensor:
     if int(num_particles) < 1:
         raise ValueError(f"the number of particles/samples must be >= 1, got {num_particles}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tensors = as_tensors(data)
+    tensors = _on_pair_device(model, guide, as_tensors(data))
     n, k_total = len(tensors[0]), int(num_particles)
     per_item = sum(t[0].numel() for t in tensors)  # numbers per datapoint
+    if max_chunk_elements is None:
+        max_chunk_elements = default_chunk_elements(tensors[0].device)
+    if particles not in PARTICLES:
+        raise ValueError(f"particles must be one of {', '.join(PARTICLES)}, got {particles!r}")
+    layout = inspect_pair(model, guide, tensors, data_plate)
+    if particles != "auto" and layout.subsample is None:
+        layout = replace(layout, vectorized=particles == "vectorized")
+    if layout.subsample is not None:
+        batch_size = layout.subsample
     batch_size, chunk = plan_chunks(n, k_total, per_item, batch_size, max_chunk_elements)
+    out = []
     with torch.no_grad():
-        nesting = _max_plate_nesting(model, guide, tensors)
-        out = []
-        for i in range(0, n, batch_size):
-            args = tuple(t[i : i + batch_size] for t in tensors)
+        for args, idx, rows in _batches(tensors, n, batch_size, layout):
             acc = None
             for j in range(0, k_total, chunk):
-                lw = log_weights(
-                    model,
-                    guide,
-                    *args,
-                    num_particles=min(chunk, k_total - j),
-                    max_plate_nesting=nesting,
-                    data_plate=data_plate,
-                )  # (k, b)
-                if reduce == "logsumexp":
-                    part = lw.logsumexp(0)
-                    acc = part if acc is None else torch.logaddexp(acc, part)
+                lw = _chunk_weights(model, guide, args, min(chunk, k_total - j), layout, idx)
+                part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
+                if acc is None:
+                    acc = part
                 else:
-                    part = lw.sum(0)
-                    acc = part if acc is None else acc + part
-            if reduce == "logsumexp":
-                out.append(acc - math.log(k_total))  # (b,)
-            else:
-                out.append(acc / k_total)
+                    acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
+            norm = math.log(k_total) if reduce == "logsumexp" else None
+            out.append((acc - norm if norm is not None else acc / k_total)[:rows])
     return torch.cat(out)
 
 
@@ -173,8 +353,9 @@ def elbo(
     *,
     num_particles: int = 1,
     batch_size: int | None = None,
-    data_plate: str = "data",
-    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    data_plate: str | None = None,
+    max_chunk_elements: int | None = None,
+    particles: str = "auto",
 ) -> torch.Tensor:
     """The ELBO of each datapoint, E_q[log p(x, z) − log q(z|x)], averaged over
     ``num_particles`` samples. Returns a tensor ``(N,)`` in nats.
@@ -187,12 +368,14 @@ def elbo(
     :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
     :param int num_particles: samples per datapoint.
     :param int batch_size: datapoints per chunk (default: as many as fit the chunk bound).
-    :param str data_plate: name of the plate over datapoints.
-    :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint.
+    :param str data_plate: name of the plate over datapoints (default: found from a trace).
+    :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint
+        (default: :func:`default_chunk_elements` of the data's device).
+    :param str particles: ``"auto"`` (vectorized where the pair allows it, else repeated),
+        ``"vectorized"`` or ``"repeated"`` (see :func:`log_weights`).
     """
-    return _reduce(
-        model, guide, data, num_particles, "mean", batch_size, data_plate, max_chunk_elements
-    )
+    return _reduce(model, guide, data, num_particles, "mean", batch_size, data_plate,
+                   max_chunk_elements, particles)  # fmt: skip
 
 
 def iwae(
@@ -202,14 +385,16 @@ def iwae(
     k: int,
     *,
     batch_size: int | None = None,
-    data_plate: str = "data",
-    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    data_plate: str | None = None,
+    max_chunk_elements: int | None = None,
+    particles: str = "auto",
 ) -> torch.Tensor:
     """The importance-weighted bound of each datapoint with ``k`` samples,
     log (1/k) Σ_k p(x, z_k)/q(z_k|x). ``k=1`` is the ELBO; the bound rises with ``k`` towards
     log p(x) [1]. Returns ``(N,)`` in nats. Parameters as for :func:`elbo`.
     """
-    return _reduce(model, guide, data, k, "logsumexp", batch_size, data_plate, max_chunk_elements)
+    return _reduce(model, guide, data, k, "logsumexp", batch_size, data_plate,
+                   max_chunk_elements, particles)  # fmt: skip
 
 
 def log_likelihood(
@@ -219,24 +404,29 @@ def log_likelihood(
     *,
     num_samples: int = 5000,
     batch_size: int | None = None,
-    data_plate: str = "data",
-    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    data_plate: str | None = None,
+    max_chunk_elements: int | None = None,
+    particles: str = "auto",
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
         log p(x_i) ≈ logsumexp_k [log p(x_i, z_k) − log q(z_k|x_i)] − log K
 
     This is the number VAE papers report (as the negative log-likelihood, with K=5000 [1]).
-    Particles are vectorized, chunked to bound memory, and run on the data's device (the model
-    must live there too). Works for any pair whose sample sites all lie inside ``data_plate``.
+    Particles are vectorized where the pair allows it (else datapoints are repeated in the
+    batch), chunked to bound memory, and run on the device of the modules the pair is bound to
+    (else the data's). Works for any pair whose sample sites all lie inside one plate over the
+    datapoints, found from a trace (or named by ``data_plate``).
 
     :param model: a Pyro model taking the batch tensors as positional arguments.
     :param guide: the matching guide.
     :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
     :param int num_samples: K, importance samples per datapoint.
     :param int batch_size: datapoints per chunk (default: as many as fit the chunk bound).
-    :param str data_plate: name of the plate over datapoints.
-    :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint.
+    :param str data_plate: name of the plate over datapoints (default: found from a trace).
+    :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint
+        (default: :func:`default_chunk_elements` of the data's device).
+    :param str particles: ``"auto"``, ``"vectorized"`` or ``"repeated"`` (as for :func:`elbo`).
     :returns: a tensor ``(N,)`` of log-likelihoods in nats.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
@@ -248,4 +438,5 @@ def log_likelihood(
         batch_size=batch_size,
         data_plate=data_plate,
         max_chunk_elements=max_chunk_elements,
+        particles=particles,
     )

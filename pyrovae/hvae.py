@@ -161,10 +161,11 @@ class HVAE(BaseVAE):
         return x.flatten(-self.event_dim)  # (..., D)
 
     @pyro_method
-    def model(self, x: torch.Tensor) -> None:
-        """p(z2) p(z1|z2) p(x|z1, z2) for a batch ``x`` of shape ``(N, *x_shape)``."""
-        self._check_support(x)
-        with pyro.plate("data", x.shape[0], dim=-1):
+    def model(self, x: torch.Tensor | None = None, n: int = 1) -> None:
+        """p(z2) p(z1|z2) p(x|z1, z2) for a batch ``x`` of shape ``(N, *x_shape)``; with
+        ``x=None``, draws ``n`` images (for :class:`~pyro.infer.Predictive` without data)."""
+        size = self._plate_size(x, n)
+        with pyro.plate("data", size, dim=-1):
             with self._latent_scale():
                 z2 = pyro.sample("z2", self.prior())  # (..., N, z_dim)
                 loc, scale = self.z1_decoder(z2)  # (..., N, z1_dim) each

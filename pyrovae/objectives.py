@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from .evaluation import _max_plate_nesting, log_weights
+from .evaluation import inspect_pair, log_weights
 from .priors import check_positive
 
 __all__ = ["IWAE", "LOSSES", "make_loss"]
@@ -49,19 +49,20 @@ class IWAE(ELBO):
 
     :param int num_particles: k, samples per datapoint (vectorized).
     :param int max_plate_nesting: plates the model nests; guessed from one run if omitted.
-    :param str data_plate: the name of the plate over datapoints.
+    :param str data_plate: the name of the plate over datapoints (default: found from a trace).
     """
 
     def __init__(
         self,
         num_particles: int = 5,
         max_plate_nesting: int | float = float("inf"),
-        data_plate: str = "data",
+        data_plate: str | None = None,
     ):
         k = check_positive("particles (k, the IWAE's samples per datapoint)", num_particles)
         # particles are vectorized by log_weights itself, not by Pyro's ELBO machinery
         super().__init__(num_particles=k, max_plate_nesting=max_plate_nesting)
         self.data_plate = data_plate
+        self._layout = None  # how log_weights runs the pair, found on the first call
 
     def _get_trace(self, model, guide, args, kwargs):
         # Pyro's ELBO interface; the weights come from log_weights instead of single traces.
@@ -85,15 +86,22 @@ class IWAE(ELBO):
                 "warm-up or β-VAE) would be ignored; set beta to 1 or use the elbo or "
                 "meanfield loss"
             )
-        if self.max_plate_nesting == float("inf"):  # found once, without drawing random numbers
-            self.max_plate_nesting = _max_plate_nesting(model, guide, args)
+        if self._layout is None:  # found once, without drawing random numbers
+            self._layout = inspect_pair(model, guide, args, self.data_plate)
+            if self._layout.subsample is not None:
+                raise ValueError(
+                    f"the model subsamples its plate {self._layout.plate!r} itself; the iwae "
+                    "loss takes batches: write pyro.plate(name, x.shape[0]) over the batch"
+                )
+        nesting = self.max_plate_nesting
         lw = log_weights(
             model,
             guide,
             *args,
             num_particles=self.num_particles,
-            max_plate_nesting=int(self.max_plate_nesting),
-            data_plate=self.data_plate,
+            max_plate_nesting=self._layout.nesting if nesting == float("inf") else int(nesting),
+            data_plate=self._layout.plate,
+            vectorized=self._layout.vectorized,
         )  # (k, N)
         return lw.logsumexp(0) - math.log(self.num_particles)  # (N,)
 

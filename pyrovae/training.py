@@ -13,8 +13,9 @@ done, the optimizer's moments, the random generators), so a run can be saved
 
 from __future__ import annotations
 
-import copy
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,15 +23,24 @@ from dataclasses import asdict, dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
+from torch.distributions import constraints
 
-from .capture import CaptureError, CudaGraphStep, NoSyncTrace_ELBO, capture
+from .capture import (
+    CaptureError,
+    CudaGraphStep,
+    NoSyncTrace_ELBO,
+    capture,
+    no_sync,
+    recording_modules,
+)
 from .data import as_tensors
 from .errors import NonFiniteLossError
 
-__all__ = ["fit", "History", "TrainState", "resolve_device"]
+__all__ = ["fit", "Objective", "History", "TrainState", "resolve_device"]
 
 log = logging.getLogger("pyrovae")
 
@@ -44,14 +54,19 @@ class History:
     train_elbo: list[float] = field(default_factory=list)
     val_elbo: list[float | None] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    #: with several objectives, each one's loss per datapoint ({name: value}); else None
+    parts: list[dict | None] = field(default_factory=list)
 
     def append(self, record: dict) -> None:
         for key in asdict(self):
-            getattr(self, key).append(record[key])
+            getattr(self, key).append(record.get(key))
 
     def records(self) -> list[dict]:
-        """One dict per epoch: ``epoch``, ``train_elbo``, ``val_elbo``, ``seconds``."""
+        """One dict per epoch: ``epoch``, ``train_elbo``, ``val_elbo``, ``seconds`` (and
+        ``parts`` with several objectives)."""
         columns = asdict(self)
+        if not any(self.parts):
+            del columns["parts"]
         return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
     def __len__(self) -> int:
@@ -95,10 +110,13 @@ def _load_moments(optimizer: torch.optim.Optimizer, saved: dict, params) -> None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when there is one, else the CPU.
+    """``None``/``"auto"``: ``$PYROVAE_DEVICE`` when set, else CUDA when there is one, else the
+    CPU.
 
     :raises ValueError: if CUDA is asked for and not available, or the name is unknown.
     """
+    if device is None or device == "auto":
+        device = os.environ.get("PYROVAE_DEVICE") or None
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -140,25 +158,390 @@ def _params(param_trace, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
 
 def _epoch_loss(elbo_module, tensors, batch_size) -> torch.Tensor:
     # Sum of the loss over all of ``tensors`` without gradients, on the device.
-    total = torch.zeros((), device=tensors[0].device)
-    with torch.no_grad():
+    # TraceEnum_ELBO refuses to run without gradients: it gets them, and they are dropped.
+    grads = isinstance(getattr(elbo_module, "elbo", None), TraceEnum_ELBO)
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+    with torch.set_grad_enabled(grads):
         for i in range(0, len(tensors[0]), batch_size):
             total += elbo_module(*(t[i : i + batch_size] for t in tensors)).detach()
     return total
 
 
-def _make_optimizer(params, lr: float, device: torch.device, capturable: bool):
-    # A fused Adam where this torch has one for the device, else the default implementation.
+@dataclass
+class Objective:
+    """One term of what :func:`fit` minimizes: a model/guide pair, its loss, and its own data.
+
+    Several objectives train together with one optimizer (e.g. Kingma et al.'s M2: the ELBO
+    on unlabelled images, the ELBO on labelled ones, and a classifier loss): every step takes
+    one batch from each objective's data and steps on Σ weight × loss.
+
+    :param model: Pyro model, called as ``model(*batch)``.
+    :param guide: Pyro guide, called as ``guide(*batch)``.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
+    :param loss: a Pyro ELBO (default :class:`~pyro.infer.Trace_ELBO`).
+    :param int batch_size: datapoints per step (default: :func:`fit`'s ``batch_size``).
+    :param float weight: the term's weight in the summed loss.
+    :param str name: the term's name in metrics (default ``objective1``, ``objective2``, ...).
+    """
+
+    model: Callable
+    guide: Callable
+    data: object
+    loss: ELBO | None = None
+    batch_size: int | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+
+class _Term:
+    # One objective at run time: data on the device, its ELBOModule, the loss each step runs
+    # (eager, or captured once it is), and the epoch's running sums.
+    def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform):
+        what = "training data" if i == 0 else f"the data of objective {i + 1}"
+        self.tensors = tuple(t.to(device) for t in as_tensors(obj.data, what))
+        self.n = len(self.tensors[0])
+        size = obj.batch_size if obj.batch_size is not None else batch_size
+        if int(size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        self.batch_size = min(int(size), self.n)
+        self.steps = -(-self.n // self.batch_size)
+        self.weight = float(obj.weight)
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"an objective's weight must be a finite number > 0, got {obj.weight}")
+        self.name = obj.name or f"objective{i + 1}"
+        self.model, self.guide = obj.model, obj.guide
+        loss = no_sync(obj.loss) if obj.loss is not None else NoSyncTrace_ELBO()
+        self.elbo_module = loss(obj.model, obj.guide)
+        self.step_loss: Callable = self.elbo_module  # replaced by the captured loss
+        self.transform = (
+            batch_transform if i == 0 and batch_transform is not None
+            else getattr(obj.data, "batch_transform", None)
+        )  # fmt: skip
+        self.device = device
+
+    def start_epoch(self) -> None:
+        self.perm = torch.randperm(self.n, device=self.device)
+        self.pos = 0
+        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.seen = 0
+
+    def next_index(self) -> torch.Tensor:
+        # The next batch of this epoch's permutation; a new permutation once it is used up
+        # (an objective with less data than the longest one cycles through it again).
+        if self.pos >= self.n:
+            self.perm, self.pos = torch.randperm(self.n, device=self.device), 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = tuple(t[idx] for t in self.tensors)
+        return tuple(self.transform(batch)) if self.transform is not None else batch
+
+    def loss(self, batch) -> torch.Tensor:
+        # The step's loss: replayed, or eager for a batch the capture cannot take.
+        if self.step_loss is self.elbo_module:
+            return self.elbo_module(*batch)
+        try:
+            return self.step_loss(*batch)
+        except CaptureError as e:
+            log.info("pyrovae.fit: an eager step for a batch of another shape: %s", e)
+            return self.elbo_module(*batch)
+
+
+def _objectives(model, guide, data, loss, batch_size) -> list[Objective]:
+    if isinstance(model, Objective) or (
+        isinstance(model, (list, tuple)) and model and isinstance(model[0], Objective)
+    ):
+        objectives = [model] if isinstance(model, Objective) else list(model)
+        if guide is not None or data is not None or loss is not None:
+            raise ValueError("pass either objectives, or model, guide and data (and loss)")
+        if not all(isinstance(o, Objective) for o in objectives):
+            raise ValueError("every objective must be a pyrovae.Objective")
+        return objectives
+    if guide is None or data is None:
+        raise ValueError("fit needs a model, a guide and data (or a list of pyrovae.Objective)")
+    return [Objective(model, guide, data, loss)]
+
+
+def _check_args(epochs, batch_size, lr) -> None:
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+
+
+def _check_data(term: _Term, val) -> None:
+    # A pyrovae VAE checks its data once (shapes, support), since replayed steps check nothing.
+    check = getattr(getattr(term.model, "__self__", None), "check_data", None)
+    if callable(check) and is_validation_enabled():
+        check(*(term.transform(term.tensors) if term.transform is not None else term.tensors))
+        if val is not None:
+            check(*val)
+
+
+def _check_amortized(term: _Term) -> None:
+    from pyro.infer.autoguide import AutoGuide
+
+    owner = (
+        term.guide if isinstance(term.guide, nn.Module) else getattr(term.guide, "__self__", None)
+    )
+    if isinstance(owner, AutoGuide):
+        raise ValueError(
+            f"the guide is a {type(owner).__name__}, which holds one set of parameters per "
+            "datapoint of the plate it first saw: it is not amortized, so it cannot be trained "
+            "on shuffled batches or score new data. A VAE's guide maps x to q(z|x) with a "
+            "network (an encoder): use pyrovae.VAE, or write guide(x) that calls an encoder"
+        )
+
+
+class _SubsampleWatch(poutine.messenger.Messenger):
+    # Refuses a model or guide that subsamples its own plate: fit hands it batches.
+    def _process_message(self, msg) -> None:
+        fn = msg.get("fn")
+        if msg["type"] == "sample" and isinstance(fn, _Subsample):
+            if fn.subsample_size is not None and 0 < fn.subsample_size < fn.size:
+                raise ValueError(_subsample_advice(msg["name"], fn.size, fn.subsample_size))
+
+
+def _subsample_advice(name, size, subsample_size) -> str:
+    return (
+        f"the pair subsamples its plate {name!r} itself (size {size}, subsample_size "
+        f"{subsample_size}); pyrovae.fit hands the pair shuffled batches and covers every "
+        f"datapoint once per epoch: write pyro.plate({name!r}, x.shape[0]) over the batch the "
+        f"model is given, and pass batch_size={subsample_size} to fit"
+    )
+
+
+def _free_params(param_trace, modules) -> dict:
+    # Plain pyro.param sites the loss reached, outside every module: {name: (leaf, constraint)}.
+    owned = {id(p) for m in modules for p in m.parameters()}
+    store = pyro.get_param_store()
+    free = {}
+    for name, site in param_trace.nodes.items():
+        value = site["value"]
+        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if isinstance(leaf, torch.Tensor) and leaf.grad is not None and id(leaf) not in owned:
+            free[name] = (leaf, store._constraints.get(name, constraints.real))
+    return free
+
+
+def _first_step(terms: list[_Term], batches) -> tuple[torch.Tensor, object, list[nn.Module]]:
+    # Eager, under Pyro's validation as set: the weighted loss with its gradients in place, the
+    # param sites it read, and the modules it registered with pyro.module.
+    found: list[nn.Module] = []
+    with poutine.trace(param_only=True) as param_capture, recording_modules(found):
+        try:
+            with _SubsampleWatch():
+                losses = [term.elbo_module(*b) for term, b in zip(terms, batches, strict=True)]
+        except ValueError as e:  # Pyro appends the trace's shapes: keep the first line
+            first = (str(e).splitlines() or [""])[0]
+            if "pyrovae.fit hands the pair" in first:
+                raise ValueError(first) from None
+            if "subsample_size" in first:
+                raise ValueError(f"{first}; {_subsample_advice('data', 'N', 'B')}") from e
+            raise
+    for site in param_capture.trace.nodes.values():  # count this loss's gradients only
+        leaf = getattr(site["value"], "unconstrained", lambda: None)()
+        if isinstance(leaf, torch.Tensor):
+            leaf.grad = None
+    modules = _modules_of(*(f for t in terms for f in (t.model, t.guide)), *found)
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    loss = sum(t.weight * v for t, v in zip(terms, losses, strict=True))
+    loss.backward()
+    return losses, param_capture.trace, modules
+
+
+def _make_optimizer(params, lr, optimizer, optim_args, capturable: bool):
+    # The torch optimizer: a fused Adam by default where this torch has one for the device;
+    # ``capturable`` (for a CUDA graph) where the class takes it.
+    if optimizer is None:
+        optimizer, args = torch.optim.Adam, {"fused": True}
+    else:
+        args = {}
+    args = {"lr": lr, **args, **(optim_args or {})}
+    tries = [{**args, "capturable": True}] if capturable else []
+    tries += [args, {k: v for k, v in args.items() if k != "fused"}]
+    for kwargs in tries:
+        try:
+            return optimizer(params, **kwargs), kwargs.get("capturable", False)
+        except (RuntimeError, ValueError, TypeError) as e:
+            error = e
+    raise ValueError(f"cannot build the optimizer {optimizer!r} with {args}: {error}")
+
+
+def _capture(term: _Term, modules, free, batch):
+    # The term's captured loss, or the eager one with the reason said once.
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, lr=lr, capturable=capturable)
+        term.step_loss = capture(term.elbo_module, modules, batch, free=free)
+    except CaptureError as e:
+        log.warning("pyrovae.fit: %s trains eagerly, its loss cannot be replayed: %s", term.name, e)
+        return False
+    log.info("pyrovae.fit: replaying the captured loss")
+    return True
+
+
+class _Trainer:
+    # What fit's epoch loop carries: the terms, the parameters and the optimizer, the CUDA graph
+    # step if any, and the parameters at the end of the last good epoch.
+    def __init__(self, terms, device, lr, optimizer, optim_args, fast: bool, state: TrainState):
+        self.terms, self.device, self.state = terms, device, state
+        self.lr, self.optimizer_cls, self.optim_args, self.fast = lr, optimizer, optim_args, fast
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[torch.Tensor] = []
+        self.good: list[torch.Tensor] = []
+        self.graph_step: CudaGraphStep | None = None
+        self.warm_up: list[torch.Tensor] = []  # batches run before a CUDA graph is recorded
+        self.steps = max(t.steps for t in terms)
+
+    def start(self, batches) -> list[torch.Tensor]:
+        # The first step: find the parameters, capture the losses, build the optimizer.
+        for term in self.terms:
+            _check_amortized(term)
+        losses, param_trace, modules = _first_step(self.terms, batches)
+        self.params = _params(param_trace, modules)
+        if not self.params:
+            raise ValueError("the model and guide have no trainable parameters")
+        captured = False
+        if self.fast:
+            free = _free_params(param_trace, modules)
+            pairs = zip(self.terms, batches, strict=True)
+            captured = all([_capture(t, modules, free, b) for t, b in pairs])
+        cuda_graph = captured and self.device.type == "cuda" and len(self.terms) == 1
+        self.optimizer, capturable = _make_optimizer(
+            self.params, self.lr, self.optimizer_cls, self.optim_args, cuda_graph
+        )
+        if self.state.optimizer is not None:
+            _load_moments(self.optimizer, self.state.optimizer, self.params)
+        if cuda_graph and capturable:
+            t = self.terms[0]
+            self.graph_step = CudaGraphStep(t.step_loss, self.optimizer, t.tensors, t.batch_size,
+                                            t.transform)  # fmt: skip
+            self.graph_step.step.fill_(1)  # the first step runs eagerly
+        self.good = [p.detach().clone() for p in self.params]
+        return losses
+
+    def cuda_graph_step(self, idx: torch.Tensor, bar) -> bool:
+        # Run (or queue for recording) a step on the CUDA graph; False if it must run otherwise.
+        g = self.graph_step
+        if g is None or g.failed or len(idx) != g.index.numel():
+            return False
+        if g.ready:
+            g(idx)
+            bar.update()
+            return True
+        self.warm_up.append(idx)  # recording a CUDA graph takes three eager steps first
+        if len(self.warm_up) == 3:
+            try:
+                g.warm_up(self.warm_up)
+            except CaptureError as e:
+                log.warning("pyrovae.fit: no CUDA graph, replaying eagerly: %s", e)
+            bar.update(len(self.warm_up))
+            self.warm_up = []
+        return True
+
+    def finish_graph_epoch(self, bad_step, bar):
+        # An epoch too short to record the graph runs its queued batches eagerly; the graph's
+        # sums join the epoch's.
+        g = self.graph_step
+        if self.warm_up:
+            g.warm_up(self.warm_up, record=False)
+            bar.update(len(self.warm_up))
+            self.warm_up = []
+        t = self.terms[0]
+        t.total = t.total + g.total
+        t.seen = t.n
+        # the first bad step of either kind (the graph's steps are numbered like the epoch's)
+        graph_first = (g.bad_step >= 0) & ((bad_step < 0) | (g.bad_step < bad_step))
+        return torch.where(graph_first, g.bad_step, bad_step)
+
+    def epoch(self, bar) -> torch.Tensor:
+        # One epoch of steps; returns the first bad step's index (-1 if none), on the device.
+        for t in self.terms:
+            t.start_epoch()
+        if self.graph_step is not None:
+            self.graph_step.reset()
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        for step in range(self.steps):
+            idx = [t.next_index() for t in self.terms]
+            if len(self.terms) == 1 and self.cuda_graph_step(idx[0], bar):
+                continue
+            batches = [t.batch(i) for t, i in zip(self.terms, idx, strict=True)]
+            first = self.optimizer is None
+            if first:
+                losses = self.start(batches)  # with its gradients in place already
+                if self.graph_step is not None:
+                    self.graph_step.step.fill_(step + 1)  # this step runs eagerly
+            else:
+                losses = [t.loss(b) for t, b in zip(self.terms, batches, strict=True)]
+            loss = sum(t.weight * v for t, v in zip(self.terms, losses, strict=True))
+            finite = torch.isfinite(loss)
+            if on_cuda:  # remember the first bad step without a host sync
+                bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
+            elif not bool(finite):
+                bad_step.fill_(step)
+                break
+            if not first:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            self.optimizer.step()
+            _accumulate(self.terms, losses, idx)
+            del loss, losses  # no autograd graph outlives the step (CUDA graph capture needs it)
+            bar.update()
+        if self.graph_step is not None:
+            bad_step = self.finish_graph_epoch(bad_step, bar)
+        return bad_step
+
+
+def _accumulate(terms: list[_Term], losses, idx) -> None:
+    # Add a step's losses to the epoch's sums (in its own frame: no loop variable keeps a loss,
+    # and with it the step's autograd graph, alive into the next step).
+    for t, v, i in zip(terms, losses, idx, strict=True):
+        t.total += v.detach()
+        t.seen += len(i)
+
+
+def _restore_good(trainer: _Trainer, epoch: int, bad_step: int, history) -> None:
+    with torch.no_grad():
+        for p, g in zip(trainer.params, trainer.good, strict=True):
+            p.copy_(g)
+    restored = f"the end of epoch {epoch - 1}" if epoch > 1 else "their initial values"
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch}, step {bad_step + 1}; parameters were restored to "
+        f"{restored}",
+        epoch=epoch,
+        step=bad_step + 1,
+        history=history,
+    )
+
+
+def _record(trainer: _Trainer, epoch: int, start: float) -> dict:
+    # The epoch's training metrics, per datapoint (one host sync).
+    main = trainer.terms[0]
+    parts = {t.name: -float(t.total) / max(t.seen, 1) for t in trainer.terms}
+    record = {
+        "epoch": epoch,
+        "train_elbo": parts[main.name],
+        "val_elbo": None,
+        "seconds": time.perf_counter() - start,
+        "parts": parts if len(trainer.terms) > 1 else None,
+    }
+    return record
+
+
+def _val_elbo(trainer: _Trainer, val) -> float:
+    main = trainer.terms[0]
+    return -float(_epoch_loss(main.step_loss, val, main.batch_size)) / len(val[0])
 
 
 def fit(
-    model: Callable,
-    guide: Callable,
-    data,
+    model,
+    guide: Callable | None = None,
+    data=None,
     *,
     epochs: int = 10,
     batch_size: int = 128,
@@ -167,42 +550,46 @@ def fit(
     device: str | torch.device | None = None,
     val_data=None,
     seed: int | None = None,
-    transform: Callable | None = None,
+    batch_transform: Callable | None = None,
     callback: Callable[[dict], bool | None] | None = None,
     progress: bool = True,
     fast: bool = True,
     state: TrainState | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    optim_args: dict | None = None,
 ) -> History:
-    """Fit a model/guide pair with SVI.
+    """Fit a model/guide pair (or several objectives) with SVI.
 
     Works for any pair that takes the batch tensors as positional arguments and puts datapoints
-    in a plate: :class:`~pyrovae.VAE`'s ``model``/``guide``, a :class:`~pyro.nn.PyroModule`, or
-    plain functions using ``pyro.param``/``pyro.module``. Modules the pair is bound to are moved
-    to ``device``; parameters a plain function creates should be made on the data's device.
+    in a plate, written in any of Pyro's styles: :class:`~pyrovae.VAE`'s ``model``/``guide``, a
+    :class:`~pyro.nn.PyroModule`, or plain functions using ``pyro.module``/``pyro.param``.
+    Modules the pair is bound to are moved to ``device``; parameters a plain function creates
+    should be made on the data's device.
 
     The fast path (``fast=True``): the first step runs eagerly, under Pyro's validation as you
-    have it set, and finds the parameters; then the loss is captured once
+    have it set, and finds the parameters; then each loss is captured once
     (:func:`pyrovae.capture.capture`) and replayed on every later step without running Pyro's
-    handlers, and on CUDA the whole step is replayed as a CUDA graph. A pair that cannot be
-    replayed safely (data-dependent Python, host syncs, parameters outside its modules) trains
-    eagerly, which is said once in the ``pyrovae`` log. If the model is a method of an object
-    with a ``check_data`` method (as :class:`~pyrovae.VAE` has), it is called once on the whole
+    handlers, and on CUDA the whole step is replayed as a CUDA graph. Pyro's ``Trace_ELBO``,
+    ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` run as their no-sync twins
+    (:func:`pyrovae.capture.no_sync`). A pair that cannot be replayed safely trains eagerly,
+    and the ``pyrovae`` log says why, once. If the model is a method of an object with a
+    ``check_data`` method (as :class:`~pyrovae.VAE` has), it is called once on the whole
     training and validation data first, since replayed steps run no per-step checks.
 
-    :param model: Pyro model, called as ``model(*batch)``.
+    :param model: a Pyro model, called as ``model(*batch)``; or a list of :class:`Objective`
+        (then pass no ``guide``, ``data`` or ``loss``).
     :param guide: Pyro guide, called as ``guide(*batch)``.
     :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
-    :param int epochs: passes over the data.
+    :param int epochs: passes over the data (over the largest objective's, with several).
     :param int batch_size: datapoints per step.
-    :param float lr: Adam learning rate.
-    :param loss: a Pyro ELBO instance (e.g. ``TraceMeanField_ELBO()`` for the closed-form KL).
-        Default, and in place of a plain ``Trace_ELBO``:
-        :class:`~pyrovae.capture.NoSyncTrace_ELBO`, the same estimator without host syncs.
+    :param float lr: the learning rate.
+    :param loss: a Pyro ELBO instance (e.g. ``TraceMeanField_ELBO()`` for the closed-form KL);
+        default ``Trace_ELBO``.
     :param device: ``"cpu"``, ``"cuda"``, … (default: CUDA when there is one).
-    :param val_data: optional held-out data, scored with the same objective after each epoch.
+    :param val_data: optional held-out data, scored with the (first) objective after each epoch.
     :param int seed: seeds Pyro, torch, numpy and random before training.
-    :param transform: function applied to each training batch (a tuple of tensors); defaults to
-        ``data.transform`` when ``data`` has one (e.g. dynamic binarization).
+    :param batch_transform: function applied to each training batch (a tuple of tensors);
+        defaults to ``data.batch_transform`` when ``data`` has one (e.g. dynamic binarization).
     :param callback: called with each epoch's record (a dict); returning ``True`` stops training.
     :param bool progress: show a tqdm progress bar.
     :param bool fast: capture and replay the loss when the pair allows it.
@@ -210,31 +597,24 @@ def fit(
         the optimizer starts from ``state.optimizer`` and the generators from ``state.rng``
         (after ``seed``); the model's weights must already be those of ``state.epoch``. Updated
         in place after every epoch.
+    :param optimizer: a ``torch.optim`` class (default: Adam, fused where available).
+    :param dict optim_args: its keyword arguments besides the parameters (``lr`` overrides the
+        ``lr`` above), e.g. ``{"betas": (0.95, 0.999)}``.
     :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint (the epochs
         trained by this call).
-    :raises ValueError: for bad arguments or data (checked before the first step).
+    :raises ValueError: for bad arguments, data or pairs (checked before the first update).
     :raises NonFiniteLossError: if a loss is NaN/Inf; the parameters are restored to the end of
         the last good epoch first.
     """
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    _check_args(epochs, batch_size, lr)
     device = resolve_device(device)
-    transform = transform if transform is not None else getattr(data, "transform", None)
-    tensors = tuple(t.to(device) for t in as_tensors(data, "training data"))
+    objectives = _objectives(model, guide, data, loss, batch_size)
+    terms = [_Term(o, i, device, batch_size, batch_transform) for i, o in enumerate(objectives)]
     val = None
     if val_data is not None:
         val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
-    check = getattr(getattr(model, "__self__", None), "check_data", None)
-    if callable(check) and is_validation_enabled():
-        check(*(transform(tensors) if transform is not None else tensors))
-        if val is not None:
-            check(*val)
-    if state is None:
-        state = TrainState()
+    _check_data(terms[0], val)
+    state = state if state is not None else TrainState()
     if int(state.epoch) < 0:
         raise ValueError(f"state.epoch must be >= 0, got {state.epoch}")
     if seed is not None:
@@ -243,131 +623,36 @@ def fit(
         torch.set_rng_state(state.rng.cpu())
     if state.cuda_rng is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state.cuda_rng.cpu(), device)
-    modules = _modules_of(model, guide)
-    for m in modules:
+    for m in _modules_of(*(f for t in terms for f in (t.model, t.guide))):
         m.to(device)
-    if loss is None:
-        loss = NoSyncTrace_ELBO()
-    elif type(loss) is Trace_ELBO:  # same estimator and settings, without the host syncs
-        loss = copy.copy(loss)
-        loss.__class__ = NoSyncTrace_ELBO
-    elbo_module = loss(model, guide)
-    n, batch_size = len(tensors[0]), min(int(batch_size), len(tensors[0]))
-    steps = -(-n // batch_size)
-    on_cuda = device.type == "cuda"
+    trainer = _Trainer(terms, device, lr, optimizer, optim_args, fast, state)
+    return _epochs(trainer, int(state.epoch) + 1, int(epochs), val, callback, progress)
 
+
+def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -> History:
     from tqdm.auto import tqdm
 
-    history = History()
-    step_loss: Callable = elbo_module  # the eager loss until a capture succeeds
-    graph_step: CudaGraphStep | None = None
-    warm_up: list[torch.Tensor] = []  # batches run before a CUDA graph is recorded
-    optimizer: torch.optim.Optimizer | None = None
-    params: list[torch.Tensor] = []
-    good: list[torch.Tensor] = []  # parameter values at the end of the last good epoch
-    first_epoch = int(state.epoch) + 1
-    total_steps = max(int(epochs) - first_epoch + 1, 0) * steps
-    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True)
+    history, state, device = History(), trainer.state, trainer.device
+    bar = tqdm(total=max(last - first + 1, 0) * trainer.steps, disable=not progress,
+               unit="step", dynamic_ncols=True)  # fmt: skip
     try:
-        for epoch in range(first_epoch, int(epochs) + 1):
+        for epoch in range(first, last + 1):
             start = time.perf_counter()
-            perm = torch.randperm(n, device=device)
-            total = torch.zeros((), device=device)
-            bad_step = torch.full((), -1, dtype=torch.long, device=device)
-            if graph_step is not None:
-                graph_step.reset()
-            for step in range(steps):
-                idx = perm[step * batch_size : (step + 1) * batch_size]
-                if graph_step is not None and not graph_step.failed and len(idx) == batch_size:
-                    if graph_step.ready:
-                        graph_step(idx)
-                        bar.update()
-                        continue
-                    warm_up.append(idx)  # recording a CUDA graph takes three eager steps first
-                    if len(warm_up) == 3:
-                        try:
-                            graph_step.warm_up(warm_up)
-                        except CaptureError as e:
-                            log.warning("pyrovae.fit: no CUDA graph, replaying eagerly: %s", e)
-                        bar.update(len(warm_up))
-                        warm_up = []
-                    continue
-                batch = tuple(t[idx] for t in tensors)
-                if transform is not None:
-                    batch = tuple(transform(batch))
-                if optimizer is None:  # first step: eager; find the parameters the pair trains
-                    with poutine.trace(param_only=True) as param_capture:
-                        loss_t = elbo_module(*batch)
-                    for site in param_capture.trace.nodes.values():  # count this loss's grads only
-                        leaf = getattr(site["value"], "unconstrained", lambda: None)()
-                        if isinstance(leaf, torch.Tensor):
-                            leaf.grad = None
-                    for m in modules:
-                        m.zero_grad(set_to_none=True)
-                    loss_t.backward()
-                    params = _params(param_capture.trace, modules)
-                    if not params:
-                        raise ValueError("the model and guide have no trainable parameters")
-                    if fast:
-                        step_loss, graph_step = _fast_path(
-                            elbo_module, modules, params, batch, tensors, batch_size, transform
-                        )
-                    optimizer = _make_optimizer(params, lr, device, graph_step is not None)
-                    if state.optimizer is not None:
-                        _load_moments(optimizer, state.optimizer, params)
-                    if graph_step is not None:
-                        graph_step.optimizer = optimizer
-                        graph_step.step.fill_(step + 1)  # this step runs eagerly
-                    good = [p.detach().clone() for p in params]
-                    first = True
-                else:
-                    loss_t = step_loss(*batch)
-                    first = False
-                finite = torch.isfinite(loss_t)
-                if on_cuda:  # remember the first bad step without a host sync
-                    bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
-                elif not bool(finite):
-                    bad_step.fill_(step)
-                    break
-                if not first:  # the first step's gradients are in place already
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_t.backward()
-                optimizer.step()
-                total += loss_t.detach()
-                bar.update()
-            if graph_step is not None:
-                if warm_up:  # an epoch too short to record the graph: run its batches eagerly
-                    graph_step.warm_up(warm_up, record=False)
-                    bar.update(len(warm_up))
-                    warm_up = []
-                total = total + graph_step.total
-                bad_step = torch.where(bad_step < 0, graph_step.bad_step, bad_step)
+            bad_step = trainer.epoch(bar)
+            record = _record(trainer, epoch, start)
+            if not math.isfinite(record["train_elbo"]) and int(bad_step) < 0:
+                bad_step.fill_(trainer.steps - 1)  # the epoch's sum overflowed
             if int(bad_step) >= 0:  # the epoch's one host sync (besides the ELBO below)
-                with torch.no_grad():
-                    for p, g in zip(params, good, strict=True):
-                        p.copy_(g)
-                restored = f"the end of epoch {epoch - 1}" if epoch > 1 else "their initial values"
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {int(bad_step) + 1}; parameters "
-                    f"were restored to {restored}",
-                    epoch=epoch,
-                    step=int(bad_step) + 1,
-                    history=history,
-                )
+                _restore_good(trainer, epoch, int(bad_step), history)
             with torch.no_grad():
-                for p, g in zip(params, good, strict=True):
+                for p, g in zip(trainer.params, trainer.good, strict=True):
                     g.copy_(p)
-            state.epoch, state.optimizer = epoch, optimizer.state_dict()
+            state.epoch, state.optimizer = epoch, trainer.optimizer.state_dict()
             state.rng = torch.get_rng_state()
-            state.cuda_rng = torch.cuda.get_rng_state(device) if on_cuda else None
-            record = {
-                "epoch": epoch,
-                "train_elbo": -float(total) / n,
-                "val_elbo": None,
-                "seconds": time.perf_counter() - start,
-            }
+            state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             if val is not None:
-                record["val_elbo"] = -float(_epoch_loss(step_loss, val, batch_size)) / len(val[0])
+                record["val_elbo"] = _val_elbo(trainer, val)
+            record["seconds"] = time.perf_counter() - start
             history.append(record)
             bar.set_postfix(
                 train_elbo=f"{record['train_elbo']:.2f}",
@@ -379,21 +664,3 @@ def fit(
     finally:
         bar.close()
     return history
-
-
-def _fast_path(elbo_module, modules, params, batch, tensors, batch_size, transform):
-    # Capture the loss; on CUDA also prepare a CUDA graph of the whole step. On failure say why,
-    # once, and keep the eager loss.
-    owned = {id(p) for m in modules for p in m.parameters()}
-    outside = [p for p in params if id(p) not in owned]
-    try:
-        if outside:
-            raise CaptureError(f"{len(outside)} parameter(s) live outside the pair's modules")
-        captured = capture(elbo_module, modules, batch)
-    except CaptureError as e:
-        log.warning("pyrovae.fit: training eagerly, the loss cannot be replayed: %s", e)
-        return elbo_module, None
-    log.info("pyrovae.fit: replaying the captured loss")
-    if tensors[0].device.type != "cuda":
-        return captured, None
-    return captured, CudaGraphStep(captured, None, tensors, batch_size, transform)

@@ -92,6 +92,11 @@ class BaseVAE(PyroModule):
         # shapes only: no host sync
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"expected a tensor of images, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(
+                f"expected floating-point images in [0, 1], got dtype {x.dtype}: convert them, "
+                "e.g. x.float() (or x.float() / 255 for 8-bit pixels)"
+            )
         if tuple(x.shape[1:]) != self.x_shape or x.dim() != 1 + self.event_dim:
             raise ValueError(
                 f"expected data of shape (N, {', '.join(map(str, self.x_shape))}), "
@@ -102,6 +107,15 @@ class BaseVAE(PyroModule):
         self._check_shape(x)
         if is_validation_enabled():
             self.likelihood.check_support(x)
+
+    def _plate_size(self, x: torch.Tensor | None, n: int) -> int:
+        # The data plate's size: the batch's, checked; or n datapoints to draw when x is None.
+        if x is None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"n, the number of images to draw, must be an int >= 1, got {n!r}")
+            return n
+        self._check_support(x)
+        return x.shape[0]
 
     @torch.no_grad()
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
@@ -172,10 +186,11 @@ class VAE(BaseVAE):
             )
 
     @pyro_method
-    def model(self, x: torch.Tensor) -> None:
-        """p(z) p(x|z) for a batch ``x`` of shape ``(N, *x_shape)``."""
-        self._check_support(x)
-        with pyro.plate("data", x.shape[0], dim=-1):
+    def model(self, x: torch.Tensor | None = None, n: int = 1) -> None:
+        """p(z) p(x|z) for a batch ``x`` of shape ``(N, *x_shape)``; with ``x=None``, draws
+        ``n`` images from the model (what :class:`~pyro.infer.Predictive` does without data)."""
+        size = self._plate_size(x, n)
+        with pyro.plate("data", size, dim=-1):
             with self._latent_scale():
                 z = pyro.sample("z", self.prior())  # (N, z_dim); (K, N, z_dim) with K particles
             params = self.decoder(z)  # (..., N, P, *x_shape)

@@ -4,6 +4,14 @@ import torch
 
 
 @pytest.fixture(autouse=True)
+def _device(request, monkeypatch):
+    # Tests that are not marked gpu run on the CPU even where CUDA exists ("auto" would pick
+    # it); the gpu-marked ones exercise the CUDA paths.
+    if not request.node.get_closest_marker("gpu"):
+        monkeypatch.setenv("PYROVAE_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
 def _pyro_state():
     # Every test starts from an empty param store, with validation on and a fixed seed.
     pyro.clear_param_store()

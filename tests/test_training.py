@@ -98,14 +98,14 @@ def test_fit_accepts_tuples_and_tensor_datasets():
         pass
 
     x, y = torch.randn(10), torch.arange(10)
-    pyrovae.fit(model, guide, (x, y), epochs=1, batch_size=4, progress=False)
+    pyrovae.fit(model, guide, (x, y), epochs=1, batch_size=4, progress=False, fast=False)
     pyrovae.fit(model, guide, torch.utils.data.TensorDataset(x, y), epochs=1, batch_size=4,
-                progress=False)  # fmt: skip
+                progress=False, fast=False)  # fmt: skip
     assert seen[:3] == [torch.Size([4]), torch.Size([4]), torch.Size([2])]
 
 
 def test_fit_applies_the_datasets_transform():
-    data = pyrovae.data.ImageDataset(torch.full((20, 1, 8, 8), 0.5), transform=torch.bernoulli)
+    data = pyrovae.data.ImageDataset(torch.full((20, 1, 8, 8), 0.5))
     calls = []
 
     def transform(batch):
@@ -113,7 +113,7 @@ def test_fit_applies_the_datasets_transform():
         return (torch.bernoulli(batch[0]),)
 
     vae = _vae()
-    data.transform = transform
+    data.batch_transform = transform
     pyrovae.fit(vae.model, vae.guide, data, epochs=1, batch_size=10, progress=False)
     assert calls == [[0.5]] * 3  # once for the upfront data check, then once per batch
 
@@ -187,7 +187,7 @@ def test_grey_values_need_opt_in_for_bernoulli():
 
 def test_non_finite_loss_stops_and_restores_last_good_epoch_eager():
     # A decoder weight turns NaN in the 7th call (epoch 2, step 2 with 5 steps per epoch), as
-    # a diverging run would.
+    # a diverging run would. On the CPU the loss is checked every step (on CUDA once an epoch).
     vae = _vae()
     calls = {"n": 0}
 
@@ -206,7 +206,7 @@ def test_non_finite_loss_stops_and_restores_last_good_epoch_eager():
     with pytest.warns(UserWarning, match="NaN"):  # Pyro's validation warns about the NaN first
         with pytest.raises(NonFiniteLossError, match="epoch 2, step 2") as info:
             pyrovae.fit(model, vae.guide, _digits(n=50), epochs=5, batch_size=10,
-                        callback=remember, progress=False, fast=False)  # fmt: skip
+                        callback=remember, progress=False, fast=False, device="cpu")  # fmt: skip
     assert info.value.epoch == 2 and info.value.step == 2
     assert info.value.history.epoch == [1]
     state = vae.state_dict()
@@ -250,19 +250,30 @@ def test_fast_and_eager_paths_agree():
     assert abs(fast.train_elbo[-1] - eager.train_elbo[-1]) < 0.5
 
 
-def test_fast_path_falls_back_for_pyro_params(caplog):
-    # Plain pyro.param sites live outside any module: fit says so once and trains eagerly.
+def test_plain_pyro_params_take_the_fast_path(caplog):
+    # Plain pyro.param sites (Pyro's tutorial idiom) become graph inputs: replayed, and trained
+    # as eagerly, with constraints.
     lg = LinearGaussian()
+    x = lg.data(400)
 
     def guide(x):
-        loc = pyro.param("loc", torch.zeros(2, dtype=x.dtype))
+        w = pyro.param("w", torch.zeros(4, 2, dtype=x.dtype))
+        s = pyro.param("s", torch.ones(2, dtype=x.dtype), constraint=constraints.positive)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            pyro.sample("z", dist.Normal(x @ w, s).to_event(1))
 
-    with caplog.at_level("WARNING", logger="pyrovae"):
-        pyrovae.fit(lg.model, guide, lg.data(40), epochs=2, batch_size=10, progress=False)
-    messages = [r.getMessage() for r in caplog.records if "training eagerly" in r.getMessage()]
-    assert len(messages) == 1 and "outside the pair's modules" in messages[0]
+    results = {}
+    for fast in (True, False):
+        pyro.clear_param_store()
+        with caplog.at_level("INFO", logger="pyrovae"):
+            history = pyrovae.fit(lg.model, guide, x, epochs=20, batch_size=100, lr=0.05,
+                                  progress=False, fast=fast, seed=1)  # fmt: skip
+        results[fast] = history.train_elbo[-1], pyro.param("w").detach().clone()
+    assert any("replaying the captured loss" in r.getMessage() for r in caplog.records)
+    assert not any("eagerly" in r.getMessage() for r in caplog.records)
+    assert abs(results[True][0] - results[False][0]) < 0.05
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-3)
+    assert pyro.param("s").min() > 0
 
 
 def test_fast_path_falls_back_for_data_dependent_control_flow(caplog):
@@ -277,8 +288,9 @@ def test_fast_path_falls_back_for_data_dependent_control_flow(caplog):
     with caplog.at_level("WARNING", logger="pyrovae"):
         history = pyrovae.fit(model, vae.guide, _digits(n=60), epochs=2, batch_size=20,
                               progress=False)  # fmt: skip
-    (message,) = [r.getMessage() for r in caplog.records if "training eagerly" in r.getMessage()]
+    (message,) = [r.getMessage() for r in caplog.records if "trains eagerly" in r.getMessage()]
     assert "reads a tensor's value in Python" in message
+    assert "in your code" in message and "x.mean() > 0.5" in message
     assert math.isfinite(history.train_elbo[-1])
 
 
@@ -339,6 +351,40 @@ def test_cuda_graph_step_detects_non_finite_loss():
                     callback=diverge, progress=False)  # fmt: skip
 
 
+@pytest.mark.gpu
+def test_cuda_graph_recording_that_fails_falls_back_to_replay(caplog):
+    # A batch transform that reads a value back cannot be recorded in a CUDA graph: fit says so
+    # and trains on with the replayed loss, the random generator left usable.
+    def transform(batch):
+        float(batch[0].sum())  # a host sync: illegal while a graph is being recorded
+        return batch
+
+    vae = _vae()
+    with caplog.at_level("WARNING", logger="pyrovae"):
+        history = pyrovae.fit(vae.model, vae.guide, _digits(), epochs=3, batch_size=64,
+                              device="cuda", batch_transform=transform, progress=False)  # fmt: skip
+    assert any("no CUDA graph" in r.getMessage() for r in caplog.records)
+    assert all(math.isfinite(v) for v in history.train_elbo)
+    assert history.train_elbo[-1] > history.train_elbo[0]
+    torch.randn(3, device="cuda")  # the generator still works outside a capture
+
+
+@pytest.mark.gpu
+def test_captured_loss_equals_the_eager_loss_on_cuda():
+    from pyrovae.capture import NoSyncTrace_ELBO, capture
+
+    vae = _vae().cuda()
+    x = _digits(n=64).cuda()
+    loss = NoSyncTrace_ELBO()(vae.model, vae.guide)
+    with pyro.validation_enabled(False):
+        captured = capture(loss, [vae], (x,))
+        torch.manual_seed(3)
+        a = captured(x)
+        torch.manual_seed(3)
+        b = loss(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_second_model_in_a_used_param_store_trains_on_the_fast_path(caplog):
     # Pyro's global param store still holds the first model's same-named tensors; fit trains
     # the second model's own parameters, replayed, and leaves the first model alone.
@@ -353,8 +399,9 @@ def test_second_model_in_a_used_param_store_trains_on_the_fast_path(caplog):
     assert all(torch.equal(v, frozen[k]) for k, v in first.state_dict().items())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])
-def test_a_continued_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path, fast):
+def test_a_continued_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path, fast, device):
     # 2 epochs, saved to disk, continued in a fresh model to 4 == 4 epochs in one go: the same
     # weights, Adam moments and random draws (VampPrior, so the prior's parameters count too).
     from pyrovae.checkpoint import load_state, save_state
@@ -363,7 +410,7 @@ def test_a_continued_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path, fas
     def run(epochs, vae, state, save=False):
         callback = (lambda record: save_state(tmp_path, vae, state)) if save else None
         return pyrovae.fit(vae.model, vae.guide, _digits(), epochs=epochs, batch_size=128,
-                           seed=0, progress=False, fast=fast, state=state,
+                           seed=0, progress=False, fast=fast, state=state, device=device,
                            callback=callback)  # fmt: skip
 
     pyro.set_rng_seed(1)
