@@ -2,7 +2,8 @@
 the same data, networks and batch sizes.
 
 Training (images/s): :func:`pyrovae.fit` on its fast path (the loss captured once and replayed)
-and eagerly (``fast=False``); a hand-written PyTorch loop computing the same single-sample ELBO
+and eagerly (``fast=False``); the same VAE written as plain functions with ``pyro.module`` (Pyro's
+tutorial idiom), trained by ``fit``; a hand-written PyTorch loop computing the same single-sample ELBO
 (Monte-Carlo KL, as ``Trace_ELBO``) with the same Adam; and a stock Pyro loop (``SVI.step`` per
 batch from a ``DataLoader``, as in Pyro's VAE example). Methods run in interleaved rounds of one
 epoch each after a warm-up round, and the median round is reported, so noise on a shared
@@ -30,10 +31,11 @@ import torch.nn.functional as F
 
 from .config import Config, build_vae
 from .evaluation import DEFAULT_CHUNK_ELEMENTS, log_likelihood, plan_chunks
-from .training import fit
+from .training import TrainState, fit
 
 __all__ = [
     "ARCHITECTURES",
+    "plain_function_pair",
     "bench_training",
     "bench_evaluation",
     "handwritten_epoch",
@@ -64,6 +66,28 @@ def _log_weights(enc, dec, x, k):
     )
     log_pz = _normal_log_prob(z, torch.zeros_like(z), torch.ones_like(z))
     return log_px_z + log_pz - _normal_log_prob(z, loc, scale)
+
+
+def plain_function_pair(enc, dec, z_dim: int):
+    """The same VAE written as Pyro's VAE tutorial writes it: plain functions that register the
+    networks with ``pyro.module`` (no PyroModule), a ``"data"`` plate, Bernoulli pixels."""
+    import pyro.distributions as dist
+
+    def model(x):
+        pyro.module("decoder", dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(z_dim), 1.0).to_event(1))
+            logits = dec(z).select(-4, 0)  # (N, C, H, W)
+            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(3),
+                        obs=x)  # fmt: skip
+
+    def guide(x):
+        pyro.module("encoder", enc)
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = enc(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    return model, guide
 
 
 def handwritten_epoch(enc, dec, optimizer, x, batch_size) -> float:
@@ -169,9 +193,15 @@ def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str
         torch.utils.data.TensorDataset(x), batch_size=config.batch_size, shuffle=True
     )
     kwargs = {"batch_size": config.batch_size, "lr": config.lr, "device": device, "progress": False}
+    plain = copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)
+    plain_model, plain_guide = plain_function_pair(*plain, config.z_dim)
+    plain_state = TrainState()  # one optimizer across its one-epoch fit calls
     others = {
         "pyrovae.fit (eager)": lambda: fit(
             eager_vae.model, eager_vae.guide, x, epochs=1, fast=False, **kwargs
+        ).seconds[0],
+        "plain functions (fit)": lambda: fit(
+            plain_model, plain_guide, x, epochs=plain_state.epoch + 1, state=plain_state, **kwargs
         ).seconds[0],
         "hand-written PyTorch": lambda: _timed(
             lambda: handwritten_epoch(enc, dec, opt, x, config.batch_size), device

@@ -420,7 +420,6 @@ class _Trainer:
             t = self.terms[0]
             self.graph_step = CudaGraphStep(t.step_loss, self.optimizer, t.tensors, t.batch_size,
                                             t.transform)  # fmt: skip
-            self.graph_step.step.fill_(1)  # the first step runs eagerly
         self.good = [p.detach().clone() for p in self.params]
         return losses
 

@@ -443,3 +443,33 @@ def test_optimizer_state_of_another_pair_is_refused():
     state.epoch = 0
     with pytest.raises(ValueError, match="saved optimizer state does not fit this pair"):
         pyrovae.fit(other.model, other.guide, _digits(), epochs=1, progress=False, state=state)
+
+
+def test_the_optimizer_is_configurable_and_bad_settings_are_refused():
+    vae = _vae()
+    state = pyrovae.TrainState()
+    pyrovae.fit(vae.model, vae.guide, _digits(n=64), epochs=2, batch_size=32, progress=False,
+                optimizer=torch.optim.SGD, optim_args={"momentum": 0.9}, state=state)  # fmt: skip
+    assert state.optimizer["param_groups"][0]["momentum"] == 0.9
+    assert all("momentum_buffer" in s for s in state.optimizer["state"].values())
+    with pytest.raises(ValueError, match="cannot build the optimizer"):
+        pyrovae.fit(vae.model, vae.guide, _digits(n=64), epochs=1, progress=False,
+                    optim_args={"no_such_argument": 1})  # fmt: skip
+
+
+def test_objectives_and_a_pair_are_not_mixed():
+    vae = _vae()
+    objective = pyrovae.Objective(vae.model, vae.guide, _digits(n=20))
+    with pytest.raises(ValueError, match="either objectives, or model, guide and data"):
+        pyrovae.fit([objective], vae.guide, progress=False)
+    with pytest.raises(ValueError, match="needs a model, a guide and data"):
+        pyrovae.fit(vae.model, vae.guide, progress=False)
+    with pytest.raises(ValueError, match="weight must be a finite number > 0"):
+        pyrovae.fit([pyrovae.Objective(vae.model, vae.guide, _digits(n=20), weight=0.0)],
+                    progress=False)  # fmt: skip
+
+
+def test_wrong_dtype_images_are_a_value_error():
+    vae = _vae()
+    with pytest.raises(ValueError, match="expected floating-point images.*torch.uint8"):
+        pyrovae.fit(vae.model, vae.guide, (_digits(n=20) * 255).to(torch.uint8), progress=False)
