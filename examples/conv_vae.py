@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> dict:
     vae = build_conv_vae(
         train.x_shape, args.z_dim, args.likelihood, args.variance, args.channels, args.hidden
     )
-    vae.check_data(train.images if train.transform is None else train.transform(train.tensors)[0])
+    transform = train.batch_transform
+    vae.check_data(train.images if transform is None else transform(train.tensors)[0])
     idx = spread(len(test), args.eval_n)
     val = valid.images[spread(len(valid), args.eval_n)]
     print(

@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> dict:
         likelihood=args.likelihood,
     )  # fmt: skip
     vae = pyrovae.build_vae(config)
-    vae.check_data(train.images if train.transform is None else train.transform(train.tensors)[0])
+    transform = train.batch_transform
+    vae.check_data(train.images if transform is None else transform(train.tensors)[0])
     val = valid.images[spread(len(valid), args.eval_n)]
     print(f"{args.dataset}: {len(train)} training images {train.x_shape}, {device}")
     start = time.perf_counter()

@@ -2,13 +2,13 @@
 the same data, networks and batch sizes.
 
 Training (images/s): :func:`pyrovae.fit` on its fast path (the loss captured once and replayed)
-and eagerly (``fast=False``); the same VAE written as plain functions with ``pyro.module`` (Pyro's
-tutorial idiom), trained by ``fit``; a hand-written PyTorch loop computing the same single-sample ELBO
-(Monte-Carlo KL, as ``Trace_ELBO``) with the same Adam; and a stock Pyro loop (``SVI.step`` per
-batch from a ``DataLoader``, as in Pyro's VAE example). Methods run in interleaved rounds of one
-epoch each after a warm-up round, and the median round is reported, so noise on a shared
-machine hits all of them alike. Pyro's validation is off for all of them (it is a debugging aid
-that checks values on every step).
+and eagerly (``fast=False``); the same VAE written as plain functions with ``pyro.module``
+(Pyro's tutorial idiom), trained by ``fit``; a hand-written PyTorch loop computing the same
+single-sample ELBO (Monte-Carlo KL, as ``Trace_ELBO``) with the same Adam; and a stock Pyro
+loop (``SVI.step`` per batch from a ``DataLoader``, as in Pyro's VAE example). Methods run in
+interleaved rounds of one epoch each after a warm-up round, and the median round is reported, so
+noise on a shared machine hits all of them alike. Pyro's validation is off for all of them (it is
+a debugging aid that checks values on every step).
 
 Evaluation (seconds): :func:`pyrovae.log_likelihood` against a hand-written importance-sampling
 loop with the same chunks, on the same images and K, interleaved likewise; with the achieved

@@ -296,11 +296,14 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     if config.train_limit is not None and config.train_limit < len(train):
         n = config.train_limit
         labels = None if train.labels is None else train.labels[:n]
-        train = ImageDataset(train.images[:n], labels, train.name, train.split, train.transform)
+        train = ImageDataset(
+            train.images[:n], labels, train.name, train.split, train.batch_transform
+        )
     config.x_shape = train.x_shape
     pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
     vae = build_vae(config)
-    check = train.images if train.transform is None else train.transform(train.tensors)[0]
+    transform = train.batch_transform
+    check = train.images if transform is None else transform(train.tensors)[0]
     vae.check_data(check)
     state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
     last_epoch = config.epochs  # the epoch to train up to

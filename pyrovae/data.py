@@ -53,16 +53,16 @@ class ImageDataset(torch.utils.data.Dataset):
     :param labels: optional ``(N,)`` integer labels (used for plots, not for training).
     :param str name: dataset name.
     :param str split: split name.
-    :param transform: optional function applied by :func:`pyrovae.fit` to each training batch
+    :param batch_transform: optional function applied by :func:`pyrovae.fit` to each training batch
         (a tuple of tensors), e.g. :func:`dynamic_binarize`.
     """
 
-    def __init__(self, images, labels=None, name="", split="", transform=None):
+    def __init__(self, images, labels=None, name="", split="", batch_transform=None):
         self.images = images
         self.labels = labels
         self.name = name
         self.split = split
-        self.transform = transform
+        self.batch_transform = batch_transform
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -268,7 +268,7 @@ def load(
     elif binarize == "dynamic":
         transform = dynamic_binarize
     y = torch.from_numpy(labels) if labels is not None else None
-    return ImageDataset(x, y, name=name, split=split, transform=transform)
+    return ImageDataset(x, y, name=name, split=split, batch_transform=transform)
 
 
 def spread(n_total: int, n: int | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ done, the optimizer's moments, the random generators), so a run can be saved
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.distributions import constraints
 
+from .batches import Stream, should_stream
 from .capture import (
     CaptureError,
     CudaGraphStep,
@@ -56,6 +58,8 @@ class History:
     seconds: list[float] = field(default_factory=list)
     #: with several objectives, each one's loss per datapoint ({name: value}); else None
     parts: list[dict | None] = field(default_factory=list)
+    #: with streamed data, the seconds the epoch waited for batches from the loader; else None
+    data_seconds: list[float | None] = field(default_factory=list)
 
     def append(self, record: dict) -> None:
         for key in asdict(self):
@@ -63,10 +67,11 @@ class History:
 
     def records(self) -> list[dict]:
         """One dict per epoch: ``epoch``, ``train_elbo``, ``val_elbo``, ``seconds`` (and
-        ``parts`` with several objectives)."""
+        ``parts`` with several objectives, ``data_seconds`` with streamed data)."""
         columns = asdict(self)
-        if not any(self.parts):
-            del columns["parts"]
+        for optional in ("parts", "data_seconds"):
+            if all(v is None for v in columns[optional]):
+                del columns[optional]
         return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
     def __len__(self) -> int:
@@ -194,17 +199,24 @@ class Objective:
 
 
 class _Term:
-    # One objective at run time: data on the device, its ELBOModule, the loss each step runs
-    # (eager, or captured once it is), and the epoch's running sums.
-    def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform):
+    # One objective at run time: its batches (device-resident tensors indexed by a permutation,
+    # or a stream from a DataLoader), its ELBOModule, the loss each step runs (eager, or
+    # captured once it is), and the epoch's running sums.
+    def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform,
+                 stream: bool | None = None, num_workers: int = 0):  # fmt: skip
         what = "training data" if i == 0 else f"the data of objective {i + 1}"
-        self.tensors = tuple(t.to(device) for t in as_tensors(obj.data, what))
-        self.n = len(self.tensors[0])
         size = obj.batch_size if obj.batch_size is not None else batch_size
         if int(size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
-        self.batch_size = min(int(size), self.n)
-        self.steps = -(-self.n // self.batch_size)
+        self.stream: Stream | None = None
+        if should_stream(obj.data, stream):
+            self.stream = Stream(obj.data, int(size), num_workers, device, what)
+            self.tensors, self.batch_size, self.steps = None, int(size), self.stream.steps
+        else:
+            self.tensors = tuple(t.to(device) for t in as_tensors(obj.data, what))
+            self.n = len(self.tensors[0])
+            self.batch_size = min(int(size), self.n)
+            self.steps = -(-self.n // self.batch_size)
         self.weight = float(obj.weight)
         if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"an objective's weight must be a finite number > 0, got {obj.weight}")
@@ -217,25 +229,40 @@ class _Term:
             batch_transform if i == 0 and batch_transform is not None
             else getattr(obj.data, "batch_transform", None)
         )  # fmt: skip
+        check = getattr(getattr(obj.model, "__self__", None), "check_data", None)
+        self.check = check if callable(check) else None
         self.device = device
 
     def start_epoch(self) -> None:
-        self.perm = torch.randperm(self.n, device=self.device)
-        self.pos = 0
+        if self.stream is not None:
+            self.stream.start_epoch()
+        else:
+            self.perm = torch.randperm(self.n, device=self.device)
+            self.pos = 0
         self.total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.seen = 0
 
-    def next_index(self) -> torch.Tensor:
-        # The next batch of this epoch's permutation; a new permutation once it is used up
-        # (an objective with less data than the longest one cycles through it again).
+    def next_index(self):
+        # The next batch of this epoch's permutation (an index tensor), or the stream's next
+        # batch (None at the end of a stream of unknown length). An objective with less data
+        # than the longest one cycles through it again.
+        if self.stream is not None:
+            return self.stream.next(cycle=self.steps is not None)
         if self.pos >= self.n:
             self.perm, self.pos = torch.randperm(self.n, device=self.device), 0
         idx = self.perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         return idx
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = tuple(t[idx] for t in self.tensors)
+    def batch(self, item) -> tuple[torch.Tensor, ...]:
+        # The batch the pair sees: indexed (or streamed, then checked here since a stream's data
+        # were not checked up front), with the batch transform applied.
+        if self.stream is None:
+            batch = tuple(t[item] for t in self.tensors)
+        else:
+            batch = item
+            if self.check is not None and is_validation_enabled():
+                self.check(*(self.transform(batch) if self.transform is not None else batch))
         return tuple(self.transform(batch)) if self.transform is not None else batch
 
     def loss(self, batch) -> torch.Tensor:
@@ -274,12 +301,15 @@ def _check_args(epochs, batch_size, lr) -> None:
 
 
 def _check_data(term: _Term, val) -> None:
-    # A pyrovae VAE checks its data once (shapes, support), since replayed steps check nothing.
-    check = getattr(getattr(term.model, "__self__", None), "check_data", None)
-    if callable(check) and is_validation_enabled():
-        check(*(term.transform(term.tensors) if term.transform is not None else term.tensors))
-        if val is not None:
-            check(*val)
+    # A pyrovae VAE checks its data once (shapes, support), since replayed steps check nothing;
+    # streamed data are checked batch by batch instead.
+    if term.check is None or not is_validation_enabled():
+        return
+    if term.tensors is not None:
+        tensors = term.tensors
+        term.check(*(term.transform(tensors) if term.transform is not None else tensors))
+    if val is not None and not isinstance(val, Stream):
+        term.check(*val)
 
 
 def _check_amortized(term: _Term) -> None:
@@ -395,7 +425,12 @@ class _Trainer:
         self.good: list[torch.Tensor] = []
         self.graph_step: CudaGraphStep | None = None
         self.warm_up: list[torch.Tensor] = []  # batches run before a CUDA graph is recorded
-        self.steps = max(t.steps for t in terms)
+        steps = [t.steps for t in terms]
+        if None in steps and len(terms) > 1:
+            raise ValueError(
+                "with several objectives every stream needs a length (a DataLoader has one)"
+            )
+        self.steps = None if None in steps else max(steps)
 
     def start(self, batches) -> list[torch.Tensor]:
         # The first step: find the parameters, capture the losses, build the optimizer.
@@ -410,7 +445,8 @@ class _Trainer:
             free = _free_params(param_trace, modules)
             pairs = zip(self.terms, batches, strict=True)
             captured = all([_capture(t, modules, free, b) for t, b in pairs])
-        cuda_graph = captured and self.device.type == "cuda" and len(self.terms) == 1
+        single = len(self.terms) == 1 and self.terms[0].stream is None
+        cuda_graph = captured and self.device.type == "cuda" and single
         self.optimizer, capturable = _make_optimizer(
             self.params, self.lr, self.optimizer_cls, self.optim_args, cuda_graph
         )
@@ -427,7 +463,7 @@ class _Trainer:
         # Run (or queue for recording) a step on the CUDA graph; False if it must run otherwise.
         g = self.graph_step
         if g is None or g.failed or len(idx) != g.index.numel():
-            return False
+            return False  # (a stream never has a graph step)
         if g.ready:
             g(idx)
             bar.update()
@@ -465,11 +501,13 @@ class _Trainer:
             self.graph_step.reset()
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         on_cuda = self.device.type == "cuda"
-        for step in range(self.steps):
-            idx = [t.next_index() for t in self.terms]
-            if len(self.terms) == 1 and self.cuda_graph_step(idx[0], bar):
+        for step in itertools.count() if self.steps is None else range(self.steps):
+            items = [t.next_index() for t in self.terms]
+            if items[0] is None:  # the end of a stream of unknown length
+                break
+            if len(self.terms) == 1 and self.cuda_graph_step(items[0], bar):
                 continue
-            batches = [t.batch(i) for t, i in zip(self.terms, idx, strict=True)]
+            batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
             first = self.optimizer is None
             if first:
                 losses = self.start(batches)  # with its gradients in place already
@@ -488,7 +526,7 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             self.optimizer.step()
-            _accumulate(self.terms, losses, idx)
+            _accumulate(self.terms, losses, batches)
             del loss, losses  # no autograd graph outlives the step (CUDA graph capture needs it)
             bar.update()
         if self.graph_step is not None:
@@ -496,12 +534,12 @@ class _Trainer:
         return bad_step
 
 
-def _accumulate(terms: list[_Term], losses, idx) -> None:
+def _accumulate(terms: list[_Term], losses, batches) -> None:
     # Add a step's losses to the epoch's sums (in its own frame: no loop variable keeps a loss,
     # and with it the step's autograd graph, alive into the next step).
-    for t, v, i in zip(terms, losses, idx, strict=True):
+    for t, v, b in zip(terms, losses, batches, strict=True):
         t.total += v.detach()
-        t.seen += len(i)
+        t.seen += len(b[0])
 
 
 def _restore_good(trainer: _Trainer, epoch: int, bad_step: int, history) -> None:
@@ -528,13 +566,25 @@ def _record(trainer: _Trainer, epoch: int, start: float) -> dict:
         "val_elbo": None,
         "seconds": time.perf_counter() - start,
         "parts": parts if len(trainer.terms) > 1 else None,
+        "data_seconds": (
+            sum(t.stream.wait for t in trainer.terms if t.stream is not None)
+            if any(t.stream is not None for t in trainer.terms)
+            else None
+        ),
     }
     return record
 
 
 def _val_elbo(trainer: _Trainer, val) -> float:
     main = trainer.terms[0]
-    return -float(_epoch_loss(main.step_loss, val, main.batch_size)) / len(val[0])
+    if not isinstance(val, Stream):
+        return -float(_epoch_loss(main.step_loss, val, main.batch_size)) / len(val[0])
+    total, n = 0.0, 0
+    val.start_epoch()
+    while (batch := val.next(cycle=False)) is not None:
+        total += float(_epoch_loss(main.step_loss, batch, len(batch[0])))
+        n += len(batch[0])
+    return -total / n
 
 
 def fit(
@@ -556,6 +606,8 @@ def fit(
     state: TrainState | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     optim_args: dict | None = None,
+    stream: bool | None = None,
+    num_workers: int = 0,
 ) -> History:
     """Fit a model/guide pair (or several objectives) with SVI.
 
@@ -578,7 +630,8 @@ def fit(
     :param model: a Pyro model, called as ``model(*batch)``; or a list of :class:`Objective`
         (then pass no ``guide``, ``data`` or ``loss``).
     :param guide: Pyro guide, called as ``guide(*batch)``.
-    :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors, a torch Dataset, or a DataLoader
+        (any iterable of batches), which is streamed (:mod:`pyrovae.batches`).
     :param int epochs: passes over the data (over the largest objective's, with several).
     :param int batch_size: datapoints per step.
     :param float lr: the learning rate.
@@ -599,6 +652,10 @@ def fit(
     :param optimizer: a ``torch.optim`` class (default: Adam, fused where available).
     :param dict optim_args: its keyword arguments besides the parameters (``lr`` overrides the
         ``lr`` above), e.g. ``{"betas": (0.95, 0.999)}``.
+    :param stream: ``True`` to stream a map-style Dataset through a DataLoader instead of
+        collating it onto the device; ``None`` (default) streams DataLoaders, iterables and
+        Datasets larger than :data:`pyrovae.batches.STREAM_BYTES`.
+    :param int num_workers: DataLoader worker processes when a Dataset is streamed.
     :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint (the epochs
         trained by this call).
     :raises ValueError: for bad arguments, data or pairs (checked before the first update).
@@ -608,9 +665,12 @@ def fit(
     _check_args(epochs, batch_size, lr)
     device = resolve_device(device)
     objectives = _objectives(model, guide, data, loss, batch_size)
-    terms = [_Term(o, i, device, batch_size, batch_transform) for i, o in enumerate(objectives)]
+    terms = [_Term(o, i, device, batch_size, batch_transform, stream, num_workers)
+             for i, o in enumerate(objectives)]  # fmt: skip
     val = None
-    if val_data is not None:
+    if val_data is not None and should_stream(val_data, stream):
+        val = Stream(val_data, int(batch_size), num_workers, device, "validation data")
+    elif val_data is not None:
         val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
     _check_data(terms[0], val)
     state = state if state is not None else TrainState()
@@ -632,7 +692,8 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
     from tqdm.auto import tqdm
 
     history, state, device = History(), trainer.state, trainer.device
-    bar = tqdm(total=max(last - first + 1, 0) * trainer.steps, disable=not progress,
+    total = None if trainer.steps is None else max(last - first + 1, 0) * trainer.steps
+    bar = tqdm(total=total, disable=not progress,
                unit="step", dynamic_ncols=True)  # fmt: skip
     try:
         for epoch in range(first, last + 1):
@@ -640,7 +701,7 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
             bad_step = trainer.epoch(bar)
             record = _record(trainer, epoch, start)
             if not math.isfinite(record["train_elbo"]) and int(bad_step) < 0:
-                bad_step.fill_(trainer.steps - 1)  # the epoch's sum overflowed
+                bad_step.fill_((trainer.steps or 1) - 1)  # the epoch's sum overflowed
             if int(bad_step) >= 0:  # the epoch's one host sync (besides the ELBO below)
                 _restore_good(trainer, epoch, int(bad_step), history)
             with torch.no_grad():

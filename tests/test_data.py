@@ -36,11 +36,13 @@ def test_binarize_modes_give_binary_images(mode):
 
 def test_dynamic_binarization_draws_per_batch_for_train_only():
     train = load("digits", "train", binarize="dynamic")
-    assert train.transform is dynamic_binarize and not set(train.images.unique().tolist()) <= {0, 1}
-    a, b = train.transform(train.tensors)[0], train.transform(train.tensors)[0]
+    assert train.batch_transform is dynamic_binarize and not set(
+        train.images.unique().tolist()
+    ) <= {0, 1}
+    a, b = train.batch_transform(train.tensors)[0], train.batch_transform(train.tensors)[0]
     assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
     test = load("digits", "test", binarize="dynamic")
-    assert test.transform is None and set(test.images.unique().tolist()) <= {0.0, 1.0}
+    assert test.batch_transform is None and set(test.images.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_binarized_mnist_from_npz_and_amat(tmp_path):

@@ -473,3 +473,17 @@ def test_wrong_dtype_images_are_a_value_error():
     vae = _vae()
     with pytest.raises(ValueError, match="expected floating-point images.*torch.uint8"):
         pyrovae.fit(vae.model, vae.guide, (_digits(n=20) * 255).to(torch.uint8), progress=False)
+
+
+def test_dynamic_binarization_reaches_the_model():
+    # load(binarize="dynamic") hands fit a batch_transform: the model sees fresh binary images.
+    data = pyrovae.data.load("digits", "train", binarize="dynamic")
+    seen = []
+    vae = _vae()
+
+    def model(x):
+        seen.append(set(x.unique().tolist()))
+        vae.model(x)
+
+    pyrovae.fit(model, vae.guide, data, epochs=1, batch_size=512, progress=False, fast=False)
+    assert seen and all(values <= {0.0, 1.0} for values in seen)
