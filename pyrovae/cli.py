@@ -51,8 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--download", action="store_true", help="let torchvision download mnist/fashion-mnist"
     )
+    t.add_argument("--image-size", type=int, default=d.image_size,
+                   help="folder: resize (shorter side) and centre-crop to S×S")  # fmt: skip
+    t.add_argument("--channels", type=int, choices=[1, 3], default=d.channels,
+                   help="folder: convert images to grey (1) or RGB (3)")  # fmt: skip
+    t.add_argument("--skip-bad-files", action="store_true",
+                   help="folder: skip unreadable files (counted in train.json)")  # fmt: skip
+    t.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
+                   help="folder without train/valid/test subfolders: validation share")  # fmt: skip
+    t.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="folder without train/valid/test subfolders: test share")  # fmt: skip
     t.add_argument("--net", choices=list(NETS), default=d.net)
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="hidden sizes")
+    t.add_argument("--widths", type=int, nargs="+", default=list(d.widths),
+                   help="conv: channels of the residual blocks (one halving each)")  # fmt: skip
     t.add_argument("--gated", action="store_true", help="GatedDense layers (VampPrior paper)")
     t.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation)
     t.add_argument("--z-dim", type=int, default=d.z_dim, help="latent size (top layer of hvae)")
@@ -77,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variance", type=float, default=d.variance, help="c of the Gaussian N(f(z), c·I)"
     )
     t.add_argument("--allow-non-binary", action="store_true", help="Bernoulli on grey values")
+    t.add_argument("--mixtures", type=int, default=d.mixtures,
+                   help="logistic components per pixel (discretized-logistic)")  # fmt: skip
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr)
@@ -148,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-samples", type=int, nargs="*", default=[5000],
                    help="K values for log p(x) (none: skip)")  # fmt: skip
     b.add_argument("--eval-n", type=int, default=100, help="test images scored")
+    b.add_argument("--eval-rounds", type=int, default=None,
+                   help="timed repeats per log p(x) method (default: --rounds)")  # fmt: skip
+    b.add_argument("--chunk-elements", type=int, nargs="+", default=None, metavar="N",
+                   help="log p(x) chunk bounds to sweep (max_chunk_elements; default: "
+                   "the device's default)")  # fmt: skip
+    only = b.add_mutually_exclusive_group()
+    only.add_argument("--train-only", action="store_true", help="skip the log p(x) table")
+    only.add_argument("--eval-only", action="store_true", help="skip the training tables")
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0)
     return parser
@@ -161,11 +183,22 @@ def _resolve_binarize(config) -> str:
     return "threshold" if config.dataset == "digits" else "dynamic"
 
 
+#: Config fields passed to pyrovae.data.load as reader options (the folder dataset's).
+FOLDER_OPTIONS = ("image_size", "channels", "skip_bad_files", "valid_fraction", "test_fraction")
+
+
 def _load(config, split: str):
     from .data import load
 
+    options = {key: getattr(config, key) for key in FOLDER_OPTIONS}
     return load(
-        config.dataset, split, config.data_dir, config.binarize, config.download, config.seed
+        config.dataset,
+        split,
+        config.data_dir,
+        config.binarize,
+        config.download,
+        config.seed,
+        **options,
     )
 
 
@@ -195,7 +228,11 @@ def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
     with torch.no_grad():
         means = torch.cat([vae.encode(b.to(x.device))[0].cpu() for b in data.images.split(1024)])
     plots.plot_latent(
-        means, data.labels, run_dir / "latent.png", f"q(z|x) means, {data.split} split"
+        means,
+        data.labels,
+        run_dir / "latent.png",
+        f"q(z|x) means, {data.split} split",
+        classes=getattr(data, "classes", None),
     )
     with torch.no_grad():
         if means.shape[1] == 2:  # the decoded latent plane
@@ -360,7 +397,11 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         return stop
 
     what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
-    print(f"{what} on {config.dataset} ({len(train)} images, {device}); run directory {run_dir}")
+    skipped = len(train.skipped) + len(valid.skipped)
+    note = f", {skipped} unreadable files skipped" if skipped else ""
+    print(
+        f"{what} on {config.dataset} ({len(train)} images{note}, {device}); run directory {run_dir}"
+    )
     try:
         fit(
             vae.model,
@@ -397,6 +438,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         "stopped_early": stopper.stopped_epoch is not None,
         "train_seconds": seconds,
         "device": str(device),
+        "skipped_files": len(train.skipped) + len(valid.skipped),
     }
     (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
     _plots(run_dir, vae, records, valid, config.seed)
@@ -415,6 +457,7 @@ def _evaluate(args) -> int:
     from .checkpoint import load_run
     from .data import spread
     from .evaluation import elbo, log_likelihood
+    from .likelihoods import bits_per_dim
     from .training import resolve_device
 
     device = resolve_device(args.device)
@@ -448,6 +491,12 @@ def _evaluate(args) -> int:
         "seconds": seconds,
         "device": str(device),
     }
+    bpd = ""
+    if vae.likelihood.levels is not None:  # a probability mass on 8-bit values: bits/dim
+        bits = bits_per_dim(ll, vae.x_shape)
+        result["bits_per_dim"] = float(bits.mean())
+        result["bits_per_dim_se"] = float(bits.std() / len(bits) ** 0.5) if len(bits) > 1 else None
+        bpd = f", {result['bits_per_dim']:.4f} bits/dim"
     Path(args.run_dir, "eval.json").write_text(json.dumps(result, indent=2))
     # per-image values, in the order scored: paired comparisons between runs on the same images
     np.savetxt(Path(args.run_dir, "log_px.csv"), ll.cpu().double().numpy(), fmt="%.6f")
@@ -460,7 +509,8 @@ def _evaluate(args) -> int:
     )
     print(
         f"{config.dataset} {args.split} (n={len(x)}): ELBO {result['elbo']:.3f}, "
-        f"log p(x) {result['log_likelihood']:.3f} nats (K={args.num_samples}, {seconds:.1f} s)"
+        f"log p(x) {result['log_likelihood']:.3f} nats{bpd} (K={args.num_samples}, "
+        f"{seconds:.1f} s)"
     )
     return 0
 

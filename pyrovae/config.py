@@ -23,15 +23,21 @@ class Config:
     """Everything a run needs; saved as ``config.json`` beside the checkpoint."""
 
     # data
-    dataset: str = "digits"  # digits | binarized-mnist | mnist | fashion-mnist
+    dataset: str = "digits"  # a name in pyrovae.data.DATASETS (folder: data_dir is the images)
     data_dir: str | None = None  # data root; default $PYROVAE_DATA, else ~/.cache/pyrovae
     binarize: str = (
         "auto"  # auto (binarize grey data for Bernoulli) | none | threshold | static | dynamic
     )
     download: bool = False  # let torchvision download mnist / fashion-mnist
+    image_size: int | None = None  # folder: resize and centre-crop images to this square size
+    channels: int | None = None  # folder: convert images to 1 (grey) or 3 (RGB) channels
+    skip_bad_files: bool = False  # folder: leave out unreadable files (counted in train.json)
+    valid_fraction: float = 0.1  # folder without split subfolders: share of validation images
+    test_fraction: float = 0.1  # folder without split subfolders: share of test images
     # model
     net: str = "mlp"  # mlp | conv
     hidden: tuple[int, ...] = (256,)  # hidden sizes of the encoder (the decoder's are reversed)
+    widths: tuple[int, ...] = (32, 64)  # conv: channels of the residual blocks, one per halving
     gated: bool = False  # GatedDense layers instead of dense + activation
     activation: str = "relu"
     z_dim: int = 8  # latent size (of the top layer z2 for the hvae)
@@ -42,6 +48,7 @@ class Config:
     flows: int = 2  # autoregressive transforms of the flow prior and the flow guide
     likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned
     variance: float = 0.1  # c in N(f(z), c·I) for the fixed-variance Gaussian likelihood
+    mixtures: int = 10  # logistic components per pixel of the discretized-logistic likelihood
     allow_non_binary: bool = False  # let the Bernoulli likelihood score grey values
     x_shape: tuple[int, ...] | None = None  # shape of one datapoint; set from the data
     # training
@@ -68,7 +75,7 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
-        for key in ("hidden", "x_shape"):
+        for key in ("hidden", "x_shape", "widths"):
             if d.get(key) is not None:
                 d[key] = tuple(int(v) for v in d[key])
         return cls(**d)
@@ -95,7 +102,8 @@ class Config:
                 raise ValueError(
                     f"unknown {key} {getattr(self, key)!r}; choose from {', '.join(options)}"
                 )
-        for key in ("z_dim", "epochs", "batch_size", "components", "flows", "particles"):
+        positive = ("z_dim", "epochs", "batch_size", "components", "flows", "particles", "mixtures")
+        for key in positive:
             check_positive(key, getattr(self, key))
         for key in ("patience", "train_limit"):
             if getattr(self, key) is not None:
@@ -104,6 +112,8 @@ class Config:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive integers, got {self.hidden}")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ValueError(f"conv widths must be positive integers, got {self.widths}")
         if not self.beta > 0:
             raise ValueError(f"beta (the KL weight) must be > 0, got {self.beta}")
         if int(self.warmup) != self.warmup or self.warmup < 0:
@@ -132,6 +142,7 @@ def _likelihood(config: Config):
     options = {
         "bernoulli": {"allow_non_binary": config.allow_non_binary},
         "gaussian": {"variance": config.variance},
+        "discretized-logistic": {"mixtures": config.mixtures},
     }.get(config.likelihood, {})
     return make_likelihood(config.likelihood, **options)
 
@@ -156,6 +167,7 @@ def _build_one_layer(config: Config) -> VAE:
         config.activation,
         config.gated,
         likelihood.num_params,
+        widths=config.widths,
     )
     posterior = _posterior(config, config.z_dim)
     return VAE(encoder, decoder, _prior(config), likelihood, config.x_shape, posterior=posterior)

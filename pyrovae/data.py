@@ -11,15 +11,25 @@ Known datasets (:data:`DATASETS`):
   gzip IDX files directly in ``ROOT`` (where Debian's ``dataset-fashion-mnist`` puts them,
   ``/usr/share/datasets/fashion-mnist``). The validation split is the last 10,000 images of the
   official training set.
+- ``photo-patches``: 32×32 colour patches (8-bit RGB) cut from the two photographs scikit-learn
+  ships (``load_sample_images``: china.jpg, flower.jpg); works offline. Splits by vertical bands
+  of each photograph (train x < 512, valid 512–575, test 576–639), so no patch overlaps another
+  split: 1550/150/150 patches, labelled by photograph.
+- ``folder``: your own images (:class:`FolderDataset`), any tree of PNG, JPEG, ... files in grey
+  or colour under ``root``, labelled by subfolder; ``train/``, ``valid/`` (or ``val/``) and
+  ``test/`` subfolders are the splits when present, else a seeded split.
 
-The data root defaults to ``$PYROVAE_DATA``, else ``~/.cache/pyrovae``.
+The data root defaults to ``$PYROVAE_DATA``, else ``~/.cache/pyrovae``. Images are float tensors
+in [0, 1]; 8-bit images stay on their grid k/255, so the discretized likelihoods of
+:mod:`pyrovae.likelihoods` can score them as probability masses.
 """
 
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +39,16 @@ from .errors import DataError
 
 __all__ = [
     "ImageDataset",
+    "FolderDataset",
+    "IMAGE_EXTENSIONS",
+    "read_image",
     "DATASETS",
     "BINARIZE",
     "SPLITS",
+    "SPLIT_FOLDERS",
+    "READER_OPTIONS",
+    "UnreadableImageError",
+    "folder_split",
     "load",
     "default_root",
     "as_tensors",
@@ -55,14 +72,27 @@ class ImageDataset(torch.utils.data.Dataset):
     :param str split: split name.
     :param batch_transform: optional function applied by :func:`pyrovae.fit` to each training batch
         (a tuple of tensors), e.g. :func:`dynamic_binarize`.
+    :param classes: optional class names; label ``i`` is ``classes[i]``.
+    :param skipped: files left out because they could not be read (``skip_bad_files``).
     """
 
-    def __init__(self, images, labels=None, name="", split="", batch_transform=None):
+    def __init__(
+        self,
+        images,
+        labels=None,
+        name="",
+        split="",
+        batch_transform=None,
+        classes: Sequence[str] | None = None,
+        skipped: Sequence[str] = (),
+    ):
         self.images = images
         self.labels = labels
         self.name = name
         self.split = split
         self.batch_transform = batch_transform
+        self.classes = list(classes) if classes is not None else None
+        self.skipped = list(skipped)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -221,13 +251,333 @@ def _mnist_like(name: str, tv_class: str):
     return read
 
 
-#: Dataset readers by name: ``(split, root, download) -> (images, labels or None)``.
+def _photo_patches(split: str, root: Path, download: bool):
+    from sklearn.datasets import load_sample_images  # ships the two photographs; no download
+
+    bunch = load_sample_images()
+    bands = {"train": (0, 512), "valid": (512, 576), "test": (576, 640)}  # columns per split
+    left, right = bands[split]
+    size, stride = 32, 16
+    patches, labels = [], []
+    for label, photo in enumerate(bunch.images):  # (427, 640, 3) uint8 each
+        for top in range(0, photo.shape[0] - size + 1, stride):
+            for x in range(left, right - size + 1, stride):
+                patches.append(photo[top : top + size, x : x + size])
+                labels.append(label)
+    images = np.stack(patches).transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (N, 3, 32, 32)
+    classes = [Path(f).stem for f in bunch.filenames]
+    return images, np.array(labels, dtype=np.int64), {"classes": classes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders.
+
+#: File name endings read as images (case-insensitive), decoded by Pillow.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pnm")  # fmt: skip
+#: Subfolder names taken as a split, by split.
+SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
+
+
+#: Pillow modes read as grey or with alpha; every other mode (palette, CMYK, ...) becomes RGB.
+_PIL_MODES = {"1": "L", "L": "L", "I;16": "I;16", "LA": "LA", "RGBA": "RGBA", "PA": "RGBA"}
+
+
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded (skipped with ``skip_bad_files``)."""
+
+
+def _decode(path: Path) -> torch.Tensor:
+    # any image file -> uint8 (C, H, W), alpha dropped; decoded by Pillow, as torchvision's
+    # ImageFolder does (torchvision.io's decoders are deprecated from torchvision 0.29)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = _PIL_MODES.get(im.mode, "RGB")
+            array = np.asarray(im.convert(mode) if mode != im.mode else im)
+    except Exception as e:  # Pillow raises many kinds for a corrupt or unknown file
+        raise UnreadableImageError(f"cannot read image {path}: {e}") from None
+    img = torch.from_numpy(np.array(np.atleast_3d(array).transpose(2, 0, 1), order="C"))
+    if img.dtype != torch.uint8:  # 16-bit grey: keep the top 8 bits' scale
+        img = (img.float() * (255 / 65535)).round().to(torch.uint8)
+    return img[:-1] if img.shape[0] in (2, 4) else img  # drop the alpha channel
+
+
+def _channels(img: torch.Tensor, channels: int | None) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+    if channels is None or img.shape[0] == channels:
+        return img
+    return rgb_to_grayscale(img) if channels == 1 else img.expand(3, *img.shape[1:])
+
+
+def _fit(img: torch.Tensor, size: int | None, path: Path) -> torch.Tensor:
+    # resize the shorter side to `size` (antialiased) and cut the centre size × size
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    if size is None:
+        return img
+    h, w = img.shape[-2:]
+    if min(h, w) < size:
+        raise DataError(f"{path} is {w}×{h} pixels, smaller than the image size {size} "
+                        "(--image-size); pass a smaller size or remove the image")  # fmt: skip
+    if min(h, w) > size:
+        img = resize(img, size, antialias=True)
+    return center_crop(img, [size, size])
+
+
+def read_image(path, image_size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """Decode one image file to uint8 ``(C, H, W)``: alpha dropped, converted to ``channels``
+    (1: grey by ITU-R 601 luma, 3: RGB) if given, resized so the shorter side is ``image_size``
+    and centre-cropped to a square if given.
+
+    :raises UnreadableImageError: for a file that cannot be decoded.
+    :raises DataError: for an image smaller than ``image_size``.
+    """
+    path = Path(path)
+    return _fit(_channels(_decode(path), channels), image_size, path)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    # every image file below `folder`, sorted; hidden files and folders are left out
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    ]
+    return sorted(files)
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    for name in SPLIT_FOLDERS[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _seeded_split(files: list[Path], fractions: dict[str, float], seed: int):
+    # {split: files} for the splits in `fractions`, the rest in "train"; file order kept
+    order = np.random.default_rng(seed).permutation(len(files))
+    parts, start = {}, 0
+    for split in ("test", "valid"):
+        if split in fractions:
+            n = int(round(fractions[split] * len(files)))
+            parts[split] = sorted(order[start : start + n])
+            start += n
+    parts["train"] = sorted(order[start:])
+    return {k: [files[i] for i in v] for k, v in parts.items()}
+
+
+def _check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    for key, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{key} must be in [0, 1), got {f}")
+    if valid_fraction + test_fraction >= 1:
+        raise DataError(f"valid_fraction + test_fraction must be < 1, got "
+                        f"{valid_fraction} + {test_fraction}")  # fmt: skip
+
+
+def folder_split(root, split: str, valid_fraction=0.1, test_fraction=0.1, seed=0):
+    """The image files of one split of an image folder, and the folder their labels are relative
+    to: ``root/train``, ``root/valid`` (or ``val``, ``validation``), ``root/test`` when
+    ``root/train`` exists (a missing valid or test folder is carved from train with its
+    fraction); else a seeded split of all images under ``root``.
+
+    :returns: ``(files, base)``.
+    :raises DataError: for a missing folder, no images, or an empty split.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist (--data-dir)")
+    _check_fractions(valid_fraction, test_fraction)
+    base = _split_folder(root, "train")
+    if base is not None and _split_folder(root, split) is not None:
+        base = _split_folder(root, split)
+        files = _images_under(base)
+    else:
+        base = base or root
+        missing = {"valid": valid_fraction, "test": test_fraction}
+        if base != root:
+            missing = {s: f for s, f in missing.items() if _split_folder(root, s) is None}
+        everything = _images_under(base)
+        if not everything:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {base}")
+        files = _seeded_split(everything, missing, seed)[split]
+    if not files:
+        raise DataError(f"the {split} split of {root} has no images: add images (at {base}) or "
+                        f"raise --{split}-fraction")  # fmt: skip
+    return files, base
+
+
+def _classes(root: Path) -> list[str]:
+    # class names: the first-level subfolders holding images, over every split folder
+    bases = [_split_folder(root, s) for s in SPLITS]
+    bases = [b for b in bases if b is not None] or [root]
+    names = set()
+    for base in bases:
+        for f in _images_under(base):
+            parts = f.relative_to(base).parts
+            names.add(parts[0] if len(parts) > 1 else ".")
+    return sorted(names) if names - {"."} else []
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """The images of one split of an image folder, decoded lazily, one file per item: a map-style
+    Dataset to stream through a :class:`~torch.utils.data.DataLoader` (its workers decode), for
+    data larger than memory. Items are float images ``(C, H, W)`` in [0, 1] on the 8-bit grid
+    k/255. :func:`load` (``"folder"``) decodes all of a split into memory instead.
+
+    Labels come from the first-level subfolders (under the split folder, if any): ``labels[i]``
+    indexes ``classes``; images directly in the folder are the class ``"."``. Without
+    subfolders, ``labels`` and ``classes`` are ``None``.
+
+    :param root: the image folder.
+    :param str split: ``"train"``, ``"valid"`` or ``"test"`` (see :func:`folder_split`).
+    :param int image_size: resize (shorter side) and centre-crop every image to this square size;
+        default: images must all have one size.
+    :param int channels: 1 (grey) or 3 (RGB) to convert every image to; default: images must all
+        have one channel count.
+    :param float valid_fraction: share of the images in the validation split (without folders).
+    :param float test_fraction: share of the images in the test split (without folders).
+    :param int seed: seed of the split.
+    :raises DataError: for a missing folder, no images, bad options; when an item is read, for an
+        unreadable file (:class:`UnreadableImageError`) or one whose size or channels differ
+        from the first image's (naming both files and the option to set).
+    """
+
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        image_size: int | None = None,
+        channels: int | None = None,
+        valid_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+    ):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        if channels not in (None, 1, 3):
+            raise DataError(f"channels (--channels) must be 1 or 3, got {channels}")
+        if image_size is not None and (int(image_size) != image_size or image_size < 1):
+            raise DataError(f"image_size (--image-size) must be an integer >= 1, got {image_size}")
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.image_size = None if image_size is None else int(image_size)
+        self.channels = channels
+        self.files, base = folder_split(self.root, split, valid_fraction, test_fraction, seed)
+        self.classes = _classes(self.root) or None
+        self.labels = None
+        if self.classes is not None:
+            index = {name: i for i, name in enumerate(self.classes)}
+            names = [f.relative_to(base).parts for f in self.files]
+            self.labels = torch.tensor([index[p[0] if len(p) > 1 else "."] for p in names])
+        self._shape: tuple[int, ...] | None = None
+
+    def read(self, i: int) -> torch.Tensor:
+        """File ``i`` decoded as uint8 ``(C, H, W)`` (converted, resized and cropped)."""
+        return read_image(self.files[i], self.image_size, self.channels)
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        """The shape of every item, that of the first image (read once)."""
+        if self._shape is None:
+            self._shape = tuple(self.read(0).shape)
+        return self._shape
+
+    def check(self, img: torch.Tensor, path: Path) -> None:
+        """Raise :class:`DataError` unless ``img`` (uint8 ``(C, H, W)`` of ``path``) has the
+        shape of the dataset's first image, naming the option that would reconcile them."""
+        if tuple(img.shape) == self.x_shape:
+            return
+        first = self.files[0]
+        if img.shape[0] != self.x_shape[0]:
+            raise DataError(f"mixed channel counts: {path} has {img.shape[0]}, {first} has "
+                            f"{self.x_shape[0]}; pass channels=1 or 3 (--channels)")  # fmt: skip
+        raise DataError(f"images of different sizes: {path} is {img.shape[2]}×{img.shape[1]}, "
+                        f"{first} is {self.x_shape[2]}×{self.x_shape[1]}; pass image_size "
+                        "(--image-size)")  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = self.read(i)  # (C, H, W) uint8
+        self.check(img, self.files[i])
+        return img.float() / 255.0  # (C, H, W) in [0, 1], on the 8-bit grid
+
+    def __repr__(self) -> str:
+        return f"FolderDataset({str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+def _folder(split: str, root: Path, download: bool, image_size=None, channels=None,
+            skip_bad_files=False, valid_fraction=0.1, test_fraction=0.1, split_seed=0):  # fmt: skip
+    ds = FolderDataset(root, split, image_size, channels, valid_fraction, test_fraction, split_seed)
+    images, kept, skipped = [], [], []
+    for i, path in enumerate(ds.files):
+        try:
+            images.append(ds.read(i))  # (C, H, W) uint8
+        except UnreadableImageError:
+            if not skip_bad_files:
+                raise DataError(f"cannot read image {path}; remove it or pass skip_bad_files=True "
+                                "(--skip-bad-files)") from None  # fmt: skip
+            skipped.append(str(path))
+            continue
+        kept.append(i)
+    if not images:
+        raise DataError(
+            f"none of the {len(ds)} images of the {split} split of {root} could be read"
+        )
+    ds.files, ds._shape = [ds.files[i] for i in kept], tuple(images[0].shape)
+    for img, path in zip(images, ds.files, strict=True):
+        ds.check(img, path)
+    x = torch.stack(images).numpy().astype(np.float32) / 255.0  # (N, C, H, W)
+    labels = None if ds.labels is None else ds.labels[kept].numpy()
+    return x, labels, {"classes": ds.classes, "skipped": skipped}
+
+
+_folder.needs_root = True  # no default data root: the folder is the user's
+
+
+#: Dataset readers by name: ``(split, root, download, **options) -> (images, labels or None)``
+#: or ``(images, labels, extras)``, extras being :class:`ImageDataset` attributes (``classes``,
+#: ``skipped``); ``options`` are those of :func:`load` the reader's signature names.
 DATASETS: dict[str, Callable] = {
     "digits": _digits,
     "binarized-mnist": _binarized_mnist,
     "mnist": _mnist_like("mnist", "MNIST"),
     "fashion-mnist": _mnist_like("fashion-mnist", "FashionMNIST"),
+    "photo-patches": _photo_patches,
+    "folder": _folder,
 }
+
+
+#: Options of :func:`load` for the readers that take them (the ``folder`` dataset), with their
+#: defaults.
+READER_OPTIONS = {
+    "image_size": None,
+    "channels": None,
+    "skip_bad_files": False,
+    "valid_fraction": 0.1,
+    "test_fraction": 0.1,
+    "split_seed": 0,
+}
+
+
+def _reader_options(name: str, reader: Callable, options: dict) -> dict:
+    # the options the reader's signature names; a set option it does not take is an error
+    takes = set(inspect.signature(reader).parameters)
+    unknown = set(options) - set(READER_OPTIONS)
+    if unknown:
+        raise DataError(f"unknown option {sorted(unknown)[0]!r} of load")
+    for key, value in options.items():
+        if key not in takes and value != READER_OPTIONS[key]:
+            raise DataError(f"the {name} dataset takes no {key} option (--{key.replace('_', '-')})")
+    return {k: v for k, v in options.items() if k in takes}
 
 
 def load(
@@ -237,17 +587,21 @@ def load(
     binarize: str | None = None,
     download: bool = False,
     seed: int = 0,
+    **options,
 ) -> ImageDataset:
     """Load a dataset split as an :class:`ImageDataset` of float images in [0, 1].
 
     :param str name: a name in :data:`DATASETS`.
     :param str split: ``"train"``, ``"valid"`` or ``"test"``.
-    :param root: data folder; default :func:`default_root`.
+    :param root: data folder; default :func:`default_root` (the image folder, for ``folder``).
     :param str binarize: one of :data:`BINARIZE` (default ``"none"``).
     :param bool download: let torchvision download MNIST / Fashion-MNIST if missing.
     :param int seed: seed of the ``"static"`` draw (and of the validation/test draw for
         ``"dynamic"``).
-    :raises DataError: for an unknown name, split or mode, or missing or unreadable files.
+    :param options: for ``folder`` (see :class:`FolderDataset`): ``image_size``, ``channels``,
+        ``valid_fraction``, ``test_fraction``, ``split_seed``, and ``skip_bad_files`` (leave out
+        files that cannot be decoded, listed in the result's ``skipped``, instead of raising).
+    :raises DataError: for an unknown name, split, mode or option, or missing or unreadable files.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -256,8 +610,12 @@ def load(
     binarize = binarize or "none"
     if binarize not in BINARIZE:
         raise DataError(f"unknown binarization {binarize!r}; choose from {', '.join(BINARIZE)}")
+    reader = DATASETS[name]
+    options = _reader_options(name, reader, options)
+    if root is None and getattr(reader, "needs_root", False):
+        raise DataError(f"the {name} dataset needs root=PATH, the folder of images (--data-dir)")
     root = Path(root).expanduser() if root is not None else default_root()
-    images, labels = DATASETS[name](split, root, download)
+    images, labels, *extras = reader(split, root, download, **options)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     transform = None
     if binarize == "threshold":
@@ -268,7 +626,8 @@ def load(
     elif binarize == "dynamic":
         transform = dynamic_binarize
     y = torch.from_numpy(labels) if labels is not None else None
-    return ImageDataset(x, y, name=name, split=split, batch_transform=transform)
+    extra = extras[0] if extras else {}
+    return ImageDataset(x, y, name=name, split=split, batch_transform=transform, **extra)
 
 
 def spread(n_total: int, n: int | None) -> torch.Tensor:

@@ -7,6 +7,9 @@ dimensions, so Pyro can vectorize particles over them.
 
 References:
   [1] J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018 (GatedDense).
+  [2] K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016.
+  [3] A. Odena, V. Dumoulin, C. Olah, "Deconvolution and Checkerboard Artifacts", Distill 2016
+      (nearest-neighbour up-sampling then convolution).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ __all__ = [
     "MLPDecoder",
     "ConvEncoder",
     "ConvDecoder",
+    "ResidualDown",
+    "ResidualUp",
+    "ResConvEncoder",
+    "ResConvDecoder",
+    "conv_sizes",
     "NETS",
 ]
 
@@ -259,25 +267,194 @@ class ConvDecoder(nn.Module):
         return out.reshape(*batch, self.num_params, *self.x_shape)  # (..., P, C, H, W)
 
 
-def _mlp_pair(x_shape, z_dim, hidden, activation, gated, num_params):
+def conv_sizes(x_shape: Sequence[int], downsamplings: int) -> list[tuple[int, int]]:
+    """Spatial sizes ``[(H, W), (⌈H/2⌉, ⌈W/2⌉), ...]`` after each stride-2 down-sampling.
+
+    :raises ValueError: unless ``x_shape`` is ``(C, H, W)``.
+    """
+    if len(x_shape) != 3 or min(int(s) for s in x_shape) < 1:
+        raise ValueError(
+            f"the conv networks need images of shape (C, H, W), got {tuple(x_shape)}; use --net "
+            "mlp for other shapes"
+        )
+    h, w = int(x_shape[1]), int(x_shape[2])
+    sizes = [(h, w)]
+    for _ in range(downsamplings):
+        h, w = -(-h // 2), -(-w // 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def _widths(widths: Sequence[int]) -> tuple[int, ...]:
+    widths = tuple(int(c) for c in widths)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"conv widths must be positive integers, got {widths}")
+    return widths
+
+
+class ResidualDown(nn.Module):
+    """A residual block [2] that halves the resolution (rounding up, so any size works):
+    ``act(conv3×3(act(conv3×3/2(x))) + conv1×1/2(x))``.
+
+    :param int in_channels: input channels.
+    :param int out_channels: output channels.
+    :param str activation: activation name.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, activation: str = "relu"):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+            _activation(activation),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=2)
+        self.act = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.main(x) + self.skip(x))  # (B, C', ⌈H/2⌉, ⌈W/2⌉)
+
+
+class ResidualUp(nn.Module):
+    """A residual block [2] that up-samples to ``size`` (nearest neighbour [3]) and then
+    convolves: ``act(conv3×3(act(conv3×3(u))) + conv1×1(u))``, ``u`` the up-sampled input.
+
+    :param int in_channels: input channels.
+    :param int out_channels: output channels.
+    :param size: the output's ``(H, W)``.
+    :param str activation: activation name.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, size, activation: str = "relu"):
+        super().__init__()
+        self.size = tuple(int(s) for s in size)
+        self.main = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            _activation(activation),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(in_channels, out_channels, 1)
+        self.act = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.interpolate(x, size=self.size, mode="nearest")  # (B, C, *size)
+        return self.act(self.main(u) + self.skip(u))  # (B, C', *size)
+
+
+class ResConvEncoder(nn.Module):
+    """q(z|x) parameters from a residual CNN for images of any ``(C, H, W)``: a 3×3 stem, one
+    :class:`ResidualDown` block per width (each halves H and W, rounding up), and a dense layer.
+
+    :param x_shape: ``(C, H, W)``, e.g. ``(3, 32, 32)`` or ``(1, 28, 28)``.
+    :param int z_dim: latent size.
+    :param widths: channels of the blocks, e.g. ``(32, 64)`` (two down-samplings).
+    :param int hidden: size of the dense layer.
+    :param str activation: activation name.
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int],
+        z_dim: int,
+        widths: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        widths = _widths(widths)
+        sizes = conv_sizes(x_shape, len(widths))
+        self.x_shape = tuple(int(s) for s in x_shape)
+        ins = (widths[0], *widths[:-1])
+        self.features = nn.Sequential(
+            nn.Conv2d(self.x_shape[0], widths[0], 3, padding=1),  # (C, H, W) -> (w0, H, W)
+            _activation(activation),
+            *(ResidualDown(i, o, activation) for i, o in zip(ins, widths, strict=True)),
+            nn.Flatten(),
+            nn.Linear(widths[-1] * math.prod(sizes[-1]), int(hidden)),
+            _activation(activation),
+        )
+        self.head = _GaussianHead(int(hidden), z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[:-3]
+        h = self.features(x.reshape(-1, *self.x_shape))  # (B, hidden)
+        loc, scale = self.head(h)
+        return loc.reshape(*batch, -1), scale.reshape(*batch, -1)  # (..., z_dim) each
+
+
+class ResConvDecoder(nn.Module):
+    """Likelihood parameters from z by the mirror of :class:`ResConvEncoder`: a dense layer, a
+    reshape to the encoder's smallest resolution, one :class:`ResidualUp` block per width (back
+    to the encoder's sizes exactly, odd ones included), and a 3×3 convolution to
+    ``num_params · C`` channels.
+
+    :param x_shape: ``(C, H, W)``.
+    :param int z_dim: latent size.
+    :param widths: the encoder's block channels (used in reverse).
+    :param int hidden: size of the dense layer.
+    :param str activation: activation name.
+    :param int num_params: numbers per pixel the likelihood needs.
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int],
+        z_dim: int,
+        widths: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        activation: str = "relu",
+        num_params: int = 1,
+    ):
+        super().__init__()
+        widths = _widths(widths)
+        sizes = conv_sizes(x_shape, len(widths))
+        self.x_shape = tuple(int(s) for s in x_shape)
+        self.z_dim = int(z_dim)
+        self.num_params = int(num_params)
+        outs = (widths[0], *widths[:-1])
+        ups = [
+            ResidualUp(widths[i], outs[i], sizes[i], activation)
+            for i in reversed(range(len(widths)))
+        ]
+        self.net = nn.Sequential(
+            nn.Linear(self.z_dim, int(hidden)),
+            _activation(activation),
+            nn.Linear(int(hidden), widths[-1] * math.prod(sizes[-1])),
+            _activation(activation),
+            nn.Unflatten(1, (widths[-1], *sizes[-1])),  # (w_last, H_L, W_L)
+            *ups,  # -> (w0, H, W)
+            nn.Conv2d(widths[0], self.num_params * self.x_shape[0], 3, padding=1),  # (P*C, H, W)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        out = self.net(z.reshape(-1, self.z_dim))  # (B, P*C, H, W)
+        return out.reshape(*batch, self.num_params, *self.x_shape)  # (..., P, C, H, W)
+
+
+def _mlp_pair(x_shape, z_dim, hidden, activation, gated, num_params, widths=None):
+    # widths are the conv networks' option; the MLPs take their sizes from hidden
     return (
         MLPEncoder(x_shape, z_dim, hidden, activation, gated),
         MLPDecoder(x_shape, z_dim, tuple(reversed(hidden)), activation, gated, num_params),
     )
 
 
-def _conv_pair(x_shape, z_dim, hidden, activation, gated, num_params):
+def _conv_pair(x_shape, z_dim, hidden, activation, gated, num_params, widths=(32, 64)):
     if gated:
         raise ValueError("gated layers are for the MLP networks; the CNN networks take gated=False")
     width = int(hidden[0]) if hidden else 256
+    widths = (32, 64) if widths is None else widths
     return (
-        ConvEncoder(x_shape, z_dim, hidden=width, activation=activation),
-        ConvDecoder(x_shape, z_dim, activation=activation, num_params=num_params),
+        ResConvEncoder(x_shape, z_dim, widths, width, activation),
+        ResConvDecoder(x_shape, z_dim, widths, width, activation, num_params),
     )
 
 
 #: Encoder/decoder families known by name: name -> builder of ``(encoder, decoder)`` taking
-#: ``(x_shape, z_dim, hidden, activation, gated, num_params)``.
+#: ``(x_shape, z_dim, hidden, activation, gated, num_params, widths)``. ``conv`` is the residual
+#: CNN (:class:`ResConvEncoder`, :class:`ResConvDecoder`) with blocks of ``widths`` channels and
+#: a dense layer of ``hidden[0]``; ``mlp`` ignores ``widths``.
 NETS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
     "mlp": _mlp_pair,
     "conv": _conv_pair,

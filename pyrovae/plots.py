@@ -96,10 +96,15 @@ def plot_history(records: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def plot_latent(
-    means: torch.Tensor, labels: torch.Tensor | None, path: str | os.PathLike, title: str = ""
+    means: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | os.PathLike,
+    title: str = "",
+    classes: Sequence[str] | None = None,
 ) -> None:
     """Save a scatter of latent means ``(N, z_dim)`` coloured by label; codes with more than two
-    dimensions are projected on their first two principal components (scikit-learn's PCA)."""
+    dimensions are projected on their first two principal components (scikit-learn's PCA).
+    With ``classes`` (label ``i`` is ``classes[i]``) the colour bar names them."""
     z = means.detach().float().cpu().numpy()
     axes = ("z1", "z2")
     if z.shape[1] > 2:
@@ -113,7 +118,9 @@ def plot_latent(
     ax = fig.add_subplot()
     if labels is not None:
         pts = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6, alpha=0.8)
-        fig.colorbar(pts, ax=ax, label="label")
+        bar = fig.colorbar(pts, ax=ax, label="class" if classes else "label")
+        if classes and len(classes) <= 20:
+            bar.set_ticks(range(len(classes)), labels=list(classes))
     else:
         ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.6)
     ax.set_xlabel(axes[0])

@@ -271,3 +271,47 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
     (whole / "state.safetensors").unlink()
     _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], "holds no training state")
     _one_line_error(capsys, ["resume", str(tmp_path / "nope")], "does not exist")
+
+
+def test_rgb_folder_trains_evaluates_in_bits_per_dim_and_samples(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(24):  # two classes of 10×10 RGB images, resized to 8×8; one corrupt file
+        base = np.array([200, 40, 40] if i % 2 else [40, 40, 200], dtype=np.int64)
+        pixels = np.clip(base + rng.integers(-30, 30, (10, 10, 3)), 0, 255).astype(np.uint8)
+        folder = tmp_path / "imgs" / ("red" if i % 2 else "blue")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "imgs" / "red" / "bad.png").write_bytes(b"\x89PNG truncated")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--out",
+            str(run), "--image-size", "8", "--net", "conv", "--widths", "8", "16",
+            "--likelihood", "discretized-logistic", "--mixtures", "2", "--batch-size", "8",
+            *FAST]  # fmt: skip
+    _one_line_error(capsys, args, "cannot read image")
+    assert cli.main([*args, "--skip-bad-files"]) == 0
+    assert json.loads((run / "train.json").read_text())["skipped_files"] == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["x_shape"] == [3, 8, 8] and config["likelihood"] == "discretized-logistic"
+    for name in ("samples.png", "reconstructions.png", "latent.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["evaluate", str(run), "--num-samples", "10", "--split", "test"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n"] == 2 and result["log_likelihood"] < 0
+    bits = -result["log_likelihood"] / (3 * 8 * 8 * np.log(2))
+    assert result["bits_per_dim"] == pytest.approx(bits, rel=1e-6) and 0 < bits
+    assert "bits/dim" in capsys.readouterr().out
+    out = tmp_path / "samples.png"
+    assert cli.main(["sample", str(run), "--out", str(out), "-n", "4"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_likelihood_that_does_not_fit_the_data_fails_before_training(tmp_path, capsys):
+    err = _one_line_error(capsys, ["train", "--likelihood", "discretized-gaussian", "--out",
+                                   str(tmp_path / "r"), *FAST], "needs 8-bit pixels")  # fmt: skip
+    assert not (tmp_path / "r" / "metrics.csv").exists(), err
+    _one_line_error(capsys, ["train", "--dataset", "folder", "--data-dir", str(tmp_path),
+                             *FAST], "no images")  # fmt: skip
+    _one_line_error(capsys, ["train", "--image-size", "4", *FAST],
+                    "the digits dataset takes no image_size option (--image-size)")  # fmt: skip

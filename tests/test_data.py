@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyrovae
 from pyrovae import DataError
 from pyrovae.data import as_tensors, default_root, dynamic_binarize, load
 
@@ -173,3 +174,136 @@ def test_spread_picks_evenly_over_the_split():
     assert spread(10, 3).tolist() == [0, 4, 9]  # first, middle, last
     assert spread(5, None).tolist() == [0, 1, 2, 3, 4] and spread(5, 99).tolist() == [0, 1, 2, 3, 4]
     assert len(spread(10000, 1000).unique()) == 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders and the embedded colour patches.
+
+
+def _png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _tree(root, rgb=True, size=12, per_class=5):
+    """A labelled tree: root/cats/*.png, root/dogs/big/*.jpg (nested), grey or RGB."""
+    rng = np.random.default_rng(0)
+    shape = (size, size, 3) if rgb else (size, size)
+    for i in range(per_class):
+        _png(root / "cats" / f"c{i}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+        _png(root / "dogs" / "big" / f"d{i}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_folder_seeded_split_shapes_labels_and_8bit_values(tmp_path, rgb):
+    from pyrovae.likelihoods import on_grid
+
+    root = _tree(tmp_path / "imgs", rgb=rgb, per_class=10)  # 20 images
+    opts = {"valid_fraction": 0.2, "test_fraction": 0.1}
+    parts = {s: load("folder", s, root=root, **opts) for s in ("train", "valid", "test")}
+    assert [len(parts[s]) for s in ("train", "valid", "test")] == [14, 4, 2]
+    c = 3 if rgb else 1
+    for ds in parts.values():
+        assert ds.x_shape == (c, 12, 12) and ds.classes == ["cats", "dogs"]
+        assert bool(on_grid(ds.images).all())
+    every = torch.cat([parts[s].images for s in parts]).flatten(1)
+    assert len({tuple(r.tolist()) for r in every}) == 20  # disjoint, all images once
+    again = load("folder", "valid", root=root, **opts)
+    assert torch.equal(again.images, parts["valid"].images)  # deterministic
+    labels = torch.cat([parts[s].labels for s in parts])
+    assert labels.bincount().tolist() == [10, 10]  # nested dogs/big/ is the class "dogs"
+    # the pixels are the file's, exactly
+    from PIL import Image
+
+    lazy = pyrovae.data.FolderDataset(root, "test", **opts)
+    first = np.array(Image.open(lazy.files[0]))
+    assert torch.equal(lazy[0], parts["test"].images[0])
+    assert torch.equal((lazy[0] * 255).round().byte(), torch.from_numpy(first).reshape(12, 12, c)
+                       .permute(2, 0, 1))  # fmt: skip
+
+
+def test_folder_split_subfolders_resize_and_channels(tmp_path):
+    root = tmp_path / "imgs"
+    _tree(root / "train", size=20, per_class=4)
+    _tree(root / "test", size=16, per_class=1)
+    _png(root / "val" / "cats" / "grey.png", np.full((30, 18), 7, dtype=np.uint8))
+    train = load("folder", "train", root=root, image_size=8, valid_fraction=0.5)
+    valid = load("folder", "valid", root=root, image_size=8, channels=3)
+    test = load("folder", "test", root=root, image_size=8, channels=1)
+    assert (len(train), len(valid), len(test)) == (8, 1, 2)  # val/ is the validation split
+    assert train.x_shape == valid.x_shape == (3, 8, 8) and test.x_shape == (1, 8, 8)
+    assert torch.all(valid.images == 7 / 255)  # grey to RGB, resized: one value
+    assert test.labels.tolist() == [0, 1] and test.classes == ["cats", "dogs"]
+
+
+def test_folder_without_subfolders_has_no_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        _png(tmp_path / f"{i}.png", rng.integers(0, 256, (4, 6, 3), dtype=np.uint8))
+    ds = load("folder", "train", root=tmp_path, valid_fraction=0.1, test_fraction=0.1)
+    assert len(ds) == 8 and ds.labels is None and ds.classes is None and ds.x_shape == (3, 4, 6)
+
+
+def test_folder_corrupt_file_is_named_or_skipped(tmp_path):
+    root = _tree(tmp_path / "imgs", per_class=5)
+    bad = root / "cats" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    opts = {"valid_fraction": 0.0, "test_fraction": 0.0}
+    with pytest.raises(DataError, match=r"cannot read image .*broken.jpg.*--skip-bad-files"):
+        load("folder", "train", root=root, **opts)
+    ds = load("folder", "train", root=root, skip_bad_files=True, **opts)
+    assert len(ds) == 10 and ds.skipped == [str(bad)]
+    lazy = pyrovae.data.FolderDataset(root, "train", **opts)
+    with pytest.raises(DataError, match="broken.jpg"):
+        lazy[lazy.files.index(bad)]
+
+
+def test_folder_bad_input_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"no images \(.png, .jpg.*found under .*empty"):
+        load("folder", "train", root=empty)
+    with pytest.raises(DataError, match="needs root=PATH"):
+        load("folder", "train")
+    mixed = _tree(tmp_path / "mixed", per_class=2)
+    _png(mixed / "cats" / "grey.png", np.zeros((12, 12), dtype=np.uint8))
+    opts = {"valid_fraction": 0.0, "test_fraction": 0.0}
+    with pytest.raises(DataError, match=r"mixed channel counts: .*pass channels=1 or 3 "):
+        load("folder", "train", root=mixed, **opts)
+    assert load("folder", "train", root=mixed, channels=1, **opts).x_shape == (1, 12, 12)
+    with pytest.raises(DataError, match=r"c0.png is 12×12 pixels, smaller than the image size 16"):
+        load("folder", "train", root=mixed, image_size=16, channels=3, **opts)
+    sizes = _tree(tmp_path / "sizes", per_class=1)
+    _png(sizes / "cats" / "wide.png", np.zeros((12, 20, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"different sizes: .*wide.png is 20×12.*--image-size"):
+        load("folder", "train", root=sizes, **opts)
+    with pytest.raises(DataError, match="valid_fraction \\+ test_fraction must be < 1"):
+        load("folder", "train", root=sizes, valid_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(DataError, match="the digits dataset takes no image_size option"):
+        load("digits", "train", image_size=8)
+
+
+def test_folder_dataset_streams_through_dataloader_workers(tmp_path):
+    root = _tree(tmp_path / "imgs", per_class=6)
+    lazy = pyrovae.data.FolderDataset(root, "train", valid_fraction=0.0, test_fraction=0.0)
+    memory = load("folder", "train", root=root, valid_fraction=0.0, test_fraction=0.0)
+    loader = torch.utils.data.DataLoader(lazy, batch_size=5, num_workers=2)
+    batches = list(loader)
+    assert [b.shape for b in batches] == [(5, 3, 12, 12)] * 2 + [(2, 3, 12, 12)]
+    assert torch.equal(torch.cat(batches), memory.images) and lazy.x_shape == (3, 12, 12)
+    assert torch.equal(lazy.labels, memory.labels)
+
+
+def test_photo_patches_offline_colour_splits():
+    from pyrovae.likelihoods import on_grid
+
+    parts = {s: load("photo-patches", s) for s in ("train", "valid", "test")}
+    assert [len(parts[s]) for s in ("train", "valid", "test")] == [1550, 150, 150]
+    for ds in parts.values():
+        assert ds.x_shape == (3, 32, 32) and ds.classes == ["china", "flower"]
+        assert bool(on_grid(ds.images).all())
+    assert torch.equal(load("photo-patches", "test").images, parts["test"].images)

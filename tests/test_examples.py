@@ -194,3 +194,11 @@ def test_unusable_dataset_is_one_line_from_any_folder(unlabelled_data, tmp_path)
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "M2 needs class labels" in err and "binarized-mnist has none" in err, err
+
+
+def test_own_images(tmp_path, capsys):
+    # the embedded colour patches written as a PNG folder, a colour conv VAE, bits/dim
+    args = "--epochs 1 --widths 8 16 --hidden 32 --z-dim 4 --mixtures 2 --eval-n 6"
+    _run("own_images", args, "--num-samples", "10", "--out", str(tmp_path), *QUIET)
+    assert "bits/dim" in capsys.readouterr().out
+    _pngs(tmp_path, "samples.png", "reconstructions.png", "interpolations.png", "elbo.png")
