@@ -1,26 +1,34 @@
 """``pyrovae bench``: pyrovae against hand-written PyTorch and stock Pyro, in one process, on
 the same data, networks and batch sizes.
 
-Training (images/s): :func:`pyrovae.fit` on its fast path (the loss captured once and replayed)
-and eagerly (``fast=False``); the same VAE written as plain functions with ``pyro.module``
-(Pyro's tutorial idiom), trained by ``fit``; a hand-written PyTorch loop computing the same
-single-sample ELBO (Monte-Carlo KL, as ``Trace_ELBO``) with the same Adam; and a stock Pyro
-loop (``SVI.step`` per batch from a ``DataLoader``, as in Pyro's VAE example). Methods run in
-interleaved rounds of one epoch each after a warm-up round, and the median round is reported, so
-noise on a shared machine hits all of them alike. Pyro's validation is off for all of them (it is
-a debugging aid that checks values on every step).
+Training (images/s): :func:`pyrovae.fit` on its fast path (the loss captured once and replayed;
+on CUDA the whole step replayed as a CUDA graph) and eagerly (``fast=False``); the same VAE
+written as plain functions with ``pyro.module`` (Pyro's tutorial idiom), trained by ``fit``; a
+hand-written PyTorch loop computing the same single-sample ELBO (Monte-Carlo KL, as
+``Trace_ELBO``) with the same Adam; on CUDA, that loop with its whole step recorded as one CUDA
+graph (the practical ceiling); and a stock Pyro loop (``SVI.step`` per batch from a
+``DataLoader``, as in Pyro's VAE example). Every method trains all images every epoch (a last
+partial batch runs eagerly where a CUDA graph is recorded for the full ones). Each ``fit``
+method is one run advanced an epoch at a time, so its capture happens once. Methods run in
+interleaved rounds of one epoch each after a warm-up round, and the median round is reported,
+so noise on a shared machine hits all of them alike. On CUDA the peak GPU memory each method
+adds is reported too. Pyro's validation is off for all of them (it is a debugging aid that
+checks values on every step).
 
 Evaluation (seconds): :func:`pyrovae.log_likelihood` against a hand-written importance-sampling
-loop with the same chunks, on the same images and K, interleaved likewise; with the achieved
-FLOP rate of the dense layers and the peak memory each run added.
+loop with the same chunk bound, on the same images and K, interleaved likewise; with the
+achieved FLOP rate of the dense layers and the peak memory each run added.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import math
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, build_vae
-from .evaluation import DEFAULT_CHUNK_ELEMENTS, log_likelihood, plan_chunks
-from .training import TrainState, fit
+from .evaluation import DEFAULT_CHUNK_ELEMENTS, default_chunk_elements, log_likelihood, plan_chunks
+from .training import fit
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,8 +47,10 @@ __all__ = [
     "bench_training",
     "bench_evaluation",
     "handwritten_epoch",
+    "HandwrittenGraph",
     "handwritten_log_likelihood",
     "stock_pyro_epoch",
+    "main",
 ]
 
 #: Networks by name: config fields.
@@ -48,6 +58,10 @@ ARCHITECTURES = {
     "mlp": {"hidden": (400,), "z_dim": 50, "gated": False},  # the classic 784-400-50 MLP
     "vampprior": {"hidden": (300, 300), "z_dim": 40, "gated": True},  # GatedDense(300) x 2
 }
+
+#: Row names of the training table, in order.
+FAST, EAGER, PLAIN = "pyrovae.fit (fast path)", "pyrovae.fit (eager)", "plain functions (fit)"
+HAND, GRAPH, STOCK = "hand-written PyTorch", "hand-written (CUDA graph)", "stock Pyro (SVI.step)"
 
 
 def _normal_log_prob(z, loc, scale):
@@ -68,13 +82,20 @@ def _log_weights(enc, dec, x, k):
     return log_px_z + log_pz - _normal_log_prob(z, loc, scale)
 
 
-def plain_function_pair(enc, dec, z_dim: int):
+def plain_function_pair(enc, dec, z_dim: int, prefix: str = ""):
     """The same VAE written as Pyro's VAE tutorial writes it: plain functions that register the
-    networks with ``pyro.module`` (no PyroModule), a ``"data"`` plate, Bernoulli pixels."""
+    networks with ``pyro.module`` (no PyroModule), a ``"data"`` plate, Bernoulli pixels.
+
+    :param enc: the encoder, ``x -> (loc, scale)``.
+    :param dec: the decoder, ``z -> logits`` with a leading particle dimension.
+    :param int z_dim: the latent size.
+    :param str prefix: put before the module names ``"encoder"``/``"decoder"`` in Pyro's param
+        store (the benchmark keeps them apart from the built-in VAE's same-named entries).
+    """
     import pyro.distributions as dist
 
     def model(x):
-        pyro.module("decoder", dec)
+        pyro.module(prefix + "decoder", dec)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(z_dim), 1.0).to_event(1))
             logits = dec(z).select(-4, 0)  # (N, C, H, W)
@@ -82,7 +103,7 @@ def plain_function_pair(enc, dec, z_dim: int):
                         obs=x)  # fmt: skip
 
     def guide(x):
-        pyro.module("encoder", enc)
+        pyro.module(prefix + "encoder", enc)
         with pyro.plate("data", x.shape[0]):
             loc, scale = enc(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
@@ -103,6 +124,94 @@ def handwritten_epoch(enc, dec, optimizer, x, batch_size) -> float:
     return -float(total) / len(x)
 
 
+class HandwrittenGraph:
+    """The hand-written loop with its whole step recorded as one CUDA graph: PyTorch's
+    whole-network capture recipe, the practical ceiling for this VAE on a GPU.
+
+    The step — gathering the batch from the device-resident images at :attr:`index`, the loss,
+    backward, ``Adam(capturable=True, fused=True)`` and the loss sum — is recorded once, after
+    ``warm_up`` eager steps on a side stream (the first full batches of the first epoch, real
+    training steps), with every gradient set to ``None`` and no autograd graph of an earlier
+    step alive. Full batches replay the graph; a last partial batch runs the same step eagerly,
+    so every epoch trains on all images.
+
+    :param enc: the encoder (its parameters are trained in place; give it its own copy).
+    :param dec: the decoder.
+    :param x: the training images, on a CUDA device.
+    :param int batch_size: images per step.
+    :param float lr: Adam's learning rate.
+    :param int warm_up: eager steps before recording (at least 1).
+    """
+
+    def __init__(self, enc, dec, x, batch_size: int, lr: float = 1e-3, warm_up: int = 3):
+        if x.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the images on a CUDA device, not {x.device}")
+        if len(x) // batch_size < warm_up + 1:
+            raise ValueError(
+                f"{len(x)} images make fewer than {warm_up + 1} full batches of {batch_size}: "
+                "too few to warm up and record a CUDA graph"
+            )
+        self.enc, self.dec, self.x, self.batch_size, self.warm_up = enc, dec, x, batch_size, warm_up
+        params = [*enc.parameters(), *dec.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
+        self.index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
+        self.total = torch.zeros((), device=x.device)  # the epoch's loss sum
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self, xb) -> None:
+        # No loss tensor outlives this frame: its autograd graph dies with it.
+        loss = -_log_weights(self.enc, self.dec, xb, 1).sum()
+        loss.backward()
+        self.optimizer.step()
+        self.total.add_(loss.detach())
+
+    def _body(self) -> None:
+        self._step(self.x.index_select(0, self.index))
+
+    def _record(self, perm) -> None:
+        bs = self.batch_size
+        gc.collect()  # no autograd graph of an earlier step may survive into the recording
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(self.warm_up):
+                self.index.copy_(perm[i * bs : (i + 1) * bs])
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        device = self.x.device.index if self.x.device.index is not None else 0
+        generator = torch.cuda.default_generators[device]
+        rng = generator.clone_state()  # a failed recording leaves the generator mid-capture
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        except RuntimeError:
+            generator.graphsafe_set_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.graph = graph
+
+    def epoch(self) -> float:
+        """One epoch over all images (the first one records the graph); returns the ELBO per
+        image (one host sync)."""
+        n, bs = len(self.x), self.batch_size
+        perm = torch.randperm(n, device=self.x.device)
+        self.total.zero_()
+        first = 0
+        if self.graph is None:
+            self._record(perm)
+            first = self.warm_up  # the warm-up steps trained the first batches
+        for i in range(first, n // bs):
+            self.index.copy_(perm[i * bs : (i + 1) * bs])
+            self.graph.replay()
+        if n % bs:  # the last partial batch, eagerly
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step(self.x.index_select(0, perm[n - n % bs :]))
+        return -float(self.total) / n
+
+
 def stock_pyro_epoch(svi, loader) -> float:
     """One epoch the way Pyro's VAE example trains: ``svi.step`` per DataLoader batch, in a
     param store of its own (so same-named parameters of other models stay out of it)."""
@@ -112,6 +221,58 @@ def stock_pyro_epoch(svi, loader) -> float:
             total += svi.step(xb)
             n += len(xb)
     return -total / n
+
+
+class _FitEpochs:
+    # One fit run advanced an epoch at a time: fit runs in a thread that waits in its callback
+    # after each epoch until epoch() is called again, so the run captures once and other
+    # methods can run between its epochs. Only one side runs at any time.
+    def __init__(self, model, guide, x, epochs: int, **kwargs):
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._record: dict | None = None
+        self.records: list[dict] = []  # fit's record of every epoch so far
+        self._error: BaseException | None = None
+        self._stop = self._finished = False
+        args = (model, guide, x)
+        kwargs = dict(kwargs, epochs=epochs, callback=self._pause)
+        self._thread = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
+        self._thread.start()
+
+    def _run(self, *args, **kwargs) -> None:
+        try:
+            if self._go.acquire() and not self._stop:
+                fit(*args, **kwargs)
+        except BaseException as e:  # handed to the caller of epoch()
+            self._error = e
+        finally:
+            self._finished = True
+            self._done.release()
+
+    def _pause(self, record: dict) -> bool:
+        self._record = record
+        self.records.append(record)
+        self._done.release()
+        self._go.acquire()
+        return self._stop
+
+    def epoch(self) -> float:
+        """Train one more epoch; returns its seconds by fit's own clock."""
+        if self._finished:
+            raise RuntimeError("the fit run has no epochs left")
+        self._record = None
+        self._go.release()
+        self._done.acquire()
+        if self._error is not None:
+            raise self._error
+        if self._record is None:
+            raise RuntimeError("the fit run has no epochs left")
+        return self._record["seconds"]
+
+    def close(self) -> None:
+        self._stop = True
+        if not self._finished:
+            self._go.release()
+        self._thread.join()
 
 
 @torch.no_grad()
@@ -130,11 +291,11 @@ def handwritten_log_likelihood(enc, dec, x, k, max_chunk_elements=DEFAULT_CHUNK_
 
 
 class _PeakMemory:
-    # Peak memory added while the block runs: CUDA's allocator statistics on a GPU; on the CPU,
-    # the resident set size sampled every 5 ms.
+    # Peak memory added while the block runs: CUDA's allocator statistics on a GPU (.held: what
+    # stays allocated after it); on the CPU, the resident set size sampled every 5 ms.
     def __init__(self, device):
         self.device = torch.device(device)
-        self.peak = 0
+        self.peak = self.held = 0
 
     def _rss(self) -> int:
         with open("/proc/self/statm") as f:
@@ -146,7 +307,7 @@ class _PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
@@ -157,8 +318,9 @@ class _PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.held = torch.cuda.memory_allocated(self.device) - self._base
         else:
             self._stop.set()
             self._thread.join()
@@ -167,71 +329,120 @@ class _PeakMemory:
 
 def _timed(run: Callable, device) -> float:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     run()
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str, list[float]]:
-    """Images/s per epoch for each training method on images ``x``.
-
-    One fast-path :func:`~pyrovae.fit` run of ``rounds + 1`` epochs drives the benchmark: after
-    each of its epochs the callback runs one epoch of every other method, so all of them share
-    the machine's state round by round. The first round (which includes the capture) is a
-    warm-up and is not reported; ``fit``'s epochs are timed by its own per-epoch clock.
-    """
-    x = x.to(device)
+def _training_methods(x, config: Config, epochs: int, device) -> tuple[dict, list]:
+    # {name: run one epoch, returning its seconds} and the fit runs to close afterwards.
     vae, eager_vae, pyro_vae = (build_vae(config).to(device) for _ in range(3))
-    enc, dec = copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=config.lr)
+    nets = [(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)) for _ in range(3)]
+    kwargs = {"batch_size": config.batch_size, "lr": config.lr, "device": device, "progress": False}
+    plain_model, plain_guide = plain_function_pair(*nets[0], config.z_dim, prefix="plain_")
+    runs = [
+        _FitEpochs(vae.model, vae.guide, x, epochs, **kwargs),
+        _FitEpochs(eager_vae.model, eager_vae.guide, x, epochs, fast=False, **kwargs),
+        _FitEpochs(plain_model, plain_guide, x, epochs, **kwargs),
+    ]
+    opt = torch.optim.Adam([p for net in nets[1] for p in net.parameters()], lr=config.lr)
     svi = pyro.infer.SVI(pyro_vae.model, pyro_vae.guide, pyro.optim.Adam({"lr": config.lr}),
                          pyro.infer.Trace_ELBO())  # fmt: skip
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x), batch_size=config.batch_size, shuffle=True
     )
-    kwargs = {"batch_size": config.batch_size, "lr": config.lr, "device": device, "progress": False}
-    plain = copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)
-    plain_model, plain_guide = plain_function_pair(*plain, config.z_dim)
-    plain_state = TrainState()  # one optimizer across its one-epoch fit calls
-    others = {
-        "pyrovae.fit (eager)": lambda: fit(
-            eager_vae.model, eager_vae.guide, x, epochs=1, fast=False, **kwargs
-        ).seconds[0],
-        "plain functions (fit)": lambda: fit(
-            plain_model, plain_guide, x, epochs=plain_state.epoch + 1, state=plain_state, **kwargs
-        ).seconds[0],
-        "hand-written PyTorch": lambda: _timed(
-            lambda: handwritten_epoch(enc, dec, opt, x, config.batch_size), device
-        ),
-        "stock Pyro (SVI.step)": lambda: _timed(lambda: stock_pyro_epoch(svi, loader), device),
-    }
-    speeds: dict[str, list[float]] = {"pyrovae.fit (fast path)": [], **{k: [] for k in others}}
+    methods = {FAST: runs[0].epoch, EAGER: runs[1].epoch, PLAIN: runs[2].epoch}
+    methods[HAND] = lambda: _timed(
+        lambda: handwritten_epoch(*nets[1], opt, x, config.batch_size), device
+    )
+    if torch.device(device).type == "cuda":
+        graph: list[HandwrittenGraph] = []  # built in the warm-up round: its memory counts
 
-    def interleave(record):
-        warm = record["epoch"] == 1
-        if not warm:
-            speeds["pyrovae.fit (fast path)"].append(len(x) / record["seconds"])
-        for name, run in others.items():
-            seconds = run()
-            if not warm:
-                speeds[name].append(len(x) / seconds)
+        def graph_epoch():
+            if not graph:
+                graph.append(HandwrittenGraph(*nets[2], x, config.batch_size, config.lr))
+            return graph[0].epoch()
 
-    with pyro.validation_enabled(False):
-        fit(vae.model, vae.guide, x, epochs=rounds + 1, callback=interleave, **kwargs)
-    return speeds
+        methods[GRAPH] = lambda: _timed(graph_epoch, device)
+    methods[STOCK] = lambda: _timed(lambda: stock_pyro_epoch(svi, loader), device)
+    return methods, runs
 
 
-def bench_evaluation(x, config: Config, k: int, rounds: int = 2, device="cpu") -> dict:
-    """Seconds (median of ``rounds`` after a warm-up) and peak added memory to score images
-    ``x`` with K=``k`` importance samples, each way."""
+def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str, dict]:
+    """Images/s per epoch for each training method on images ``x``.
+
+    Every method runs one epoch per round, in the same order each round; the first round
+    (which includes each fit run's capture and the CUDA graph's recording) is a warm-up and is
+    not reported.
+
+    :returns: ``{method: {"speeds": [images/s per timed round], "memory": bytes or None}}``;
+        ``memory`` (CUDA only) is the most GPU memory the method had allocated at once beyond
+        what was allocated before its warm-up epoch (the data, the networks, the other
+        methods): what it keeps between epochs (optimizer state, a CUDA graph's pool) plus its
+        epochs' peak. On the CPU it is ``None``: a process's resident size cannot be split
+        between methods that share it.
+    """
     x = x.to(device)
+    methods, runs = _training_methods(x, config, rounds + 1, device)
+    cuda = torch.device(device).type == "cuda"
+    out = {name: {"speeds": [], "memory": 0 if cuda else None} for name in methods}
+    held = dict.fromkeys(methods, 0)  # what each method keeps allocated after its warm-up
+    try:
+        with pyro.validation_enabled(False):
+            for r in range(rounds + 1):
+                for name, run in list(methods.items()):
+                    if not _timed_epoch(name, run, len(x), out[name], held, r, device):
+                        del methods[name], out[name]
+    finally:
+        for run in runs:
+            run.close()
+    return out
+
+
+def _timed_epoch(name, run, n, out: dict, held: dict, r: int, device) -> bool:
+    # One epoch of one method in round r (0: the warm-up); False if the CUDA-graph loop failed
+    # to record (it is then left out, saying why, instead of losing the whole table).
+    mem = _PeakMemory(device) if out["memory"] is not None else None
+    try:
+        with mem or contextlib.nullcontext():
+            seconds = run()
+    except RuntimeError as e:
+        if name != GRAPH or r:
+            raise
+        print(f"# {GRAPH} left out: {e}", file=sys.stderr, flush=True)
+        return False
+    if mem is not None:
+        if r == 0:
+            held[name] = max(mem.held, 0)
+        out["memory"] = max(out["memory"], mem.peak + (held[name] if r else 0))
+    if r:
+        out["speeds"].append(n / seconds)
+    return True
+
+
+def bench_evaluation(
+    x, config: Config, k: int, rounds: int = 2, device="cpu", chunk_elements: int | None = None
+) -> dict:
+    """Seconds (median of ``rounds`` after a warm-up) and peak added memory to score images
+    ``x`` with K=``k`` importance samples, each way.
+
+    :param int chunk_elements: the chunk bound both methods use (``max_chunk_elements``);
+        default :func:`pyrovae.evaluation.default_chunk_elements` of the device.
+    """
+    x = x.to(device)
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(torch.device(device))
     vae = build_vae(config).to(device).eval()
     methods = {
-        "pyrovae.log_likelihood": lambda: log_likelihood(vae.model, vae.guide, x, num_samples=k),
-        "hand-written IS": lambda: handwritten_log_likelihood(vae.encoder, vae.decoder, x, k),
+        "pyrovae.log_likelihood": lambda: log_likelihood(
+            vae.model, vae.guide, x, num_samples=k, max_chunk_elements=chunk_elements
+        ),
+        "hand-written IS": lambda: handwritten_log_likelihood(
+            vae.encoder, vae.decoder, x, k, chunk_elements
+        ),
     }
     out = {name: {"seconds": [], "memory": 0} for name in methods}
     with pyro.validation_enabled(False):
@@ -259,46 +470,91 @@ def _dense_flops(config: Config, n: int, k: int) -> float:
     return 2.0 * n * (enc + k * dec)
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def _print_training(speeds: dict[str, dict], batch_size: int) -> None:
+    med = {name: statistics.median(r["speeds"]) for name, r in speeds.items()}
+    refs = [("vs hand", med[HAND]), ("vs stock", med[STOCK])]
+    if GRAPH in med:
+        refs.append(("vs graph", med[GRAPH]))
+    head = "".join(f" {name:>9s}" for name, _ in refs)
+    print(f"\ntraining, batch {batch_size:<13d} {'images/s':>10s} {'min':>9s} {'max':>9s} "
+          f"{'peak MiB':>9s}{head}")  # fmt: skip
+    for name, r in speeds.items():
+        ratios = "".join(f" {med[name] / ref:9.3f}" for _, ref in refs)
+        print(f"{name:29s} {med[name]:10.0f} {min(r['speeds']):9.0f} {max(r['speeds']):9.0f} "
+              f"{_mib(r['memory']):>9s}{ratios}")  # fmt: skip
+
+
+def _print_evaluation(res: dict, n: int, k: int, chunk: int, flops: float) -> None:
+    ref = statistics.median(res["hand-written IS"]["seconds"])
+    print(f"\nlog p(x), K={k}, {n} images, chunk {chunk} {'seconds':>8s} {'images/s':>9s} "
+          f"{'TFLOP/s':>8s} {'peak MiB':>9s} {'vs hand':>8s}")  # fmt: skip
+    width = len(f"log p(x), K={k}, {n} images, chunk {chunk}")
+    for name, r in res.items():
+        s = statistics.median(r["seconds"])
+        print(f"{name:{width}s} {s:8.2f} {n / s:9.1f} {flops / s / 1e12:8.3f} "
+              f"{_mib(r['memory']):>9s} {s / ref:8.3f}")  # fmt: skip
+
+
+def _check_args(args) -> None:
+    for key in ("eval_rounds",):
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if any(v < 1 for v in getattr(args, "chunk_elements", None) or []):
+        raise ValueError(f"--chunk-elements must be >= 1, got {args.chunk_elements}")
+
+
+def _header(args, x, arch: dict) -> str:
+    device = torch.device(args.device)
+    where = f"device {device}"
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    medians = []
+    if not getattr(args, "eval_only", False):
+        medians.append(f"training: medians of {args.rounds} rounds")
+    if not getattr(args, "train_only", False) and args.num_samples:
+        rounds = getattr(args, "eval_rounds", None) or args.rounds
+        medians.append(f"log p(x): medians of {rounds} rounds")
+    return (
+        f"# {args.dataset}: {len(x)} training images {tuple(x.shape[1:])}, {args.arch} network "
+        f"{arch}, {where}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{torch.get_num_threads()} threads; validation off; {'; '.join(medians)} after a "
+        "warm-up round"
+    )
+
+
 def main(args) -> int:
     """Print the benchmark tables (called by ``pyrovae bench``)."""
     from .data import load
 
+    _check_args(args)
     torch.manual_seed(args.seed)
     binarize = "none" if args.dataset == "binarized-mnist" else "threshold"
     train = load(args.dataset, "train", args.data_dir, binarize)
-    test = load(args.dataset, "test", args.data_dir, binarize)
     x = train.images if args.limit is None else train.images[: args.limit]
     arch = dict(ARCHITECTURES[args.arch])
-    print(
-        f"# {args.dataset}: {len(x)} training images {tuple(x.shape[1:])}, {args.arch} network "
-        f"{arch}, device {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; validation off; medians of {args.rounds} rounds"
-    )
-    for batch_size in args.batch_sizes:
-        config = Config(dataset=args.dataset, x_shape=train.x_shape, batch_size=batch_size,
-                        lr=1e-3, **arch)  # fmt: skip
-        config.validate()
-        speeds = bench_training(x, config, args.rounds, args.device)
-        ref = statistics.median(speeds["hand-written PyTorch"])
-        stock = statistics.median(speeds["stock Pyro (SVI.step)"])
-        print(f"\ntraining, batch {batch_size:<6d}     {'images/s':>10s} {'min':>9s} {'max':>9s} "
-              f"{'vs hand':>8s} {'vs stock':>9s}")  # fmt: skip
-        for name, values in speeds.items():
-            med = statistics.median(values)
-            print(f"{name:28s} {med:10.0f} {min(values):9.0f} {max(values):9.0f} "
-                  f"{med / ref:8.3f} {med / stock:9.3f}")  # fmt: skip
-    config = Config(dataset=args.dataset, x_shape=train.x_shape, **arch)
-    xt = test.images[: args.eval_n]
-    for k in args.num_samples:
-        res = bench_evaluation(xt, config, k, args.rounds, args.device)
-        ref = statistics.median(res["hand-written IS"]["seconds"])
-        flops = _dense_flops(config, len(xt), k)
-        print(f"\nlog p(x), K={k}, {len(xt)} images {'seconds':>8s} {'images/s':>9s} "
-              f"{'GFLOP/s':>8s} {'peak MiB':>9s} {'vs hand':>8s}")  # fmt: skip
-        for name, r in res.items():
-            s = statistics.median(r["seconds"])
-            print(f"{name:28s} {s:8.2f} {len(xt) / s:9.1f} {flops / s / 1e9:8.1f} "
-                  f"{r['memory'] / 2**20:9.0f} {s / ref:8.3f}")  # fmt: skip
+    print(_header(args, x, arch), flush=True)
+    if not getattr(args, "eval_only", False):
+        for batch_size in args.batch_sizes:
+            config = Config(dataset=args.dataset, x_shape=train.x_shape, batch_size=batch_size,
+                            lr=1e-3, **arch)  # fmt: skip
+            config.validate()
+            _print_training(bench_training(x, config, args.rounds, args.device), batch_size)
+    if not getattr(args, "train_only", False) and args.num_samples:
+        test = load(args.dataset, "test", args.data_dir, binarize)
+        config = Config(dataset=args.dataset, x_shape=train.x_shape, **arch)
+        xt = test.images[: args.eval_n]
+        rounds = getattr(args, "eval_rounds", None) or args.rounds
+        chunks = getattr(args, "chunk_elements", None) or [None]
+        for k in args.num_samples:
+            for chunk in chunks:
+                chunk = chunk or default_chunk_elements(torch.device(args.device))
+                res = bench_evaluation(xt, config, k, rounds, args.device, chunk)
+                _print_evaluation(res, len(xt), k, chunk, _dense_flops(config, len(xt), k))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak resident memory of this process: {peak:.0f} MiB")
     return 0
