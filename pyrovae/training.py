@@ -381,6 +381,11 @@ def _first_step(terms: list[_Term], batches) -> tuple[torch.Tensor, object, list
     for m in modules:
         m.zero_grad(set_to_none=True)
     loss = sum(t.weight * v for t, v in zip(terms, losses, strict=True))
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise ValueError(
+            "the loss has nothing to train: the model and guide have no sample sites that depend "
+            "on parameters (no pyro.sample inside, or no pyro.param/pyro.module/PyroModule)"
+        )
     loss.backward()
     return losses, param_capture.trace, modules
 

@@ -487,3 +487,12 @@ def test_dynamic_binarization_reaches_the_model():
 
     pyrovae.fit(model, vae.guide, data, epochs=1, batch_size=512, progress=False, fast=False)
     assert seen and all(values <= {0.0, 1.0} for values in seen)
+
+
+def test_a_pair_with_nothing_to_train_is_a_value_error():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pass
+
+    with pytest.raises(ValueError, match="nothing to train"):
+        pyrovae.fit(model, lambda x: None, torch.zeros(6, 2), epochs=1, progress=False)
