@@ -5,9 +5,11 @@ A run directory holds ``config.json`` and ``model.safetensors``; :func:`load_run
 exact model from them. A run that can be continued also holds the state of its last epoch:
 ``last.safetensors`` (the weights) and ``state.safetensors`` (the optimizer's moments and the
 random generators as tensors, the epoch and the caller's bookkeeping as JSON metadata), written
-by :func:`save_state` and read by :func:`load_state`. Files are written to a temporary name and
-renamed, so a crash never leaves a half-written checkpoint in place of the last good one. A pickle
-(``torch.save``) file offered as a checkpoint is refused, never unpickled.
+by :func:`save_state` and read by :func:`load_state`. Every safetensors file carries the SHA-256
+of its tensor data in its header, checked on load. Files are written atomically, and the files
+of an epoch are committed together through the run's manifest (:mod:`pyrovae.rundir`), so a
+kill at any instant leaves the old epoch or the new one, never a mix. A pickle (``torch.save``)
+file offered as a checkpoint is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -17,18 +19,24 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import _remove_duplicate_names
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import nn
 
+from . import rundir
 from .config import Config, build_vae
 from .errors import CheckpointError
+from .rundir import CONFIG, LAST, STATE, WEIGHTS
 from .training import TrainState
 from .vae import VAE
 
 __all__ = [
     "save_weights",
     "load_weights",
+    "weights_bytes",
+    "weights_id",
     "save_run",
     "load_run",
     "load_config",
@@ -40,31 +48,45 @@ __all__ = [
     "STATE",
 ]
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-LAST = "last.safetensors"
-STATE = "state.safetensors"
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    # safetensors bytes whose header carries the SHA-256 of the tensor data (the bytes after the
+    # header, which do not depend on the header)
+    raw = save_bytes(tensors, metadata=metadata)
+    digest = rundir.sha256(raw[8 + int.from_bytes(raw[:8], "little") :])
+    return save_bytes(tensors, metadata={**metadata, "sha256": digest})
+
+
+def weights_bytes(module: nn.Module, metadata: dict | None = None) -> bytes:
+    """A module's parameters and buffers as the bytes of a safetensors file (shared tensors
+    once), with its checksum.
+
+    :param dict metadata: extra string entries for the file's header.
+    """
+    state = module.state_dict()
+    meta = {"format": "pt", "writer": "pyrovae", **(metadata or {})}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            meta.setdefault(name, kept)
+            del state[name]
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return _serialize(tensors, meta)
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Save a module's parameters and buffers to ``path`` (safetensors), atomically.
 
     :param dict metadata: extra string entries for the file's header.
+    :raises WriteError: naming ``path`` if it cannot be written; the old file is kept.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {"format": "pt", "writer": "pyrovae", **(metadata or {})}
-    save_model(module, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    rundir.write_bytes(path, weights_bytes(module, metadata))
 
 
-def _refuse_pickle(path: Path) -> None:
+def _refuse_pickle(path: Path, head: bytes, size: int) -> None:
     # safetensors: an 8-byte little-endian header length, then the JSON header. Its first byte
     # can be 0x80 like a pickle's (a header of 128 + 256 n bytes), so that layout is checked first
-    with open(path, "rb") as f:
-        head = f.read(9)
     header = int.from_bytes(head[:8], "little")
-    if head[8:9] == b"{" and 8 + header <= path.stat().st_size:
+    if head[8:9] == b"{" and 8 + header <= size:
         return
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise CheckpointError(
@@ -73,51 +95,120 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+def _read(path: Path, what: str = "safetensors checkpoint") -> tuple[dict, dict]:
+    # (tensors on the CPU, metadata) of a safetensors file, its checksum verified
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    _refuse_pickle(path, raw[:9], len(raw))
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+        tensors = load_bytes(raw)
+    except (SafetensorError, ValueError, AttributeError, UnicodeDecodeError) as e:
+        problem = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{path} is not a readable {what}: {problem}") from None
+    digest = meta.get("sha256")
+    if digest is not None and digest != rundir.sha256(raw[8 + n :]):
+        raise CheckpointError(
+            f"{path} is corrupt: its data does not match the checksum in its header (changed "
+            "after it was written); restore it or train again"
+        )
+    return tensors, meta
+
+
+def _check_finite(tensors: dict, path: Path) -> None:
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(
+                f"{path} holds non-finite values (NaN or inf) in {name}; these weights cannot "
+                "be used: use an earlier checkpoint or train again"
+            )
+
+
+def _load_into(module: nn.Module, tensors: dict, path: Path) -> None:
+    # strict load_state_dict that allows shared tensors saved once (as safetensors' load_model)
+    removed = _remove_duplicate_names(module.state_dict(), preferred_names=tensors.keys())
+    try:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        problem = " ".join(str(e).split())
+        raise CheckpointError(f"{path} does not fit this model: {problem}") from None
+    missing = set(missing) - {name for group in removed.values() for name in group}
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]} (another architecture or config)"
+        )
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     """Load weights saved by :func:`save_weights` into ``module`` (strict: names and shapes
-    must match).
+    must match), after checking the file's checksum.
 
     :raises CheckpointError: if the file is missing, a pickle, corrupt, or does not fit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    _refuse_pickle(path)
-    try:
-        load_model(module, str(path), strict=True, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from e
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatch
-        raise CheckpointError(f"{path} does not fit this model: {e}") from e
+    tensors, _ = _read(path)
+    _load_into(module, {k: v.to(device) for k, v in tensors.items()}, path)
     return module
 
 
-def save_run(run_dir: str | os.PathLike, vae: VAE, config: Config) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``run_dir``."""
+def weights_id(path: str | os.PathLike) -> dict:
+    """What identifies a weights file: ``{"file", "epoch", "sha256"}`` (the epoch it was saved
+    at, if recorded, and the SHA-256 of the whole file), for files derived from it."""
+    path = Path(path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        epoch = (json.loads(raw[8 : 8 + n]).get("__metadata__") or {}).get("epoch")
+    except (ValueError, AttributeError):
+        epoch = None
+    epoch = int(epoch) if isinstance(epoch, str) and epoch.isdigit() else None
+    return {"file": path.name, "epoch": epoch, "sha256": rundir.sha256(raw)}
+
+
+def save_run(
+    run_dir: str | os.PathLike, vae: VAE, config: Config, epoch: int | None = None
+) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``run_dir``, together (through the
+    run's manifest when it has one).
+
+    :param epoch: the epoch these weights are from, recorded in the file.
+    :raises WriteError: naming the file that could not be written.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(config.to_json())
-    os.replace(tmp, run_dir / CONFIG)
-    save_weights(vae, run_dir / WEIGHTS)
+    meta = {} if epoch is None else {"epoch": str(int(epoch))}
+    files = {CONFIG: config.to_json().encode(), WEIGHTS: weights_bytes(vae, meta)}
+    if rundir.read_manifest(run_dir) is not None:
+        rundir.commit(run_dir, files)
+        return
+    for name, data in files.items():
+        rundir.write_bytes(run_dir / name, data)
 
 
 def load_config(run_dir: str | os.PathLike) -> Config:
-    """Read a run directory's config.
+    """Read a run directory's config, every value type- and range-checked.
 
-    :raises CheckpointError: if the directory or config is missing or corrupt.
+    :raises CheckpointError: naming the file and key if the directory or config is missing,
+        corrupt or invalid.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    cfg_path = run_dir / CONFIG
+    cfg_path = rundir.committed(run_dir, CONFIG)
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a pyrovae run: it has no {CONFIG}")
     try:
         config = Config.from_dict(json.loads(cfg_path.read_text()))
         config.validate()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt: {e}") from e
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG} is corrupt: {e}") from None
     return config
 
 
@@ -125,33 +216,21 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """Rebuild the model of a run directory from its config and weights.
 
     :returns: ``(vae, config)``, the model in eval mode on ``device``.
-    :raises CheckpointError: if anything is missing, corrupt or unsafe.
+    :raises CheckpointError: if anything is missing, corrupt, non-finite or unsafe.
     """
     config = load_config(run_dir)
+    if config.x_shape is None:
+        raise CheckpointError(f"{Path(run_dir) / CONFIG} has no x_shape: it is not a saved run")
     vae = build_vae(config)
-    load_weights(vae, Path(run_dir) / WEIGHTS, device=str(device))
+    path = rundir.committed(run_dir, WEIGHTS)
+    tensors, _ = _read(path)
+    _check_finite(tensors, Path(run_dir) / WEIGHTS)
+    _load_into(vae, tensors, Path(run_dir) / WEIGHTS)
     return vae.to(device).eval(), config
 
 
-def save_state(
-    run_dir: str | os.PathLike, module: nn.Module, state: TrainState, extra: dict | None = None
-) -> None:
-    """Save what it takes to continue training: ``module``'s weights now (``last.safetensors``)
-    and ``state`` (``state.safetensors``), both tagged with ``state.epoch``.
-
-    Call it at the end of an epoch, e.g. last thing in :func:`pyrovae.fit`'s callback, which
-    runs after fit has updated ``state``. The random generators are saved as they are at the
-    call (and set so in ``state``), after whatever the callback drew for validation: that is
-    where the next epoch's draws start, so a continued run repeats the uninterrupted one.
-
-    :param extra: JSON-serializable bookkeeping of the caller (e.g. an
-        :class:`~pyrovae.EarlyStopping`'s ``state_dict()``), returned by :func:`load_state`.
-    :raises ValueError: if ``state`` holds no optimizer state yet.
-    """
-    if state.optimizer is None:
-        raise ValueError("the training state has no optimizer state yet: save it after an epoch")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _state_bytes(module: nn.Module, state: TrainState, extra: dict | None) -> bytes:
+    # the optimizer's moments and the generators as tensors, the rest as JSON metadata
     tensors, moments = {}, {}
     for i, entry in state.optimizer["state"].items():
         moments[str(i)] = sorted(entry)
@@ -170,10 +249,96 @@ def save_state(
         "param_groups": state.optimizer["param_groups"],
         "extra": extra or {},
     }
-    tmp = run_dir / (STATE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"writer": "pyrovae", "state": json.dumps(meta)})
-    save_weights(module, run_dir / LAST, {"epoch": str(int(state.epoch))})
-    os.replace(tmp, run_dir / STATE)
+    return _serialize(tensors, {"writer": "pyrovae", "state": json.dumps(meta)})
+
+
+def save_state(
+    run_dir: str | os.PathLike,
+    module: nn.Module,
+    state: TrainState,
+    extra: dict | None = None,
+    files: dict[str, bytes] | None = None,
+) -> None:
+    """Save what it takes to continue training: ``module``'s weights now (``last.safetensors``)
+    and ``state`` (``state.safetensors``), both tagged with ``state.epoch``, committed together
+    with ``files`` as the run's epoch ``state.epoch``.
+
+    Call it at the end of an epoch, e.g. last thing in :func:`pyrovae.fit`'s callback, which
+    runs after fit has updated ``state``. The random generators are saved as they are at the
+    call (and set so in ``state``), after whatever the callback drew for validation: that is
+    where the next epoch's draws start, so a continued run repeats the uninterrupted one.
+
+    :param extra: JSON-serializable bookkeeping of the caller (e.g. an
+        :class:`~pyrovae.EarlyStopping`'s ``state_dict()``), returned by :func:`load_state`.
+    :param files: other files of the run that belong to this epoch (name -> bytes), e.g. the
+        metrics and the best checkpoint.
+    :raises ValueError: if ``state`` holds no optimizer state yet.
+    :raises WriteError: naming the file that could not be written; the run keeps its last epoch.
+    """
+    if state.optimizer is None:
+        raise ValueError("the training state has no optimizer state yet: save it after an epoch")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    epoch = {"epoch": str(int(state.epoch))}
+    new = {STATE: _state_bytes(module, state, extra), LAST: weights_bytes(module, epoch)}
+    rundir.commit(run_dir, {**new, **(files or {})}, epoch=int(state.epoch), stage="training")
+
+
+def _state_meta(path: Path) -> tuple[dict, dict, int]:
+    # (tensors, metadata, epoch) of a state file, the metadata's types checked
+    tensors, header = _read(path, "training state")
+    try:
+        meta = json.loads(header["state"])
+        epoch, moments, extra = meta["epoch"], meta["moments"], meta["extra"]
+        groups = meta["param_groups"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable training state: no {e}") from None
+    ok = (
+        type(epoch) is int
+        and epoch >= 1
+        and isinstance(extra, dict)
+        and isinstance(moments, dict)
+        and all(
+            isinstance(k, list) and all(isinstance(n, str) for n in k) for k in moments.values()
+        )
+        and isinstance(groups, list)
+        and all(isinstance(g, dict) for g in groups)
+    )
+    if not ok:
+        raise CheckpointError(f"{path} is not a readable training state: ill-typed metadata")
+    return tensors, meta, epoch
+
+
+def _check_rng(tensors: dict, path: Path) -> None:
+    rng = tensors.get("rng")
+    if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape):
+        raise CheckpointError(
+            f"{path} is corrupt: its random generator state has dtype {rng.dtype} and shape "
+            f"{tuple(rng.shape)}, not a CPU generator's"
+        )
+    cuda = tensors.get("cuda_rng")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
+        raise CheckpointError(f"{path} is corrupt: its CUDA generator state is not one")
+
+
+def _optimizer(tensors: dict, meta: dict, path: Path) -> dict:
+    try:
+        state = {
+            int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys}
+            for i, keys in meta["moments"].items()
+        }
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt: no optimizer tensor {e}") from None
+    if meta["param_groups"] and not state:
+        raise CheckpointError(f"{path} is corrupt: it holds no optimizer moments")
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _last_epoch(path: Path, tensors_meta: tuple[dict, dict]) -> int:
+    epoch = tensors_meta[1].get("epoch", "")
+    if not epoch.isdigit():
+        raise CheckpointError(f"{path} does not record its epoch: it is not a training checkpoint")
+    return int(epoch)
 
 
 def load_state(
@@ -187,33 +352,28 @@ def load_state(
         or do not fit ``module``.
     """
     run_dir = Path(run_dir)
-    path = run_dir / STATE
-    if not path.is_file() or not (run_dir / LAST).is_file():
+    path, last = rundir.committed(run_dir, STATE), rundir.committed(run_dir, LAST)
+    if not path.is_file() or not last.is_file():
         raise CheckpointError(
             f"{run_dir} holds no training state ({STATE} and {LAST}): it cannot be continued"
         )
-    _refuse_pickle(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["state"])
-        tensors = load_file(str(path))
-        with safe_open(str(run_dir / LAST), "pt") as f:
-            last_epoch = int((f.metadata() or {}).get("epoch", -1))
-        epoch = int(meta["epoch"])
-        optimizer = {
-            "state": {
-                int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys}
-                for i, keys in meta["moments"].items()
-            },
-            "param_groups": meta["param_groups"],
-        }
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a readable training state: {e}") from e
+    tensors, meta, epoch = _state_meta(path)
+    _check_rng(tensors, run_dir / STATE)
+    optimizer = _optimizer(tensors, meta, run_dir / STATE)
+    weights = _read(last)
+    last_epoch = _last_epoch(run_dir / LAST, weights)
     if last_epoch != epoch:
         raise CheckpointError(
             f"{run_dir}: {LAST} is from epoch {last_epoch} but {STATE} from epoch {epoch} (a "
             "save was interrupted); the run cannot be continued exactly"
         )
-    load_weights(module, run_dir / LAST, device=str(device))
+    manifest = rundir.read_manifest(run_dir)
+    if manifest is not None and manifest["epoch"] != epoch:
+        raise CheckpointError(
+            f"{run_dir}: {rundir.MANIFEST} commits epoch {manifest['epoch']} but {STATE} is from "
+            f"epoch {epoch}; restore the run's files"
+        )
+    _check_finite(weights[0], run_dir / LAST)
+    _load_into(module, {k: v.to(device) for k, v in weights[0].items()}, run_dir / LAST)
     state = TrainState(epoch, optimizer, tensors.get("rng"), tensors.get("cuda_rng"))
     return state, meta["extra"]

@@ -7,12 +7,37 @@ and leaves a run directory with the config, a checkpoint, per-epoch metrics and 
 from __future__ import annotations
 
 import argparse
-import csv
+import io
 import json
+import signal
 import sys
 import time
+import zipfile
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+
+from .errors import CheckpointError
+from .rundir import (
+    CONFIG,
+    LAST,
+    MANIFEST,
+    STATE,
+    SUMMARY,
+    WEIGHTS,
+    RunLock,
+    atomic_path,
+    clear_for_new_run,
+    commit,
+    committed,
+    metrics_bytes,
+    read_json,
+    read_manifest,
+    read_metrics,
+    recover,
+    update_manifest,
+)
+from .rundir import METRICS as METRICS_FILE
 
 __all__ = ["main", "build_parser"]
 
@@ -122,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (default: refuse it)")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("resume", help="continue an interrupted run where its last epoch ended")
@@ -150,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG file to write")
     s.add_argument("-n", "--num", type=int, default=64, help="number of images")
     s.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("plot", help="redraw a run's plots from its weights and metrics")
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", default=None, help="override the run's data root")
 
     b = sub.add_parser("bench", help="images/s of fit and log p(x) against hand-written PyTorch")
     b.add_argument("--dataset", choices=list(DATASETS), default="digits")
@@ -191,15 +222,23 @@ def _load(config, split: str):
     from .data import load
 
     options = {key: getattr(config, key) for key in FOLDER_OPTIONS}
-    return load(
-        config.dataset,
-        split,
-        config.data_dir,
-        config.binarize,
-        config.download,
-        config.seed,
-        **options,
-    )
+    try:
+        return load(
+            config.dataset,
+            split,
+            config.data_dir,
+            config.binarize,
+            config.download,
+            config.seed,
+            **options,
+        )
+    except (EOFError, zipfile.BadZipFile, KeyError) as e:  # a truncated or corrupt file
+        from .errors import DataError
+
+        raise DataError(
+            f"the {config.dataset} data in {config.data_dir or 'the default data root'} is "
+            f"truncated or corrupt ({type(e).__name__}: {e}); replace the file"
+        ) from None
 
 
 #: Columns of metrics.csv: fit's record, the KL weight β of the epoch, and (with --test-every)
@@ -207,11 +246,15 @@ def _load(config, split: str):
 METRICS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "test_ll"]
 
 
-def _write_metrics(run_dir: Path, records: list[dict]) -> None:
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+def _draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
+    # the plots, each renamed into place once drawn, registered as made from the best weights
+    from .checkpoint import weights_id
+    from .rundir import WEIGHTS, register_derived, staging_dir
+
+    with staging_dir(run_dir) as tmp:
+        _plots(tmp, vae, records, data, seed)
+        names = [p.name for p in tmp.iterdir()]
+    register_derived(run_dir, names, weights_id(run_dir / WEIGHTS)["sha256"])
 
 
 def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
@@ -268,21 +311,66 @@ def _train(args) -> int:
     _check_train_args(args)
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = {key: getattr(args, key) for key in OPTIONS}
-    return _run_training(run_dir, config, options, progress=not args.no_progress)
+    created = not run_dir.exists()
+    try:
+        with _writer(run_dir, "pyrovae train"):
+            clear_for_new_run(run_dir, args.overwrite)
+            return _run_training(run_dir, config, options, progress=not args.no_progress)
+    finally:  # a run that failed before anything was saved leaves no directory
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+@contextmanager
+def _writer(run_dir: Path, command: str, note: bool = True):
+    # hold the run's lock; on an interrupt, say which epoch is saved and how to continue
+    lock = RunLock(run_dir, command)
+    with lock:
+        if lock.took_over:
+            who = lock.took_over
+            print(f"{command}: took over the lock of pid {who.get('pid')} ({who.get('command')}), "
+                  "which is no longer running", file=sys.stderr)  # fmt: skip
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not note:
+                raise
+            raise KeyboardInterrupt(_saved_note(run_dir)) from None
+
+
+def _saved_note(run_dir: Path) -> str:
+    try:
+        manifest = read_manifest(run_dir)
+    except ValueError:
+        manifest = None
+    if manifest is None:
+        return f"nothing was saved in {run_dir}"
+    if manifest["stage"] == "done":
+        return f"the run in {run_dir} is complete"
+    saved = f"epoch {manifest['epoch']} is saved" if manifest["epoch"] else "no epoch is saved yet"
+    return f"{saved} in {run_dir}; continue with `pyrovae resume {run_dir}`"
 
 
 def _resume(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    with _writer(run_dir, "pyrovae resume"):
+        return _resume_locked(run_dir, args)
+
+
+def _resume_locked(run_dir: Path, args) -> int:
     from .checkpoint import load_config
 
-    run_dir = Path(args.run_dir)
+    manifest = recover(run_dir)
     config = load_config(run_dir)
-    finished = run_dir / "train.json"
-    if finished.is_file():
-        summary = json.loads(finished.read_text())
-        if summary.get("stopped_early"):
+    finished = run_dir / SUMMARY
+    if finished.is_file() and (manifest is None or manifest["stage"] == "done"):
+        summary = read_json(finished, "the run's summary")
+        if summary.get("stopped_early") is True:
             raise ValueError(
-                f"{run_dir} stopped early at epoch {summary['epochs_run']} (no better validation "
-                f"ELBO for {config.patience} epochs); there is nothing to continue"
+                f"{run_dir} stopped early at epoch {summary.get('epochs_run')} (no better "
+                f"validation ELBO for {config.patience} epochs); there is nothing to continue"
             )
     if args.epochs is not None:
         if args.epochs < 1:
@@ -295,17 +383,67 @@ def _resume(args) -> int:
     return _run_training(run_dir, config, None, progress=not args.no_progress)
 
 
-def _read_metrics(run_dir: Path, last_epoch: int) -> list[dict]:
-    # metrics.csv back into records, up to the saved epoch (a later row was not saved in full)
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    records = []
-    for row in rows:
-        record = {k: (None if v in ("", None) else float(v)) for k, v in row.items()}
-        record["epoch"] = int(record["epoch"])
-        if record["epoch"] <= last_epoch:
-            records.append(record)
-    return records
+def _check_extra(extra: dict, path: Path) -> dict:
+    # the CLI's bookkeeping in a saved state, type-checked
+    options, stopper = extra.get("options"), extra.get("stopper")
+    ok = (
+        isinstance(options, dict)
+        and all(type(options.get(k)) is int and options[k] >= 0 for k in OPTIONS)
+        and type(extra.get("train_seconds")) in (int, float)
+        and isinstance(stopper, dict)
+        and type(stopper.get("wait")) is int
+        and type(stopper.get("best_value")) in (int, float)
+        and all(type(stopper.get(k)) in (int, type(None)) for k in ("best_epoch", "stopped_epoch"))
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path} lacks the CLI's bookkeeping (options, stopper, train_seconds) or it is "
+            "ill-typed: it was not saved by pyrovae train; the run cannot be continued"
+        )
+    return extra
+
+
+def _continue(run_dir: Path, config, vae, device, stopper):
+    # the run saved in run_dir, loaded into vae and stopper: (state, records, options, seconds)
+    from .checkpoint import load_state, load_weights
+    from .config import build_vae
+    from .training import TrainState
+
+    manifest = read_manifest(run_dir)
+    if manifest is not None and manifest["epoch"] == 0:  # cut off before its first epoch
+        extra = {"options": manifest.get("options"), "train_seconds": 0.0,
+                 "stopper": stopper.state_dict() | {"best_value": 0.0}}  # fmt: skip
+        _check_extra(extra, run_dir / MANIFEST)
+        return TrainState(), [], extra["options"], 0.0
+    state, extra = load_state(run_dir, vae, device)
+    extra = _check_extra(extra, run_dir / STATE)
+    if manifest is not None:
+        done = manifest["stage"] == "done"
+    else:  # a run of an older pyrovae: its train.json may be an earlier call's
+        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+        done = type(summary.get("epochs_run")) is int and summary["epochs_run"] >= state.epoch
+    if state.epoch > config.epochs or (state.epoch == config.epochs and done):
+        raise ValueError(
+            f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
+            f"N > {state.epoch} to train longer"
+        )
+    best = load_weights(build_vae(config), committed(run_dir, WEIGHTS))
+    stopper.load_state_dict(
+        extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
+    )
+    records = read_metrics(run_dir, state.epoch)
+    return state, records, extra["options"], float(extra["train_seconds"])
+
+
+def _commit_start(run_dir: Path, config, epoch: int, options: dict) -> None:
+    # the config this call trains with, committed before its first epoch; a run of an older
+    # pyrovae (no manifest) has its files adopted into one
+    files = {CONFIG: config.to_json().encode()}
+    if read_manifest(run_dir) is None:
+        for name in (WEIGHTS, LAST, STATE, METRICS_FILE):
+            if (run_dir / name).is_file():
+                files[name] = (run_dir / name).read_bytes()
+    commit(run_dir, files, epoch=epoch, stage="training", options=options)
 
 
 def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -> int:
@@ -314,7 +452,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     stopping and metrics as at the end of its last epoch)."""
     import pyro
 
-    from .checkpoint import WEIGHTS, load_state, load_weights, save_run, save_state
+    from .checkpoint import save_state, weights_bytes
     from .config import build_vae
     from .data import ImageDataset, spread
     from .errors import NonFiniteLossError
@@ -322,12 +460,12 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     from .objectives import make_loss
     from .schedules import KLSchedule
     from .selection import EarlyStopping
-    from .training import TrainState, fit, resolve_device
+    from .training import TrainState, fit
 
     # a fresh model: no parameter of an earlier run in this process may shadow its own (a
     # PyroModule registers its parameters in the global store by name)
     pyro.clear_param_store()
-    device = resolve_device(config.device)
+    device = _device(config.device)
     config.binarize = _resolve_binarize(config)
     train, valid = _load(config, "train"), _load(config, "valid")
     if config.train_limit is not None and config.train_limit < len(train):
@@ -344,32 +482,19 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     vae.check_data(check)
     state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
     last_epoch = config.epochs  # the epoch to train up to
+    best = {}  # the best checkpoint, committed with its epoch
+
+    def keep_best(record: dict) -> None:
+        best[WEIGHTS] = weights_bytes(vae, {"epoch": str(record["epoch"])})
+
     stopper = EarlyStopping(
-        vae,
-        valid.images.to(device),
-        config.patience,
-        config.warmup,
-        on_improve=lambda record: save_run(run_dir, vae, config),  # the best checkpoint
+        vae, valid.images.to(device), config.patience, config.warmup, on_improve=keep_best
     )
     if options is None:  # continue the run saved in run_dir
-        state, extra = load_state(run_dir, vae, device)
-        summary = run_dir / "train.json"  # may be an earlier call's, if this one was cut off
-        summarized = summary.is_file() and json.loads(summary.read_text())["epochs_run"] >= (
-            state.epoch
-        )
-        if state.epoch > config.epochs or (state.epoch == config.epochs and summarized):
-            raise ValueError(
-                f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
-                f"N > {state.epoch} to train longer"
-            )
-        options, before = extra["options"], float(extra["train_seconds"])
-        best = load_weights(build_vae(config), run_dir / WEIGHTS)
-        stopper.load_state_dict(
-            extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
-        )
-        records = _read_metrics(run_dir, state.epoch)
+        state, records, options, before = _continue(run_dir, config, vae, device, stopper)
         if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
             last_epoch = state.epoch  # nothing to train: only finish the run
+    _commit_start(run_dir, config, state.epoch, options)
     # the plain ELBO is fit's default objective (which fit knows how to run fastest)
     default = (config.loss, config.particles) == ("elbo", 1)
     loss = None if default else make_loss(config.loss, config.particles)
@@ -390,10 +515,11 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
             ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"])
             record["test_ll"] = float(ll.mean())
         records.append(record)
-        _write_metrics(run_dir, records)
         seconds = before + time.perf_counter() - start
         extra = {"stopper": stopper.state_dict(), "options": options, "train_seconds": seconds}
-        save_state(run_dir, vae, state, extra)  # what `pyrovae resume` continues from
+        files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
+        save_state(run_dir, vae, state, extra, files)  # what `pyrovae resume` continues from
+        best.clear()
         return stop
 
     what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
@@ -428,9 +554,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     seconds = before + time.perf_counter() - start
     if stopper.best_epoch is None:
         raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
-    stopper.restore()
+    stopper.restore()  # the best weights, as committed in model.safetensors
     vae.beta = config.beta
-    save_run(run_dir, vae, config)  # the best weights, and the config with its epochs
     summary = {
         "best_epoch": stopper.best_epoch,
         "best_val_elbo": stopper.best_value,
@@ -440,8 +565,10 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         "device": str(device),
         "skipped_files": len(train.skipped) + len(valid.skipped),
     }
-    (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
-    _plots(run_dir, vae, records, valid, config.seed)
+    files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
+    commit(run_dir, files, stage="finishing")  # a run cut off from here is only finished
+    _draw_plots(run_dir, vae, records, valid, config.seed)
+    update_manifest(run_dir, stage="done")
     stop = f"stopped early at epoch {len(records)}; " if summary["stopped_early"] else ""
     print(
         f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
@@ -450,18 +577,51 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     return 0
 
 
+def _device(name: str | None):
+    # the torch device to train or score on: one that can (not meta, say)
+    from .training import resolve_device
+
+    device = resolve_device(name)
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name}: pyrovae runs on cpu or cuda, not {device.type}")
+    return device
+
+
 def _evaluate(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    with _writer(run_dir, "pyrovae evaluate", note=False):
+        recover(run_dir)
+        return _evaluate_locked(args)
+
+
+def _rescoring_note(run_dir: Path, ident: dict) -> None:
+    # evaluate says when it replaces an earlier score, and of which weights that one was
+    old = run_dir / "eval.json"
+    if not old.is_file():
+        return
+    try:
+        before = json.loads(old.read_text()).get("checkpoint") or {}
+    except (ValueError, AttributeError):
+        before = {}
+    same = "the same weights" if before.get("sha256") == ident["sha256"] else "other weights"
+    print(f"re-scoring: replacing {old} (of {same}, epoch {before.get('epoch')})")
+
+
+def _evaluate_locked(args) -> int:
     import numpy as np
     import pyro
 
-    from .checkpoint import load_run
+    from .checkpoint import load_run, weights_id
     from .data import spread
     from .evaluation import elbo, log_likelihood
     from .likelihoods import bits_per_dim
-    from .training import resolve_device
+    from .rundir import DERIVED, register_derived, write_text
 
-    device = resolve_device(args.device)
+    device = _device(args.device)
     vae, config = load_run(args.run_dir, device)
+    ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     data = _load(config, args.split)
@@ -490,6 +650,7 @@ def _evaluate(args) -> int:
         "dataset": config.dataset,
         "seconds": seconds,
         "device": str(device),
+        "checkpoint": ident,
     }
     bpd = ""
     if vae.likelihood.levels is not None:  # a probability mass on 8-bit values: bits/dim
@@ -497,16 +658,23 @@ def _evaluate(args) -> int:
         result["bits_per_dim"] = float(bits.mean())
         result["bits_per_dim_se"] = float(bits.std() / len(bits) ** 0.5) if len(bits) > 1 else None
         bpd = f", {result['bits_per_dim']:.4f} bits/dim"
-    Path(args.run_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    run_dir = Path(args.run_dir)
+    _rescoring_note(run_dir, ident)
+    write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     # per-image values, in the order scored: paired comparisons between runs on the same images
-    np.savetxt(Path(args.run_dir, "log_px.csv"), ll.cpu().double().numpy(), fmt="%.6f")
+    values = io.StringIO()
+    header = f"log p(x) of {WEIGHTS} epoch {ident['epoch']} sha256 {ident['sha256']}"
+    np.savetxt(values, ll.cpu().double().numpy(), fmt="%.6f", header=header)
+    write_text(run_dir / "log_px.csv", values.getvalue())
     from . import plots
 
-    plots.plot_log_likelihood(
-        ll.cpu(),
-        Path(args.run_dir, "log_px.png"),
-        title=f"log p(x), {args.split} split, K={args.num_samples}",
-    )
+    with atomic_path(run_dir / "log_px.png") as tmp:
+        plots.plot_log_likelihood(
+            ll.cpu(),
+            tmp,
+            title=f"log p(x), {args.split} split, K={args.num_samples}, epoch {ident['epoch']}",
+        )
+    register_derived(run_dir, DERIVED, ident["sha256"])
     print(
         f"{config.dataset} {args.split} (n={len(x)}): ELBO {result['elbo']:.3f}, "
         f"log p(x) {result['log_likelihood']:.3f} nats{bpd} (K={args.num_samples}, "
@@ -550,26 +718,67 @@ def _bench(args) -> int:
     return bench_main(args)
 
 
+def _plot(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    with _writer(run_dir, "pyrovae plot", note=False):
+        manifest = recover(run_dir)
+        return _plot_locked(run_dir, args, manifest)
+
+
+def _plot_locked(run_dir: Path, args, manifest: dict | None) -> int:
+    # the plots of a run, redrawn from its best weights, metrics and validation data
+    from .checkpoint import load_run
+
+    vae, config = load_run(run_dir)
+    if args.data_dir is not None:
+        config.data_dir = args.data_dir
+    if manifest is not None and manifest["epoch"] == 0:
+        raise CheckpointError(f"{run_dir} has no epoch saved yet: nothing to plot")
+    epochs = manifest["epoch"] if manifest is not None else None
+    if epochs is None:  # a run of an older pyrovae: as many rows as metrics.csv holds
+        epochs = sum(1 for _ in (run_dir / METRICS_FILE).open()) - 1
+    records = read_metrics(run_dir, epochs)
+    _draw_plots(run_dir, vae, records, _load(config, "valid"), config.seed)
+    print(f"plots of {run_dir} redrawn from its weights and {len(records)} epochs of metrics")
+    return 0
+
+
 COMMANDS = {
     "train": _train,
     "resume": _resume,
     "evaluate": _evaluate,
     "sample": _sample,
+    "plot": _plot,
     "bench": _bench,
 }
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (errors print one line to stderr)."""
+    """Run the CLI; returns the exit status (errors print one line to stderr). SIGTERM stops
+    it like SIGINT: the run keeps its last saved epoch, and the message says how to continue."""
     args = build_parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        note = f"; {e}" if str(e) else ""
+        print(f"pyrovae {args.command}: interrupted{note}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

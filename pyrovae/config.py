@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -16,6 +17,31 @@ from .priors import PRIORS, check_positive, make_prior
 from .vae import VAE, BaseVAE
 
 __all__ = ["Config", "build_vae", "LOSSES", "MODELS"]
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+#: Upper bound of a network size (a guard against typos that would exhaust memory).
+MAX_SIZE = 1 << 20
+
+
+def _typed(key: str, value, kind: str):
+    # value checked against a field's annotation (as a string: int, float | None, ...)
+    base = kind.removesuffix(" | None")
+    if value is None and base != kind:
+        return None
+    if base == "tuple[int, ...]":
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key} must be a list of integers, got {value!r}")
+        return tuple(_typed(key, v, "int") for v in value)
+    ok = {
+        "int": type(value) is int,
+        "float": type(value) in (int, float) and math.isfinite(value),
+        "bool": type(value) is bool,
+        "str": type(value) is str,
+    }[base]
+    if not ok:
+        raise ValueError(f"{key} must be {_KINDS[base]}, got {value!r}")
+    return float(value) if base == "float" else value
 
 
 @dataclass
@@ -69,16 +95,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """Build from a dict (e.g. parsed JSON); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """Build from a dict (e.g. parsed JSON), every value type-checked against its field (an
+        int means an int: ``8.0`` or ``true`` is refused); unknown keys are an error.
+
+        :raises ValueError: naming the key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a JSON object of settings, not {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        for key in ("hidden", "x_shape", "widths"):
-            if d.get(key) is not None:
-                d[key] = tuple(int(v) for v in d[key])
-        return cls(**d)
+        return cls(**{key: _typed(key, value, known[key]) for key, value in d.items()})
 
     def validate(self) -> None:
         """Check names and sizes before any data is loaded or training starts.
@@ -110,6 +138,7 @@ class Config:
                 check_positive(key, getattr(self, key))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        self._check_ranges()
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive integers, got {self.hidden}")
         if not self.widths or any(w < 1 for w in self.widths):
@@ -136,6 +165,28 @@ class Config:
                 f"the flow {flows[0]}'s autoregressive networks use the hidden sizes "
                 f"{self.hidden}, which must each be >= z_dim={self.z_dim}"
             )
+
+    def _check_ranges(self) -> None:
+        # sizes a typo could make absurd, shapes, seeds and fractions
+        sizes = {"z_dim": [self.z_dim], "hidden": self.hidden, "widths": self.widths,
+                 "components": [self.components], "flows": [self.flows],
+                 "particles": [self.particles], "mixtures": [self.mixtures]}  # fmt: skip
+        for key, values in sizes.items():
+            if any(v > MAX_SIZE for v in values):
+                raise ValueError(f"{key} must be <= {MAX_SIZE}, got {values}")
+        if self.x_shape is not None and (
+            not 1 <= len(self.x_shape) <= 3 or any(s < 1 for s in self.x_shape)
+        ):
+            raise ValueError(f"x_shape must be 1 to 3 positive sizes, got {list(self.x_shape)}")
+        if self.x_shape is not None and math.prod(self.x_shape) > 1 << 26:
+            raise ValueError(f"x_shape {list(self.x_shape)} is too large")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
+        if not self.variance > 0:
+            raise ValueError(f"variance must be > 0, got {self.variance}")
+        for key in ("valid_fraction", "test_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
 
 
 def _likelihood(config: Config):

@@ -3,7 +3,7 @@ every bad-input error, and each message names the problem."""
 
 from __future__ import annotations
 
-__all__ = ["DataError", "CheckpointError", "NonFiniteLossError"]
+__all__ = ["DataError", "CheckpointError", "RunInUseError", "WriteError", "NonFiniteLossError"]
 
 
 class DataError(ValueError):
@@ -12,7 +12,17 @@ class DataError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A run directory or checkpoint that is missing, corrupt, or not a safe weights file."""
+    """A run directory or checkpoint that is missing, corrupt, inconsistent, or not a safe weights
+    file."""
+
+
+class RunInUseError(CheckpointError):
+    """A run directory that another live process is writing (it holds the directory's lock)."""
+
+
+class WriteError(CheckpointError):
+    """A file of a run directory that could not be written (disk full, no permission, ...); the
+    file it would have replaced is left as it was."""
 
 
 class NonFiniteLossError(ValueError):

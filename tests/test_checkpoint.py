@@ -7,6 +7,7 @@ import torch
 import pyrovae
 from pyrovae import CheckpointError
 from pyrovae.checkpoint import CONFIG, WEIGHTS, load_weights, save_weights
+from pyrovae.errors import WriteError
 
 
 def _trained_run(tmp_path):
@@ -103,13 +104,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     vae, _, _ = _trained_run(tmp_path)
     good = (tmp_path / WEIGHTS).read_bytes()
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def broken(tmp, data):
+        tmp.write_bytes(data[:100])  # a part written, then the disk is full
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pyrovae.checkpoint.save_model", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("pyrovae.rundir._write", broken)
+    with pytest.raises(WriteError, match=r"cannot write .*model.safetensors: No space left"):
         save_weights(vae, tmp_path / WEIGHTS)
     assert (tmp_path / WEIGHTS).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]  # no temporary left
 
 
 def test_training_state_round_trip_and_refusals(tmp_path):

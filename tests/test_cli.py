@@ -107,15 +107,15 @@ def test_non_finite_loss_keeps_last_good_checkpoint(capsys, tmp_path, monkeypatc
     # the checkpoint written after epoch 1 is left intact.
     import pyrovae.checkpoint
 
-    original, saved = pyrovae.checkpoint.save_run, []
+    original, saved = pyrovae.checkpoint.save_state, []
 
-    def save_then_diverge(run_dir, vae, config):
-        original(run_dir, vae, config)
+    def save_then_diverge(run_dir, vae, *args):
+        original(run_dir, vae, *args)
         saved.append({k: v.clone() for k, v in vae.state_dict().items()})
         with torch.no_grad():
             vae.decoder.out.bias.fill_(float("nan"))
 
-    monkeypatch.setattr(pyrovae.checkpoint, "save_run", save_then_diverge)
+    monkeypatch.setattr(pyrovae.checkpoint, "save_state", save_then_diverge)
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), "--epochs", "3", "--hidden", "32", "--no-progress"]
     err = _one_line_error(capsys, argv, "non-finite loss at epoch 2, step 1")
@@ -234,10 +234,12 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
         k: b[k] for k in b if k != "train_seconds"
     }
     assert json.loads((parts / "config.json").read_text())["epochs"] == 4
-    # a run cut off after its last epoch was saved, before its summary (train.json is still the
-    # one of the call that trained 2 epochs): resume only finishes it
+    # a run cut off after its last epoch was saved, before its summary (its manifest still at
+    # the training stage): resume only finishes it
+    from pyrovae import rundir
+
     summary = (parts / "train.json").read_text()
-    (parts / "train.json").write_text(json.dumps(json.loads(summary) | {"epochs_run": 2}))
+    rundir.update_manifest(parts, stage="training")
     (parts / "elbo.png").unlink()
     assert cli.main(["resume", str(parts), "--no-progress"]) == 0
     assert json.loads((parts / "train.json").read_text())["epochs_run"] == 4
@@ -255,19 +257,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
     state, extra = load_state(parts, vae)
     extra["stopper"]["stopped_epoch"] = 4
     save_state(parts, vae, state, extra)
-    (parts / "train.json").unlink()
     assert cli.main(["resume", str(parts), "--epochs", "9", "--no-progress"]) == 0
     done = json.loads((parts / "train.json").read_text())
     assert done["stopped_early"] and done["epochs_run"] == 4 and metrics(parts) == metrics(whole)
     assert json.loads((parts / "config.json").read_text())["epochs"] == 9  # the budget it had
-    (parts / "train.json").write_text(summary)
     # nothing left to do, and runs that cannot be continued, each in one line
-    _one_line_error(
-        capsys, ["resume", str(parts), "--epochs", "4"], "has trained 4 epochs already; give"
-    )
-    stopped = json.loads((parts / "train.json").read_text()) | {"stopped_early": True}
-    (parts / "train.json").write_text(json.dumps(stopped))
     _one_line_error(capsys, ["resume", str(parts), "--epochs", "9"], "stopped early at epoch 4")
+    _one_line_error(
+        capsys, ["resume", str(whole), "--epochs", "4"], "has trained 4 epochs already; give"
+    )
     (whole / "state.safetensors").unlink()
     _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], "holds no training state")
     _one_line_error(capsys, ["resume", str(tmp_path / "nope")], "does not exist")

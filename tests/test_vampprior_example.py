@@ -59,6 +59,13 @@ def test_tiny_budget_end_to_end(tmp_path, monkeypatch):
     assert again["hvae-vampprior"]["epochs_run"] == 3 and (out / "hvae-vampprior" / "eval.json")
     # ... and with more --epochs, a row interrupted after its last saved epoch continues from
     # it, and rows that ran out of epochs continue to the new budget and are scored again
+    # (a run cut off after its last epoch's commit, before its summary: stage "finishing")
+    from pyrovae import rundir
+
+    manifest = rundir.read_manifest(out / "vampprior")
+    del manifest["files"]["train.json"]
+    manifest["stage"] = "finishing"
+    rundir.write_text(out / "vampprior" / "manifest.json", json.dumps(manifest))
     (out / "vampprior" / "train.json").unlink()
     assert example.main([*argv, "--resume", "--epochs", "4"]) == 0
     again = {r["name"]: r for r in json.loads((out / "results.json").read_text())}

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from pyrovae import CheckpointError, Config
+from pyrovae.checkpoint import load_config
+
+
+def test_round_trip_through_json():
+    config = Config(x_shape=(1, 8, 8), hidden=(32, 16), patience=3, data_dir="/d")
+    assert Config.from_dict(json.loads(config.to_json())) == config
+
+
+@pytest.mark.parametrize("values, match", [
+    ([], "a config is a JSON object of settings, not list"),
+    ({"z_dim": 8.0}, "z_dim must be an integer, got 8.0"),
+    ({"z_dim": 1e12}, "z_dim must be an integer"),
+    ({"z_dim": True}, "z_dim must be an integer, got True"),
+    ({"z_dim": 10**12}, "z_dim must be <= 1048576"),
+    ({"x_shape": [-1, 8, 8]}, "x_shape must be 1 to 3 positive sizes"),
+    ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"allow_non_binary": "no"}, "allow_non_binary must be true or false, got 'no'"),
+    ({"hidden": [256.7]}, "hidden must be an integer, got 256.7"),
+    ({"hidden": 256}, "hidden must be a list of integers"),
+    ({"lr": "0.1"}, "lr must be a number"),
+    ({"epochs": 2.5}, "epochs must be an integer"),
+    ({"patience": None, "data_dir": 3}, "data_dir must be a string"),
+    ({"valid_fraction": 1.5}, "valid_fraction must be in [0, 1)"),
+    ({"frobs": 1}, "unknown config keys: frobs"),
+])  # fmt: skip
+def test_config_values_are_type_and_range_checked_naming_key_and_file(tmp_path, values, match):
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match="config.json is corrupt: ") as info:
+        load_config(tmp_path)
+    assert match in str(info.value) and "\n" not in str(info.value)
