@@ -143,6 +143,7 @@ class LearnedGaussian(Likelihood):
     """
 
     num_params = 2
+    pixel = dist.Normal  # the per-pixel distribution of (loc, scale)
 
     def __init__(self, min_scale: float = 1e-3):
         if not min_scale > 0:
@@ -153,7 +154,7 @@ class LearnedGaussian(Likelihood):
     def forward(self, params: torch.Tensor, event_dim: int) -> dist.TorchDistribution:
         loc = _param(params, event_dim, 0)  # (..., *x_shape)
         scale = F.softplus(_param(params, event_dim, 1)) + self.min_scale  # (..., *x_shape)
-        return dist.Normal(loc, scale, validate_args=False).to_event(event_dim)
+        return self.pixel(loc, scale, validate_args=False).to_event(event_dim)
 
     def mean(self, params: torch.Tensor, event_dim: int) -> torch.Tensor:
         return _param(params, event_dim, 0)
@@ -390,26 +391,16 @@ class DiscretizedLogisticMixtureDistribution(dist.TorchDistribution):
             return torch.stack(x, dim=-2).reshape(*shape, *self.event_shape)
 
 
-class DiscretizedGaussian(Likelihood):
+class DiscretizedGaussian(LearnedGaussian):
     """Discretized Gaussian pixels [3]: N(f(z), diag g(z)²) discretized to the 256 values of
-    8-bit pixels (:class:`DiscretizedNormal`), so p(x|z) is a probability mass.
+    8-bit pixels (:class:`DiscretizedNormal`), so p(x|z) is a probability mass. The decoder's
+    outputs are read as by :class:`LearnedGaussian`.
 
     :param float min_scale: floor added to ``softplus`` of the decoder's scale output.
     """
 
-    num_params = 2
+    pixel = DiscretizedNormal
     levels = LEVELS
-
-    def __init__(self, min_scale: float = 1e-3):
-        if not min_scale > 0:
-            raise ValueError(f"min_scale must be > 0, got {min_scale}")
-        super().__init__()
-        self.min_scale = float(min_scale)
-
-    def forward(self, params: torch.Tensor, event_dim: int) -> dist.TorchDistribution:
-        loc = _param(params, event_dim, 0)  # (..., *x_shape)
-        scale = F.softplus(_param(params, event_dim, 1)) + self.min_scale  # (..., *x_shape)
-        return DiscretizedNormal(loc, scale, validate_args=False).to_event(event_dim)
 
     def mean(self, params: torch.Tensor, event_dim: int) -> torch.Tensor:
         return _param(params, event_dim, 0).clamp(0, 1)
