@@ -7,7 +7,7 @@ log p(x) per datapoint), and build the classic VAE from swappable pieces with :c
 from . import data, guides, likelihoods, nets, objectives, priors, schedules, selection
 from .checkpoint import load_run, load_state, load_weights, save_run, save_state, save_weights
 from .config import Config, build_vae
-from .errors import CheckpointError, DataError, NonFiniteLossError
+from .errors import CheckpointError, DataError, NonFiniteLossError, RunInUseError, WriteError
 from .evaluation import elbo, iwae, log_likelihood
 from .hvae import HVAE
 from .objectives import IWAE
@@ -42,6 +42,8 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "NonFiniteLossError",
+    "RunInUseError",
+    "WriteError",
     "data",
     "likelihoods",
     "nets",

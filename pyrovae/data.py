@@ -29,6 +29,8 @@ from __future__ import annotations
 import gzip
 import inspect
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -150,15 +152,27 @@ def _digits(split: str, root: Path, download: bool):
     return images[idx, None], labels[idx]
 
 
+def _read_npz(path: Path, key: str) -> np.ndarray:
+    # the file is opened (and closed) here, so a corrupt archive leaves no open handle behind
+    try:
+        with open(path, "rb") as fh, np.load(fh) as archive:
+            if key not in archive.files:
+                held = ", ".join(archive.files) or "nothing"
+                raise DataError(f"{path} has no array {key!r} (it holds: {held})")
+            return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, DataError):
+            raise
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        message = f"cannot read {key!r} from {path} (a corrupt or partial file?): {what}"
+        raise DataError(message) from e
+
+
 def _binarized_mnist(split: str, root: Path, download: bool):
     npz = root / "binarized_mnist.npz"
     amat = root / f"binarized_mnist_{split}.amat"
     if npz.is_file():
-        try:
-            with np.load(npz) as f:
-                flat = f[split]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"cannot read split {split!r} from {npz}: {e}") from e
+        flat = _read_npz(npz, split)
     elif amat.is_file():
         try:
             flat = np.loadtxt(amat, dtype=np.float32, ndmin=2)

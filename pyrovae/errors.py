@@ -3,7 +3,16 @@ every bad-input error, and each message names the problem."""
 
 from __future__ import annotations
 
-__all__ = ["DataError", "CheckpointError", "RunInUseError", "WriteError", "NonFiniteLossError"]
+import numbers
+
+__all__ = [
+    "DataError",
+    "CheckpointError",
+    "RunInUseError",
+    "WriteError",
+    "NonFiniteLossError",
+    "count",
+]
 
 
 class DataError(ValueError):
@@ -40,3 +49,26 @@ class NonFiniteLossError(ValueError):
         self.epoch = epoch
         self.step = step
         self.history = history
+
+
+def count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum``, for arguments that count things (epochs,
+    samples, batch sizes): a whole number is taken whatever its type (``3``, ``3.0``,
+    ``numpy.int64(3)``, a 0-d integer tensor); anything else is a :class:`ValueError` naming
+    ``name``, never a silent truncation (``2.5`` epochs is not 2).
+
+    :param name: the argument's name, as the caller knows it (``"epochs"``, ``"--epochs"``).
+    :param value: what was passed.
+    :param minimum: the smallest value allowed.
+    """
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a 0-d tensor or array
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole and isinstance(value, float) and value.is_integer():
+        value, whole = int(value), True
+    if not whole:
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -35,6 +35,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .data import as_tensors
+from .errors import count
 
 __all__ = [
     "elbo",
@@ -313,10 +314,9 @@ def _reduce(
     max_chunk_elements: int | None,
     particles: str = "auto",
 ) -> torch.Tensor:
-    if int(num_particles) < 1:
-        raise ValueError(f"the number of particles/samples must be >= 1, got {num_particles}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    num_particles = count("the number of particles/samples", num_particles)
+    if batch_size is not None:
+        batch_size = count("batch_size", batch_size)
     tensors = _on_pair_device(model, guide, as_tensors(data))
     n, k_total = len(tensors[0]), int(num_particles)
     per_item = sum(t[0].numel() for t in tensors)  # numbers per datapoint

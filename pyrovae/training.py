@@ -40,7 +40,7 @@ from .capture import (
     recording_modules,
 )
 from .data import as_tensors
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, count
 
 __all__ = ["fit", "Objective", "History", "TrainState", "resolve_device"]
 
@@ -205,17 +205,15 @@ class _Term:
     def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform,
                  stream: bool | None = None, num_workers: int = 0):  # fmt: skip
         what = "training data" if i == 0 else f"the data of objective {i + 1}"
-        size = obj.batch_size if obj.batch_size is not None else batch_size
-        if int(size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {size}")
+        size = count("batch_size", obj.batch_size if obj.batch_size is not None else batch_size)
         self.stream: Stream | None = None
         if should_stream(obj.data, stream):
-            self.stream = Stream(obj.data, int(size), num_workers, device, what)
-            self.tensors, self.batch_size, self.steps = None, int(size), self.stream.steps
+            self.stream = Stream(obj.data, size, num_workers, device, what)
+            self.tensors, self.batch_size, self.steps = None, size, self.stream.steps
         else:
             self.tensors = tuple(t.to(device) for t in as_tensors(obj.data, what))
             self.n = len(self.tensors[0])
-            self.batch_size = min(int(size), self.n)
+            self.batch_size = min(size, self.n)
             self.steps = -(-self.n // self.batch_size)
         self.weight = float(obj.weight)
         if not (self.weight > 0 and math.isfinite(self.weight)):
@@ -292,10 +290,8 @@ def _objectives(model, guide, data, loss, batch_size) -> list[Objective]:
 
 
 def _check_args(epochs, batch_size, lr) -> None:
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    count("epochs", epochs)
+    count("batch_size", batch_size)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
 

@@ -38,6 +38,10 @@ from .priors import StandardNormal, check_prior
 __all__ = ["BaseVAE", "VAE"]
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class BaseVAE(PyroModule):
     """What pyrovae's models share: the datapoint shape, the likelihood, data checks, the KL
     weight β, and interpolation. Subclasses define ``model``, ``guide``, ``encode``, ``decode``,
@@ -96,6 +100,13 @@ class BaseVAE(PyroModule):
             raise ValueError(
                 f"expected floating-point images in [0, 1], got dtype {x.dtype}: convert them, "
                 "e.g. x.float() (or x.float() / 255 for 8-bit pixels)"
+            )
+        dtype = next((p.dtype for p in self.parameters()), torch.get_default_dtype())
+        if x.dtype != dtype:
+            raise ValueError(
+                f"expected {_name(dtype)} images (the dtype of the model's parameters), got "
+                f"{_name(x.dtype)}: convert them with x.to(torch.{_name(dtype)}), or the model "
+                f"with vae.to(torch.{_name(x.dtype)})"
             )
         if tuple(x.shape[1:]) != self.x_shape or x.dim() != 1 + self.event_dim:
             raise ValueError(

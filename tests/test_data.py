@@ -1,4 +1,6 @@
+import gc
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +309,30 @@ def test_photo_patches_offline_colour_splits():
         assert ds.x_shape == (3, 32, 32) and ds.classes == ["china", "flower"]
         assert bool(on_grid(ds.images).all())
     assert torch.equal(load("photo-patches", "test").images, parts["test"].images)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "corrupt or partial file.*EOFError"),
+        (b"PK\x03\x04" + b"x" * 100, "corrupt or partial file.*BadZipFile"),
+        ("half", "corrupt or partial file"),
+        ("no-valid", r"has no array 'valid' \(it holds: train\)"),
+    ],
+)
+def test_a_corrupt_npz_is_a_data_error_naming_the_file(tmp_path, content, message):
+    # zero-byte, garbage, truncated or incomplete archives: one DataError naming the file, and
+    # no file handle left open (a ResourceWarning is an error in this suite)
+    path = tmp_path / "binarized_mnist.npz"
+    arrays = {"train": np.zeros((3, 784), np.float32)}
+    if content == "no-valid":
+        np.savez(path, **arrays)
+    elif content == "half":
+        np.savez(path, **arrays, valid=arrays["train"])
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        pyrovae.data.load("binarized-mnist", "valid", root=tmp_path)
+    assert str(path) in str(info.value) and re.search(message, str(info.value))
+    gc.collect()

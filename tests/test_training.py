@@ -469,10 +469,48 @@ def test_objectives_and_a_pair_are_not_mixed():
                     progress=False)  # fmt: skip
 
 
-def test_wrong_dtype_images_are_a_value_error():
+@pytest.mark.parametrize(
+    "dtype, message",
+    [
+        (torch.uint8, "expected floating-point images.*torch.uint8"),
+        (torch.int64, "expected floating-point images.*torch.int64"),
+        (torch.bool, "expected floating-point images.*torch.bool"),
+        (torch.float64, r"expected float32 images .* got float64: .*x.to\(torch.float32\)"),
+        (torch.float16, r"expected float32 images .* got float16: .*x.to\(torch.float32\)"),
+    ],
+)
+def test_wrong_dtype_images_are_a_value_error(dtype, message):
+    # the documented ValueError naming the expected dtype, from fit and from scoring, never
+    # torch's RuntimeError from inside a matmul
     vae = _vae()
-    with pytest.raises(ValueError, match="expected floating-point images.*torch.uint8"):
-        pyrovae.fit(vae.model, vae.guide, (_digits(n=20) * 255).to(torch.uint8), progress=False)
+    x = _digits(n=20).to(dtype)
+    with pytest.raises(ValueError, match=message):
+        pyrovae.fit(vae.model, vae.guide, x, progress=False)
+    with pytest.raises(ValueError, match=message):
+        pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=3)
+
+
+def test_a_model_in_float64_takes_float64_images():
+    vae = _vae().to(torch.float64)
+    x = _digits(n=20).double()
+    history = pyrovae.fit(vae.model, vae.guide, x, epochs=1, batch_size=10, progress=False)
+    assert math.isfinite(history.train_elbo[0])
+    assert pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=3).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name, kwargs", [("epochs", {"epochs": 2.5}),
+                                          ("batch_size", {"batch_size": 7.5}),
+                                          ("epochs", {"epochs": True})])  # fmt: skip
+def test_counts_are_whole_numbers_not_truncated(name, kwargs):
+    vae = _vae()
+    with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+        pyrovae.fit(vae.model, vae.guide, _digits(n=20), progress=False, **kwargs)
+    with pytest.raises(ValueError, match="samples must be a whole number, got 2.7"):
+        pyrovae.log_likelihood(vae.model, vae.guide, _digits(n=4), num_samples=2.7)
+    # whole numbers of any type are taken as they are
+    history = pyrovae.fit(vae.model, vae.guide, _digits(n=20), epochs=2.0,
+                          batch_size=torch.tensor(10), progress=False)  # fmt: skip
+    assert len(history.train_elbo) == 2
 
 
 def test_dynamic_binarization_reaches_the_model():
