@@ -12,7 +12,6 @@ import json
 import signal
 import sys
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -222,23 +221,11 @@ def _load(config, split: str):
     from .data import load
 
     options = {key: getattr(config, key) for key in FOLDER_OPTIONS}
-    try:
-        return load(
-            config.dataset,
-            split,
-            config.data_dir,
-            config.binarize,
-            config.download,
-            config.seed,
-            **options,
-        )
-    except (EOFError, zipfile.BadZipFile, KeyError) as e:  # a truncated or corrupt file
-        from .errors import DataError
-
-        raise DataError(
-            f"the {config.dataset} data in {config.data_dir or 'the default data root'} is "
-            f"truncated or corrupt ({type(e).__name__}: {e}); replace the file"
-        ) from None
+    # a missing, truncated or corrupt file is a DataError naming the file (pyrovae.data)
+    return load(
+        config.dataset, split, config.data_dir, config.binarize, config.download, config.seed,
+        **options,
+    )  # fmt: skip
 
 
 #: Columns of metrics.csv: fit's record, the KL weight β of the epoch, and (with --test-every)
