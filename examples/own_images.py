@@ -36,11 +36,11 @@ import torch
 
 import pyrovae
 from pyrovae import plots
-from pyrovae.data import FolderDataset, spread
+from pyrovae.data import FolderDataset, spread, write_folder
 from pyrovae.likelihoods import bits_per_dim
 from pyrovae.training import resolve_device
 
-__all__ = ["build_parser", "main", "write_folder"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256, help="dense layer of encoder and decoder")
     p.add_argument("--z-dim", type=int, default=32)
     p.add_argument("--mixtures", type=int, default=5, help="logistic components per pixel")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=40,
+                   help="passes over the data (fewer leave colours washed out)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=0,
@@ -66,21 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def write_folder(images: torch.Tensor, labels, classes, root: Path) -> None:
-    """Save images ``(N, C, H, W)`` in [0, 1] as 8-bit PNGs ``root/CLASS/000123.png``: how to
-    turn any collection of images (a tensor, a NumPy array, a torchvision dataset) into a
-    folder :func:`pyrovae.data.load` reads."""
-    from PIL import Image
-
-    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
-    for i, array in enumerate(pixels):
-        folder = root / (classes[int(labels[i])] if labels is not None else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
-            folder / f"{i:06}.png"
-        )
 
 
 def _demo_folder(out: Path) -> Path:

@@ -56,6 +56,7 @@ __all__ = [
     "as_tensors",
     "dynamic_binarize",
     "spread",
+    "write_folder",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -642,6 +643,29 @@ def load(
     y = torch.from_numpy(labels) if labels is not None else None
     extra = extras[0] if extras else {}
     return ImageDataset(x, y, name=name, split=split, batch_transform=transform, **extra)
+
+
+def write_folder(images: torch.Tensor, labels, classes, root) -> None:
+    """Save images ``(N, C, H, W)`` in [0, 1] as 8-bit PNGs ``root/CLASS/000123.png`` (directly
+    in ``root`` when ``labels`` is ``None``): how to turn any collection of images (a tensor, a
+    NumPy array, a torchvision dataset) into a folder that :func:`load` and
+    :class:`FolderDataset` read.
+
+    :param images: ``(N, C, H, W)`` floats in [0, 1], C = 1 or 3.
+    :param labels: ``(N,)`` class indices into ``classes``, or ``None``.
+    :param classes: the class (subfolder) names; ``None``: the label numbers.
+    :param root: the folder to write into (created).
+    """
+    from PIL import Image
+
+    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
+    for i, array in enumerate(pixels):
+        label = None if labels is None else int(labels[i])
+        folder = Path(root) / ("" if label is None else classes[label] if classes else str(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
+            folder / f"{i:06}.png"
+        )
 
 
 def spread(n_total: int, n: int | None) -> torch.Tensor:

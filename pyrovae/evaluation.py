@@ -313,6 +313,7 @@ def _reduce(
     data_plate: str | None,
     max_chunk_elements: int | None,
     particles: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     num_particles = count("the number of particles/samples", num_particles)
     if batch_size is not None:
@@ -331,19 +332,32 @@ def _reduce(
         batch_size = layout.subsample
     batch_size, chunk = plan_chunks(n, k_total, per_item, batch_size, max_chunk_elements)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), _bar(progress, n, k_total, reduce) as bar:
         for args, idx, rows in _batches(tensors, n, batch_size, layout):
             acc = None
             for j in range(0, k_total, chunk):
-                lw = _chunk_weights(model, guide, args, min(chunk, k_total - j), layout, idx)
+                k = min(chunk, k_total - j)
+                lw = _chunk_weights(model, guide, args, k, layout, idx)  # (k, b)
                 part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
                 if acc is None:
                     acc = part
                 else:
                     acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
+                bar.update(rows * k / k_total)  # images done, in fractions of their K samples
             norm = math.log(k_total) if reduce == "logsumexp" else None
             out.append((acc - norm if norm is not None else acc / k_total)[:rows])
     return torch.cat(out)
+
+
+def _bar(progress: bool, n: int, k: int, reduce: str):
+    """A tqdm bar over the images scored, with the work stated up front (images × K)."""
+    from tqdm.auto import tqdm
+
+    what = "log p(x)" if reduce == "logsumexp" else "ELBO"
+    return tqdm(total=n, disable=not progress, unit="img", dynamic_ncols=True,
+                desc=f"{what}: {n:,} images × K={k:,}",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,} "
+                           "[{elapsed}<{remaining}, {rate_fmt}]")  # fmt: skip
 
 
 def elbo(
@@ -356,6 +370,7 @@ def elbo(
     data_plate: str | None = None,
     max_chunk_elements: int | None = None,
     particles: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """The ELBO of each datapoint, E_q[log p(x, z) − log q(z|x)], averaged over
     ``num_particles`` samples. Returns a tensor ``(N,)`` in nats.
@@ -373,9 +388,10 @@ def elbo(
         (default: :func:`default_chunk_elements` of the data's device).
     :param str particles: ``"auto"`` (vectorized where the pair allows it, else repeated),
         ``"vectorized"`` or ``"repeated"`` (see :func:`log_weights`).
+    :param bool progress: show a progress bar over the images (rate and time left).
     """
     return _reduce(model, guide, data, num_particles, "mean", batch_size, data_plate,
-                   max_chunk_elements, particles)  # fmt: skip
+                   max_chunk_elements, particles, progress)  # fmt: skip
 
 
 def iwae(
@@ -388,13 +404,14 @@ def iwae(
     data_plate: str | None = None,
     max_chunk_elements: int | None = None,
     particles: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """The importance-weighted bound of each datapoint with ``k`` samples,
     log (1/k) Σ_k p(x, z_k)/q(z_k|x). ``k=1`` is the ELBO; the bound rises with ``k`` towards
     log p(x) [1]. Returns ``(N,)`` in nats. Parameters as for :func:`elbo`.
     """
     return _reduce(model, guide, data, k, "logsumexp", batch_size, data_plate,
-                   max_chunk_elements, particles)  # fmt: skip
+                   max_chunk_elements, particles, progress)  # fmt: skip
 
 
 def log_likelihood(
@@ -407,6 +424,7 @@ def log_likelihood(
     data_plate: str | None = None,
     max_chunk_elements: int | None = None,
     particles: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
@@ -427,6 +445,7 @@ def log_likelihood(
     :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint
         (default: :func:`default_chunk_elements` of the data's device).
     :param str particles: ``"auto"``, ``"vectorized"`` or ``"repeated"`` (as for :func:`elbo`).
+    :param bool progress: show a progress bar over the images (rate and time left).
     :returns: a tensor ``(N,)`` of log-likelihoods in nats.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
@@ -439,4 +458,5 @@ def log_likelihood(
         data_plate=data_plate,
         max_chunk_elements=max_chunk_elements,
         particles=particles,
+        progress=progress,
     )

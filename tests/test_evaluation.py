@@ -144,3 +144,16 @@ def test_log_likelihood_of_digits_vae_is_finite_and_below_zero(digits_vae):
     assert ll.shape == (len(x),) and torch.isfinite(ll).all() and (ll < 0).all()
     el = pyrovae.elbo(vae.model, vae.guide, x, num_particles=64)
     assert (el.mean() < ll.mean()).item()
+
+
+def test_scoring_progress_bar_states_the_work_and_rate(digits_vae, capsys):
+    # the bar states images × K up front and shows images/s; quiet by default
+    vae, x = digits_vae
+    pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=50)
+    assert capsys.readouterr().err == ""
+    pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=50, progress=True,
+                           max_chunk_elements=40 * 64 * 10)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "log p(x): 40 images × K=50" in err and "img/s" in err and "40/40" in err
+    pyrovae.elbo(vae.model, vae.guide, x, progress=True)
+    assert "ELBO: 40 images × K=1" in capsys.readouterr().err
