@@ -15,7 +15,7 @@ share of that epoch the training loop waited for batches (``History.data_seconds
 row is the same epoch from device-resident tensors, the speed without a loader.
 
 Memory (``--memory``): each mode trains one epoch in a child process whose peak PSS
-(proportional set size, summed over it and its DataLoader workers, sampled every 50 ms) is
+(proportional set size, summed over it and its DataLoader workers, sampled every 0.2 s) is
 reported beside the size of the split decoded as float32: "streamed" reads the folder through
 the loader, "resident" decodes the split into memory first (``pyrovae.data.load``). For this
 table the folder holds the images upscaled to RGB ``--image-size``² PNGs, so that the decoded
@@ -160,7 +160,7 @@ def peak_memory(mode: str, args, root: Path) -> tuple[int, dict]:
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _pss_bytes(proc.pid))
-        time.sleep(0.05)
+        time.sleep(0.2)  # reading smaps_rollup is not free
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"{mode} run failed ({proc.returncode})")

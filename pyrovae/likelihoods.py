@@ -69,9 +69,34 @@ class Likelihood(PyroModule):
         return self(params, event_dim).mean
 
 
+def _outside_unit(x: torch.Tensor) -> torch.Tensor:
+    return (x < 0) | (x > 1) | x.isnan()
+
+
 def _param(params: torch.Tensor, event_dim: int, i: int) -> torch.Tensor:
     # params: (..., num_params, *x_shape) -> the i-th: (..., *x_shape)
     return params.select(-event_dim - 1, i)
+
+
+#: Values checked at a time by the support checks: no temporary the size of the data is made
+#: (a split of 4.5 GiB once needed five times that to check).
+CHECK_CHUNK = 2**22
+
+
+def first_bad(x: torch.Tensor, is_bad: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    """The first value of ``x`` for which ``is_bad`` (elementwise, bool) holds, or ``None``;
+    checked :data:`CHECK_CHUNK` values at a time, with one host sync when all are good."""
+    flat = x.reshape(-1)  # (numel,)
+    found = torch.zeros((), dtype=torch.bool, device=x.device)
+    for chunk in flat.split(CHECK_CHUNK):
+        found |= is_bad(chunk).any()
+    if not bool(found):
+        return None
+    for chunk in flat.split(CHECK_CHUNK):
+        bad = is_bad(chunk)
+        if bool(bad.any()):
+            return chunk[bad][0].item()
+    return None
 
 
 class Bernoulli(Likelihood):
@@ -94,18 +119,18 @@ class Bernoulli(Likelihood):
 
     def check_support(self, x: torch.Tensor) -> None:
         if self.allow_non_binary:
-            bad = (x < 0) | (x > 1)
-            if bool(bad.any()):
+            value = first_bad(x, _outside_unit)
+            if value is not None:
                 raise ValueError(
                     "the Bernoulli likelihood needs pixel values in [0, 1], but the data has "
-                    f"values such as {x[bad].flatten()[0].item():.4g}"
+                    f"values such as {value:.4g}"
                 )
             return
-        bad = (x != 0) & (x != 1)
-        if bool(bad.any()):
+        value = first_bad(x, lambda c: (c != 0) & (c != 1))
+        if value is not None:
             raise ValueError(
                 "the Bernoulli likelihood needs binary pixels (0 or 1), but the data has values "
-                f"such as {x[bad].flatten()[0].item():.4g}: binarize the data (--binarize "
+                f"such as {value:.4g}: binarize the data (--binarize "
                 "threshold|static|dynamic, or pyrovae.data.load(..., binarize=...)), use a "
                 "Gaussian likelihood, or opt in with Bernoulli(allow_non_binary=True) "
                 "(--allow-non-binary)"
@@ -173,11 +198,11 @@ class ContinuousBernoulli(Likelihood):
         return dist.ContinuousBernoulli(logits=logits, validate_args=False).to_event(event_dim)
 
     def check_support(self, x: torch.Tensor) -> None:
-        bad = (x < 0) | (x > 1)
-        if bool(bad.any()):
+        value = first_bad(x, _outside_unit)
+        if value is not None:
             raise ValueError(
                 "the continuous-bernoulli likelihood needs pixel values in [0, 1], but the data "
-                f"has values such as {x[bad].flatten()[0].item():.4g}"
+                f"has values such as {value:.4g}"
             )
 
 
@@ -199,11 +224,11 @@ def on_grid(x: torch.Tensor, levels: int = LEVELS) -> torch.Tensor:
 def check_8bit(x: torch.Tensor, name: str) -> None:
     """Raise :class:`ValueError` naming the likelihood ``name`` unless ``x`` is on the 8-bit
     grid."""
-    bad = ~on_grid(x)
-    if bool(bad.any()):
+    value = first_bad(x, lambda c: ~on_grid(c))
+    if value is not None:
         raise ValueError(
             f"the {name} likelihood needs 8-bit pixels (values k/255 in [0, 1]), but the data "
-            f"has values such as {x[bad].flatten()[0].item():.6g}; use --likelihood gaussian "
+            f"has values such as {value:.6g}; use --likelihood gaussian "
             "or continuous-bernoulli for data that is not 8-bit"
         )
 

@@ -165,3 +165,20 @@ def test_colour_conv_vae_trains_and_scores_a_mass(name):
     bpd = bits_per_dim(log_px, train.x_shape)
     assert log_px.shape == (4,) and (log_px < 0).all() and (bpd > 0).all()
     assert vae.sample(3).shape == (3, 3, 32, 32)
+
+
+def test_support_checks_work_chunk_by_chunk(monkeypatch):
+    # the checks look at CHECK_CHUNK values at a time (no temporary the size of the data) and
+    # still find a bad value in any chunk, the last one included
+    from pyrovae import likelihoods
+
+    monkeypatch.setattr(likelihoods, "CHECK_CHUNK", 7)
+    x = torch.arange(256.0).repeat(3) / 255  # (768,) on the 8-bit grid
+    likelihoods.check_8bit(x, "discretized-logistic")
+    assert likelihoods.first_bad(x, lambda c: c > 1) is None
+    x[-1] = 0.5  # off the grid, in the last chunk
+    with pytest.raises(ValueError, match="8-bit pixels .* such as 0.5;"):
+        likelihoods.check_8bit(x, "discretized-logistic")
+    x[-1], x[9] = 1.0, float("nan")
+    with pytest.raises(ValueError, match="values in \\[0, 1\\].* such as nan"):
+        likelihoods.ContinuousBernoulli().check_support(x)
