@@ -353,8 +353,10 @@ def _bar(progress: bool, n: int, k: int, reduce: str):
     """A tqdm bar over the images scored, with the work stated up front (images × K)."""
     from tqdm.auto import tqdm
 
+    from .progress import bar_width
+
     what = "log p(x)" if reduce == "logsumexp" else "ELBO"
-    return tqdm(total=n, disable=not progress, unit="img", dynamic_ncols=True,
+    return tqdm(total=n, disable=not progress, unit="img", **bar_width(),
                 desc=f"{what}: {n:,} images × K={k:,}",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,} "
                            "[{elapsed}<{remaining}, {rate_fmt}]")  # fmt: skip

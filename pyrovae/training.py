@@ -41,6 +41,7 @@ from .capture import (
 )
 from .data import as_tensors
 from .errors import NonFiniteLossError, count
+from .progress import TrainingBar
 
 __all__ = ["fit", "Objective", "History", "TrainState", "resolve_device"]
 
@@ -494,6 +495,14 @@ class _Trainer:
         graph_first = (g.bad_step >= 0) & ((bad_step < 0) | (g.bad_step < bad_step))
         return torch.where(graph_first, g.bad_step, bad_step)
 
+    def running_elbo(self) -> float | None:
+        # The epoch's train ELBO per datapoint so far, for the progress bar (a host read).
+        t, g = self.terms[0], self.graph_step
+        if g is None or not g.ready:
+            return -float(t.total) / t.seen if t.seen else None
+        steps = int(g.step)  # every step of the epoch, replayed or not
+        return -float(t.total + g.total) / (steps * t.batch_size) if steps else None
+
     def epoch(self, bar) -> torch.Tensor:
         # One epoch of steps; returns the first bad step's index (-1 if none), on the device.
         for t in self.terms:
@@ -690,14 +699,12 @@ def fit(
 
 
 def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -> History:
-    from tqdm.auto import tqdm
-
     history, state, device = History(), trainer.state, trainer.device
-    total = None if trainer.steps is None else max(last - first + 1, 0) * trainer.steps
-    bar = tqdm(total=total, disable=not progress,
-               unit="step", dynamic_ncols=True)  # fmt: skip
+    bar = TrainingBar(first, last, trainer.steps, trainer.running_elbo, enabled=progress)
+    best = None  # the best validation ELBO so far, for the bar
     try:
         for epoch in range(first, last + 1):
+            bar.start_epoch(epoch)
             start = time.perf_counter()
             bad_step = trainer.epoch(bar)
             record = _record(trainer, epoch, start)
@@ -715,10 +722,9 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
                 record["val_elbo"] = _val_elbo(trainer, val)
             record["seconds"] = time.perf_counter() - start
             history.append(record)
-            bar.set_postfix(
-                train_elbo=f"{record['train_elbo']:.2f}",
-                **({"val_elbo": f"{record['val_elbo']:.2f}"} if val is not None else {}),
-            )
+            if record["val_elbo"] is not None and math.isfinite(record["val_elbo"]):
+                best = record["val_elbo"] if best is None else max(best, record["val_elbo"])
+            bar.end_epoch(record, best)
             log.debug("epoch %d: %s", epoch, record)
             if callback is not None and callback(record):
                 break

@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+import pyrovae
+from pyrovae import progress
+from pyrovae.progress import TrainingBar, bar_width
+
+
+def test_fit_bar_shows_epochs_running_train_validation_and_best(capsys):
+    train = pyrovae.data.load("digits", "train", binarize="threshold")
+    valid = pyrovae.data.load("digits", "valid", binarize="threshold")
+    vae = pyrovae.build_vae(pyrovae.Config(x_shape=train.x_shape, hidden=(16,), z_dim=2))
+    pyrovae.fit(vae.model, vae.guide, train, val_data=valid, epochs=2, batch_size=128)
+    err = capsys.readouterr().err
+    assert "epoch 1/2 (first step: tracing, capturing)" in err  # the capture is its own phase
+    assert "epoch 2/2" in err and "val=" in err and "best=" in err and "train=" in err
+
+
+def test_bar_reads_the_running_elbo_within_an_epoch_and_times_after_the_first_step(capsys):
+    values = iter([-50.0, -40.0, float("nan"), -30.0])
+    bar = TrainingBar(1, 3, steps=4, running=lambda: next(values), refresh=0.0)
+    bar.start_epoch(1)
+    assert bar.bar.n == 0 and not bar.captured
+    bar.update()  # the first step (traced and captured) is not timed: the bar restarts
+    assert bar.captured and bar.bar.n == 1 and bar.stats["train"] == "-50.00"
+    bar.update(2)
+    bar.update()  # a non-finite running value leaves the last one shown
+    assert bar.stats["train"] == "-40.00"
+    bar.end_epoch({"train_elbo": -35.0, "val_elbo": -36.5}, best=-36.5)
+    bar.start_epoch(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "epoch 2/3" in err and "val=-36.50" in err and "best=-36.50" in err
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [
+        ((0, 0), {"ncols": 100, "nrows": 20}),  # `stty cols 0 rows 0`: tqdm would draw nothing
+        ((120, 0), {"ncols": 120, "nrows": 20}),
+        ((80, 24), {"dynamic_ncols": True}),
+    ],
+)
+def test_bar_width_for_terminals_that_report_no_size(monkeypatch, size, options):
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: os.terminal_size(size))
+    assert bar_width() == options
