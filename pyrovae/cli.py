@@ -228,9 +228,11 @@ def _load(config, split: str):
     )  # fmt: skip
 
 
-#: Columns of metrics.csv: fit's record, the KL weight β of the epoch, and (with --test-every)
-#: the test log-likelihood estimate.
-METRICS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "test_ll"]
+#: Columns of metrics.csv: fit's record, the KL weight β of the epoch, (with --test-every) the
+#: test log-likelihood estimate, and the ELBO's parts and the active units on validation images
+#: (pyrovae.metrics).
+METRICS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "test_ll",
+           "val_reconstruction", "val_kl", "active_units"]  # fmt: skip
 
 
 def _draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
@@ -444,6 +446,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     from .data import ImageDataset, spread
     from .errors import NonFiniteLossError
     from .evaluation import log_likelihood
+    from .metrics import METRICS_IMAGES, epoch_metrics
     from .objectives import make_loss
     from .schedules import KLSchedule
     from .selection import EarlyStopping
@@ -489,6 +492,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     if options["test_every"]:
         test = _load(config, "test")
         test_x = test.images[spread(len(test), options["test_limit"])].to(device)
+    metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)].to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     vae.to(device)
     schedule = KLSchedule(vae, config.warmup, config.beta)
@@ -498,6 +502,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     def callback(record: dict) -> bool:
         schedule(record)  # records the epoch's β, sets the next one
         stop = stopper(record)  # records the validation ELBO, keeps the best weights
+        record.update(epoch_metrics(vae.model, vae.guide, metrics_x))  # before the state save
         if test_x is not None and record["epoch"] % options["test_every"] == 0:
             ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"])
             record["test_ll"] = float(ll.mean())

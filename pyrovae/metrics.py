@@ -24,10 +24,12 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-__all__ = ["elbo_parts", "active_units", "ACTIVE_THRESHOLD"]
+__all__ = ["elbo_parts", "active_units", "epoch_metrics", "ACTIVE_THRESHOLD", "METRICS_IMAGES"]
 
 #: Burda et al.'s threshold on the variance (over datapoints) of a unit's posterior mean.
 ACTIVE_THRESHOLD = 0.01
+#: Validation images (spread over the split) that a run's per-epoch metrics look at.
+METRICS_IMAGES = 2000
 
 
 def _per_datapoint(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -123,3 +125,18 @@ def active_units(guide: Callable, x: torch.Tensor, threshold: float = ACTIVE_THR
         raise ValueError(f"active_units needs at least 2 datapoints, got {x.shape[0]}")
     means = _posterior_means(guide, x, draws)  # (N, units)
     return int((means.var(dim=0) > threshold).sum())
+
+
+def epoch_metrics(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, float]:
+    """The per-epoch columns of a run's metrics.csv beside the ELBO: ``val_reconstruction``
+    (E_q[log p(x|z)]) and ``val_kl`` (KL(q(z|x) ‖ p(z))), nats per datapoint averaged over
+    ``x``, and ``active_units``.
+
+    :param x: validation images, e.g. :data:`METRICS_IMAGES` spread over the split.
+    """
+    parts = elbo_parts(model, guide, x)
+    return {
+        "val_reconstruction": float(parts["reconstruction"].mean()),
+        "val_kl": float(parts["kl"].mean()),
+        "active_units": active_units(guide, x),
+    }

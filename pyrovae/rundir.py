@@ -584,6 +584,8 @@ def read_metrics(run_dir: str | os.PathLike, last_epoch: int) -> list[dict]:
         if record["epoch"] is None or not record["epoch"].is_integer():
             raise CheckpointError(f"{path}, line {line}: the epoch is not a whole number")
         record["epoch"] = int(record["epoch"])
+        if record.get("active_units") is not None:  # a count: written back as it was read
+            record["active_units"] = int(record["active_units"])
         if record["epoch"] <= last_epoch:
             records.append(record)
     if [r["epoch"] for r in records] != list(range(1, last_epoch + 1)):

@@ -33,6 +33,11 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert config["x_shape"] == [1, 8, 8]
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["val_elbo"]) < 0
+    # the ELBO's parts on validation images (one draw: about the validation ELBO) and the
+    # active units of the 2-D latent
+    rec, kl = float(rows[-1]["val_reconstruction"]), float(rows[-1]["val_kl"])
+    assert rec < 0 <= kl and abs(rec - kl - float(rows[-1]["val_elbo"])) < 2
+    assert 0 <= int(rows[-1]["active_units"]) <= config["z_dim"] == 2
     for png in run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
