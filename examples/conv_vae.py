@@ -111,7 +111,9 @@ def main(args: argparse.Namespace) -> dict:
         "train_elbo": history.train_elbo[-1],
         "test_elbo": float(pyrovae.elbo(vae.model, vae.guide, x).mean()),
         "test_log_px": float(
-            pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples).mean()
+            pyrovae.log_likelihood(
+                vae.model, vae.guide, x, num_samples=args.num_samples, progress=not args.no_progress
+            ).mean()  # fmt: skip
         ),
         "train_seconds": seconds,
     }

@@ -145,7 +145,9 @@ def main(args: argparse.Namespace) -> dict:
     for name, x in (("train", train), ("test", test)):
         result[f"{name}_elbo"] = float(pyrovae.elbo(model, guide, x, num_particles=10).mean())
         result[f"{name}_log_px"] = float(
-            pyrovae.log_likelihood(model, guide, x, num_samples=args.num_samples).mean()
+            pyrovae.log_likelihood(
+                model, guide, x, num_samples=args.num_samples, progress=not args.no_progress
+            ).mean()  # fmt: skip
         )
     rows.append(("ELBO (10 particles)", result["train_elbo"], result["test_elbo"]))
     is_row = (f"IS log p(x), K={args.num_samples}", result["train_log_px"], result["test_log_px"])

@@ -205,16 +205,16 @@ def main(args: argparse.Namespace) -> dict:
 
     pyro.set_rng_seed(args.seed)
     test_data = (test_ctx, test_target)
+    baseline_log_p = pyrovae.log_likelihood(baseline.model, baseline.guide, test_data,
+                                            num_samples=1)  # fmt: skip
+    cvae_elbo = pyrovae.elbo(cvae.model, cvae.guide, test_data)
+    cvae_log_p = pyrovae.log_likelihood(cvae.model, cvae.guide, test_data,
+                                        num_samples=args.num_samples,
+                                        progress=not args.no_progress)  # fmt: skip
     result = {
-        "baseline_log_p": float(
-            pyrovae.log_likelihood(baseline.model, baseline.guide, test_data, num_samples=1).mean()
-        ),
-        "cvae_elbo": float(pyrovae.elbo(cvae.model, cvae.guide, test_data).mean()),
-        "cvae_log_p": float(
-            pyrovae.log_likelihood(
-                cvae.model, cvae.guide, test_data, num_samples=args.num_samples
-            ).mean()
-        ),
+        "baseline_log_p": float(baseline_log_p.mean()),
+        "cvae_elbo": float(cvae_elbo.mean()),
+        "cvae_log_p": float(cvae_log_p.mean()),
         "train_seconds": seconds,
     }
     print(f"trained both for {args.epochs} epochs in {seconds:.1f} s")

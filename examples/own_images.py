@@ -127,7 +127,8 @@ def main(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     x = test.images[spread(len(test), args.eval_n)].to(device)
     pyro.set_rng_seed(args.seed)
-    log_px = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples)
+    log_px = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples,
+                                    progress=not args.no_progress)  # fmt: skip
     bits = bits_per_dim(log_px, vae.x_shape)
     result = {
         "train_elbo": history.train_elbo[-1],

@@ -92,7 +92,8 @@ def main(args: argparse.Namespace) -> dict:
     vae.eval()
     start = time.perf_counter()
     test_elbo = pyrovae.elbo(vae.model, vae.guide, x)
-    log_px = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples)
+    log_px = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples,
+                                    progress=not args.no_progress)  # fmt: skip
     eval_s = time.perf_counter() - start
     result = {
         "train_elbo": history.train_elbo[-1],

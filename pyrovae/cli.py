@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="override the run's data root")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="a grid of images drawn from the prior")
     s.add_argument("run_dir")
@@ -504,7 +505,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         stop = stopper(record)  # records the validation ELBO, keeps the best weights
         record.update(epoch_metrics(vae.model, vae.guide, metrics_x))  # before the state save
         if test_x is not None and record["epoch"] % options["test_every"] == 0:
-            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"])
+            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"],
+                                progress=progress)  # fmt: skip
             record["test_ll"] = float(ll.mean())
         records.append(record)
         seconds = before + time.perf_counter() - start
@@ -625,9 +627,8 @@ def _evaluate_locked(args) -> int:
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
-    ll = log_likelihood(
-        vae.model, vae.guide, x, num_samples=args.num_samples, batch_size=args.batch_size
-    )
+    ll = log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples,
+                        batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
     seconds = time.perf_counter() - start
     el = elbo(vae.model, vae.guide, x)
     result = {
