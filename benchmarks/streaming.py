@@ -172,7 +172,7 @@ def memory(args, root: Path) -> None:
           f"{max(args.workers)} workers when streamed")  # fmt: skip
     print("| mode | training images | split decoded (float32) | peak PSS | decoded / peak |")
     print("|---|---:|---:|---:|---:|")
-    for mode in ("streamed", "resident"):
+    for mode in args.modes:
         peak, info = peak_memory(mode, args, root)
         gb = info["decoded_bytes"] / 2**30
         print(f"| {mode} | {info['n']:,} | {gb:.2f} GiB | {peak / 2**30:.2f} GiB | "
@@ -189,6 +189,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--memory", action="store_true", help="the peak-memory table instead")
     p.add_argument("--image-size", type=int, default=112, help="--memory: write S×S RGB images")
+    modes = ["streamed", "resident"]
+    p.add_argument("--modes", nargs="+", choices=modes, default=modes, help="--memory: the runs")
     p.add_argument("--child", choices=["streamed", "resident"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)

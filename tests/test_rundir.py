@@ -163,7 +163,10 @@ def test_a_second_writer_is_refused_and_train_never_overwrites(tmp_path, capsys)
             err = _one_line_error(capsys, argv, f"is in use by pid {os.getpid()}")
             assert "pyrovae train" in err
     assert (run / WEIGHTS).read_bytes() == weights
-    assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10"]) == 0
+    assert (
+        cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10", "--no-progress"])
+        == 0
+    )
     assert cli.main(["train", "--out", str(run), "--overwrite", "--seed", "1", *FAST]) == 0
     assert (run / WEIGHTS).read_bytes() != weights
     assert not (run / "eval.json").exists() and not (run / "log_px.csv").exists()
@@ -221,12 +224,18 @@ def test_plot_redraws_and_derived_files_follow_the_weights(tmp_path, capsys):
     assert cli.main(["plot", str(run)]) == 0
     assert {p.name: p.read_bytes() for p in run.glob("*.png")} == pngs
 
-    assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10"]) == 0
+    assert (
+        cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10", "--no-progress"])
+        == 0
+    )
     result = json.loads((run / "eval.json").read_text())
     sha = rundir.sha256((run / WEIGHTS).read_bytes())
     assert result["checkpoint"] == {"file": WEIGHTS, "epoch": 2, "sha256": sha}
     assert f"epoch 2 sha256 {sha}" in (run / "log_px.csv").read_text().splitlines()[0]
-    assert cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10"]) == 0
+    assert (
+        cli.main(["evaluate", str(run), "--num-samples", "5", "--limit", "10", "--no-progress"])
+        == 0
+    )
     assert "re-scoring: replacing" in capsys.readouterr().out
     # training on changes the best weights: the scores of the old ones go
     assert cli.main(["resume", str(run), "--epochs", "4", "--no-progress"]) == 0
