@@ -242,19 +242,19 @@ def _draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
     from .rundir import WEIGHTS, register_derived, staging_dir
 
     with staging_dir(run_dir) as tmp:
-        _plots(tmp, vae, records, data, seed)
+        _plots(tmp, vae, records, data, seed, name=run_dir.name)
         names = [p.name for p in tmp.iterdir()]
     register_derived(run_dir, names, weights_id(run_dir / WEIGHTS)["sha256"])
 
 
-def _plots(run_dir: Path, vae, records, data, seed: int) -> None:
+def _plots(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None:
     import pyro
     import torch
 
     from . import plots
 
     pyro.set_rng_seed(seed)
-    plots.plot_history(records, run_dir / "elbo.png")
+    plots.plot_history(records, run_dir / "elbo.png", title=name or run_dir.name)
     x = data.images[:50].to(next(vae.parameters()).device)
     plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png")
     plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", "samples from the prior")

@@ -79,20 +79,73 @@ def plot_reconstructions(
     plot_images(torch.cat(pairs), path, "data (odd rows) and reconstructions (even rows)", nrow)
 
 
-def plot_history(records: Sequence[dict], path: str | os.PathLike) -> None:
-    """Save the per-epoch train and validation ELBO (nats per datapoint) as a PNG."""
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
-    epochs = [r["epoch"] for r in records]
-    ax.plot(epochs, [r["train_elbo"] for r in records], label="train ELBO")
-    val = [(r["epoch"], r["val_elbo"]) for r in records if r.get("val_elbo") is not None]
-    if val:
-        ax.plot(*zip(*val, strict=True), label="validation ELBO")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO per datapoint (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+def plot_history(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Save the per-epoch train and validation ELBO (nats per datapoint) as a PNG, with the test
+    log-likelihood when the records have it (``test_ll``) and the best validation epoch marked;
+    when the records have the ELBO's parts (``val_reconstruction``, ``val_kl``,
+    ``active_units``: :func:`pyrovae.metrics.epoch_metrics`) a second panel draws them."""
+    from matplotlib.ticker import MaxNLocator
+
+    parts = [r for r in records if r.get("val_kl") is not None]
+    fig = _figure(11 if parts else 6, 4)
+    axes = fig.subplots(1, 2) if parts else [fig.add_subplot()]
+    marker = "o" if len(records) <= 30 else None  # single points of short runs stay visible
+    _plot_elbo(axes[0], records, marker)
+    if parts:
+        _plot_parts(axes[1], parts, marker)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.savefig(path)
+
+
+def _series(records: Sequence[dict], key: str) -> tuple[list, list]:
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return ([e for e, _ in points], [v for _, v in points])
+
+
+def _plot_elbo(ax, records: Sequence[dict], marker) -> None:
+    ax.plot(*_series(records, "train_elbo"), marker=marker, ms=3, label="train ELBO")
+    epochs, val = _series(records, "val_elbo")
+    if val:
+        ax.plot(epochs, val, marker=marker, ms=3, label="validation ELBO")
+        best = max(range(len(val)), key=lambda i: val[i])
+        ax.axvline(epochs[best], color="grey", ls=":", lw=1)
+        ax.annotate(f"best: epoch {epochs[best]}\n{val[best]:.2f}", (epochs[best], val[best]),
+                    textcoords="offset points", xytext=(-6, -24), ha="right",
+                    fontsize=8)  # fmt: skip
+    epochs, test = _series(records, "test_ll")
+    if test:
+        ax.plot(epochs, test, marker="s", ms=4, ls="--", label="test log p(x) (IS)")
+    ax.set_ylabel("nats per datapoint")
+    lines, labels = ax.get_legend_handles_labels()
+    epochs, beta = _series(records, "beta")
+    if beta and min(beta) < max(beta):  # KL warm-up: β on an axis of its own
+        beta_ax = ax.twinx()
+        lines += beta_ax.plot(epochs, beta, color="grey", ls=":", label="β (KL weight)")
+        labels.append("β (KL weight)")
+        beta_ax.set_ylim(0, 1.05 * max(beta))
+        beta_ax.set_ylabel("β")
+    ax.legend(lines, labels, loc="lower right")
+
+
+def _plot_parts(ax, records: Sequence[dict], marker) -> None:
+    # E_q[log p(x|z)] on the left axis, KL(q(z|x) || p(z)) on the right: their scales differ
+    epochs, rec = _series(records, "val_reconstruction")
+    ax.plot(epochs, rec, marker=marker, ms=3, color="C0", label="E_q[log p(x|z)]")
+    ax.set_ylabel("E_q[log p(x|z)], nats", color="C0")
+    kl_ax = ax.twinx()
+    kl_ax.plot(*_series(records, "val_kl"), marker=marker, ms=3, color="C3",
+               label="KL(q(z|x) ‖ p(z))")  # fmt: skip
+    kl_ax.set_ylabel("KL(q(z|x) ‖ p(z)), nats", color="C3")
+    units = records[-1].get("active_units")
+    active = (
+        f"; {int(units)} active units at epoch {records[-1]['epoch']}" if units is not None else ""
+    )
+    ax.set_title(f"the ELBO's parts on validation images{active}", fontsize=10)
 
 
 def plot_latent(

@@ -172,3 +172,28 @@ def test_image_rows_and_existing_figures(tmp_path):
     plots.plot_latent(torch.randn(20, 4), torch.arange(20) % 2, tmp_path / "latent.png")
     for name in ("h.png", "latent.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_history_draws_parts_beta_test_ll_and_best_epoch(tmp_path, monkeypatch):
+    figures = []
+    real = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda *a: figures.append(real(*a)) or figures[-1])
+    records = [{"epoch": e, "train_elbo": -40.0 + e, "val_elbo": -41.0 + e - (e == 3) * 5,
+                "beta": min(1.0, e / 2), "test_ll": -38.0 + e if e % 2 else None,
+                "val_reconstruction": -39.0 + e, "val_kl": 2.0, "active_units": 3}
+               for e in (1, 2, 3, 4)]  # fmt: skip
+    plots.plot_history(records, tmp_path / "elbo.png", title="run-7")
+    fig = figures[-1]
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert fig._suptitle.get_text() == "run-7"
+    assert legend == ["train ELBO", "validation ELBO", "test log p(x) (IS)", "β (KL weight)"]
+    assert any("best: epoch 4" in t for t in texts)
+    assert "KL(q(z|x) ‖ p(z)), nats" in labels and "E_q[log p(x|z)], nats" in labels
+    assert "3 active units at epoch 4" in fig.axes[1].get_title()
+    assert all(t == int(t) for t in fig.axes[0].get_xticks())  # whole epochs only
+    # without parts or warm-up: one panel, no β axis
+    plots.plot_history([{k: r[k] for k in ("epoch", "train_elbo")} for r in records],
+                       tmp_path / "plain.png")  # fmt: skip
+    assert len(figures[-1].axes) == 1
