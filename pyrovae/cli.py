@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import LOSSES, MODELS, Config
+    from .config import LOSSES, MODELS, STREAM, Config
     from .data import BINARIZE, DATASETS
     from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder without train/valid/test subfolders: validation share")  # fmt: skip
     t.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="folder without train/valid/test subfolders: test share")  # fmt: skip
+    t.add_argument("--stream", choices=list(STREAM), default=d.stream,
+                   help="folder: decode training images in DataLoader workers while training "
+                   "(auto: when they would take more than 2 GiB decoded)")  # fmt: skip
+    t.add_argument("--workers", type=int, default=d.workers,
+                   help="folder, streamed: DataLoader worker processes")  # fmt: skip
     t.add_argument("--net", choices=list(NETS), default=d.net)
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="hidden sizes")
     t.add_argument("--widths", type=int, nargs="+", default=list(d.widths),
@@ -227,6 +232,39 @@ def _load(config, split: str):
         config.dataset, split, config.data_dir, config.binarize, config.download, config.seed,
         **options,
     )  # fmt: skip
+
+
+def _training_data(config):
+    """The training split: an ImageDataset in memory, or for a folder that streams (--stream) a
+    FolderDataset whose images DataLoader workers decode while the model trains."""
+    from .batches import should_stream
+    from .data import FolderDataset
+
+    if config.dataset != "folder" or config.stream == "no" or config.data_dir is None:
+        if config.stream == "yes":
+            raise ValueError(f"--stream yes: only --dataset folder streams, not {config.dataset}")
+        return _limited(_load(config, "train"), config.train_limit)
+    ds = FolderDataset(config.data_dir, "train", config.image_size, config.channels,
+                       config.valid_fraction, config.test_fraction)  # fmt: skip
+    if config.stream == "auto" and not should_stream(ds, None):
+        return _limited(_load(config, "train"), config.train_limit)
+    if config.skip_bad_files:
+        raise ValueError("--skip-bad-files needs the training images decoded up front: pass "
+                         "--stream no, or remove the unreadable files")  # fmt: skip
+    if config.train_limit is not None:  # the first N files, as for data in memory
+        ds.files = ds.files[: config.train_limit]
+        ds.labels = None if ds.labels is None else ds.labels[: config.train_limit]
+    return ds
+
+
+def _limited(train, limit: int | None):
+    from .data import ImageDataset
+
+    if limit is None or limit >= len(train):
+        return train
+    labels = None if train.labels is None else train.labels[:limit]
+    return ImageDataset(train.images[:limit], labels, train.name, train.split,
+                        train.batch_transform)  # fmt: skip
 
 
 #: Columns of metrics.csv: fit's record, the KL weight β of the epoch, (with --test-every) the
@@ -458,19 +496,14 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     pyro.clear_param_store()
     device = _device(config.device)
     config.binarize = _resolve_binarize(config)
-    train, valid = _load(config, "train"), _load(config, "valid")
-    if config.train_limit is not None and config.train_limit < len(train):
-        n = config.train_limit
-        labels = None if train.labels is None else train.labels[:n]
-        train = ImageDataset(
-            train.images[:n], labels, train.name, train.split, train.batch_transform
-        )
+    train, valid = _training_data(config), _load(config, "valid")
+    streamed = not isinstance(train, ImageDataset)
     config.x_shape = train.x_shape
     pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
     vae = build_vae(config)
-    transform = train.batch_transform
-    check = train.images if transform is None else transform(train.tensors)[0]
-    vae.check_data(check)
+    if not streamed:  # (fit checks streamed batches as they come)
+        transform = train.batch_transform
+        vae.check_data(train.images if transform is None else transform(train.tensors)[0])
     state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
     last_epoch = config.epochs  # the epoch to train up to
     best = {}  # the best checkpoint, committed with its epoch
@@ -517,7 +550,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         return stop
 
     what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
-    skipped = len(train.skipped) + len(valid.skipped)
+    skipped = len(getattr(train, "skipped", ())) + len(valid.skipped)
     note = f", {skipped} unreadable files skipped" if skipped else ""
     print(
         f"{what} on {config.dataset} ({len(train)} images{note}, {device}); run directory {run_dir}"
@@ -536,6 +569,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
             callback=callback,
             progress=progress,
             state=state,
+            stream=streamed,
+            num_workers=config.workers,
         )
     except NonFiniteLossError as e:
         kept = (
@@ -557,7 +592,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         "stopped_early": stopper.stopped_epoch is not None,
         "train_seconds": seconds,
         "device": str(device),
-        "skipped_files": len(train.skipped) + len(valid.skipped),
+        "skipped_files": skipped,
     }
     files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
     commit(run_dir, files, stage="finishing")  # a run cut off from here is only finished

@@ -16,12 +16,14 @@ from .objectives import LOSSES
 from .priors import PRIORS, check_positive, make_prior
 from .vae import VAE, BaseVAE
 
-__all__ = ["Config", "build_vae", "LOSSES", "MODELS"]
+__all__ = ["Config", "build_vae", "LOSSES", "MODELS", "STREAM"]
 
 
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 #: Upper bound of a network size (a guard against typos that would exhaust memory).
 MAX_SIZE = 1 << 20
+#: How a folder's training images reach the model (``Config.stream``).
+STREAM = ("auto", "yes", "no")
 
 
 def _typed(key: str, value, kind: str):
@@ -60,6 +62,9 @@ class Config:
     skip_bad_files: bool = False  # folder: leave out unreadable files (counted in train.json)
     valid_fraction: float = 0.1  # folder without split subfolders: share of validation images
     test_fraction: float = 0.1  # folder without split subfolders: share of test images
+    stream: str = "auto"  # folder: decode training images in DataLoader workers while training:
+    #   auto (when the split would take more than 2 GiB decoded) | yes | no (decode up front)
+    workers: int = 1  # folder, streamed: DataLoader worker processes (0: in the training one)
     # model
     net: str = "mlp"  # mlp | conv
     hidden: tuple[int, ...] = (256,)  # hidden sizes of the encoder (the decoder's are reversed)
@@ -121,6 +126,7 @@ class Config:
             "likelihood": LIKELIHOODS,
             "loss": LOSSES,
             "binarize": ("auto", *BINARIZE),
+            "stream": STREAM,
             "model": MODELS,
             "prior": PRIORS,
             "guide": GUIDES,
@@ -184,6 +190,8 @@ class Config:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
         if not self.variance > 0:
             raise ValueError(f"variance must be > 0, got {self.variance}")
+        if not 0 <= self.workers <= 256:
+            raise ValueError(f"workers must be in [0, 256], got {self.workers}")
         for key in ("valid_fraction", "test_fraction"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")

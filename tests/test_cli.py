@@ -308,6 +308,18 @@ def test_rgb_folder_trains_evaluates_in_bits_per_dim_and_samples(tmp_path, capsy
     out = tmp_path / "samples.png"
     assert cli.main(["sample", str(run), "--out", str(out), "-n", "4"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # streamed: the training images decoded by a DataLoader worker while training, not up front
+    _one_line_error(capsys, [*args, "--skip-bad-files", "--stream", "yes", "--overwrite"],
+                    "--skip-bad-files needs the training images decoded up front")  # fmt: skip
+    (tmp_path / "imgs" / "red" / "bad.png").unlink()
+    streamed = tmp_path / "streamed"
+    argv = [*args, "--stream", "yes", "--workers", "1", "--out", str(streamed)]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader((streamed / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == 2 and float(rows[-1]["val_elbo"]) < 0
+    assert json.loads((streamed / "config.json").read_text())["stream"] == "yes"
+    _one_line_error(capsys, ["train", "--stream", "yes", *FAST],
+                    "--stream yes: only --dataset folder streams, not digits")  # fmt: skip
 
 
 def test_likelihood_that_does_not_fit_the_data_fails_before_training(tmp_path, capsys):
