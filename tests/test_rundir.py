@@ -84,13 +84,14 @@ def _snapshot(run):
 
 
 def _sweep(tmp_path, monkeypatch, instants=None) -> tuple[int, int]:
-    whole = tmp_path / "whole"
+    # every run is named "run" (in folders of its own): elbo.png carries the run's name
+    whole = tmp_path / "whole" / "run"
     steps = _kill_at(monkeypatch, None)
     assert cli.main(["train", "--out", str(whole), *FAST]) == 0
     expected, total = _snapshot(whole), len(steps)
     exact = 0
     for instant in instants(total) if instants else range(1, total + 1):
-        run = tmp_path / f"killed{instant}"
+        run = tmp_path / f"killed{instant}" / "run"
         _kill_at(monkeypatch, instant)
         with pytest.raises(Killed):
             cli.main(["train", "--out", str(run), *FAST])
