@@ -52,4 +52,15 @@ __all__ = [
     "objectives",
     "schedules",
     "selection",
+    "plots",
+    "metrics",
 ]
+
+
+def __getattr__(name: str):
+    # pyrovae.plots and pyrovae.metrics load on first use (matplotlib only when a plot is drawn)
+    if name in ("plots", "metrics"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

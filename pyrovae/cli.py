@@ -42,9 +42,29 @@ __all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
-    # One line on a usage error, not usage + error.
+    # One line on a usage error, not usage + error; every option's help ends with its default.
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    # "(default: X)" after an option's help, unless the help names its default already or
+    # there is none to name (a flag, an option that is unset unless given)
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .priors import PRIORS
 
     d = Config()
+    from . import __version__
+
     parser = _Parser(prog="pyrovae", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a VAE and write a run directory")
-    t.add_argument("--dataset", choices=list(DATASETS), default=d.dataset)
+    t.add_argument("--dataset", choices=list(DATASETS), default=d.dataset,
+                   help="the images to train on (folder: your own, in --data-dir)")  # fmt: skip
     t.add_argument(
         "--data-dir",
         default=d.data_dir,
@@ -90,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(auto: when they would take more than 2 GiB decoded)")  # fmt: skip
     t.add_argument("--workers", type=int, default=d.workers,
                    help="folder, streamed: DataLoader worker processes")  # fmt: skip
-    t.add_argument("--net", choices=list(NETS), default=d.net)
+    t.add_argument("--net", choices=list(NETS), default=d.net, help="encoder and decoder")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="hidden sizes")
     t.add_argument("--widths", type=int, nargs="+", default=list(d.widths),
                    help="conv: channels of the residual blocks (one halving each)")  # fmt: skip
     t.add_argument("--gated", action="store_true", help="GatedDense layers (VampPrior paper)")
-    t.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation)
+    t.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation,
+                   help="the hidden layers' nonlinearity")  # fmt: skip
     t.add_argument("--z-dim", type=int, default=d.z_dim, help="latent size (top layer of hvae)")
     t.add_argument(
         "--model", choices=list(MODELS), default=d.model, help="hvae: two layers z2 -> z1 -> x"
@@ -113,17 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--flows", type=int, default=d.flows, help="transforms of the flow prior / flow guide"
     )
-    t.add_argument("--likelihood", choices=list(LIKELIHOODS), default=d.likelihood)
+    t.add_argument("--likelihood", choices=list(LIKELIHOODS), default=d.likelihood,
+                   help="p(x|z) of a pixel (discretized-*: 8-bit images)")  # fmt: skip
     t.add_argument(
         "--variance", type=float, default=d.variance, help="c of the Gaussian N(f(z), c·I)"
     )
     t.add_argument("--allow-non-binary", action="store_true", help="Bernoulli on grey values")
     t.add_argument("--mixtures", type=int, default=d.mixtures,
                    help="logistic components per pixel (discretized-logistic)")  # fmt: skip
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--loss", choices=list(LOSSES), default=d.loss)
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    t.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate")
+    t.add_argument("--loss", choices=list(LOSSES), default=d.loss,
+                   help="elbo (Trace_ELBO), meanfield (closed-form KL), iwae")  # fmt: skip
     t.add_argument(
         "--particles", type=int, default=d.particles, help="samples per datapoint (iwae's k)"
     )
@@ -148,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--test-samples", type=int, default=100, help="K for --test-every")
     t.add_argument("--test-limit", type=int, default=1000, help="test images for --test-every")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help="fixes the initial weights, the batches and every draw")  # fmt: skip
     t.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
     t.add_argument("--overwrite", action="store_true",
@@ -167,32 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
     e.add_argument("run_dir")
     e.add_argument("--num-samples", type=int, default=5000, help="K importance samples")
-    e.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    e.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                   help="the split to score")  # fmt: skip
     e.add_argument(
         "--limit", type=int, default=None, help="score N datapoints spread over the split"
     )
     e.add_argument("--batch-size", type=int, default=None, help="datapoints per chunk")
     e.add_argument("--data-dir", default=None, help="override the run's data root")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
+    e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="a grid of images drawn from the prior")
     s.add_argument("run_dir")
     s.add_argument("--out", required=True, help="PNG file to write")
     s.add_argument("-n", "--num", type=int, default=64, help="number of images")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seeds the prior draws")
 
     p = sub.add_parser("plot", help="redraw a run's plots from its weights and metrics")
     p.add_argument("run_dir")
     p.add_argument("--data-dir", default=None, help="override the run's data root")
 
     b = sub.add_parser("bench", help="images/s of fit and log p(x) against hand-written PyTorch")
-    b.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    b.add_argument("--data-dir", default=None)
+    b.add_argument("--dataset", choices=list(DATASETS), default="digits", help="training images")
+    b.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
     b.add_argument("--arch", choices=["mlp", "vampprior"], default="mlp",
                    help="mlp: 784-400-50; vampprior: GatedDense(300) x 2, z=40")  # fmt: skip
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[256], help="batch sizes timed")
     b.add_argument("--rounds", type=int, default=3, help="timed repeats per method")
     b.add_argument("--limit", type=int, default=None, help="use the first N training images")
     b.add_argument("--num-samples", type=int, nargs="*", default=[5000],
@@ -206,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     only = b.add_mutually_exclusive_group()
     only.add_argument("--train-only", action="store_true", help="skip the log p(x) table")
     only.add_argument("--eval-only", action="store_true", help="skip the training tables")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
     return parser
 
 
@@ -603,6 +632,8 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
         f"image at epoch {stopper.best_epoch}, kept in {run_dir}"
     )
+    print(f"figures and metrics.csv are in {run_dir}; score the test split with: "
+          f"pyrovae evaluate {run_dir} --split test")  # fmt: skip
     return 0
 
 

@@ -330,3 +330,42 @@ def test_likelihood_that_does_not_fit_the_data_fails_before_training(tmp_path, c
                              *FAST], "no images")  # fmt: skip
     _one_line_error(capsys, ["train", "--image-size", "4", *FAST],
                     "the digits dataset takes no image_size option (--image-size)")  # fmt: skip
+
+
+def test_version_and_every_option_has_help_with_its_default(capsys):
+    import argparse
+
+    import pyrovae
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pyrovae {pyrovae.__version__}"
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        assert ":param" not in text and "``" not in text, name  # no reST markup
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (name, action.option_strings)
+            if action.default not in (None, False):
+                assert "default" in action.help or "default" in text, (name, action.dest)
+    assert "--batch-size BATCH_SIZE" in sub.choices["train"].format_help()
+    assert "(default: 64)" in " ".join(sub.choices["train"].format_help().split())
+
+
+def test_train_ends_with_where_things_are_and_what_to_do_next(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), *FAST]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert str(run) in last and f"pyrovae evaluate {run} --split test" in last
+
+
+def test_plots_and_metrics_load_lazily_from_the_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, pyrovae; assert 'matplotlib' not in sys.modules; "
+            "pyrovae.plots.plot_history, pyrovae.metrics.elbo_parts")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
