@@ -2,65 +2,100 @@
 
 Train any pair with :func:`fit` (SVI), score it with :func:`log_likelihood` (importance-sampled
 log p(x) per datapoint), and build the classic VAE from swappable pieces with :class:`VAE`.
+
+The names below load on first use (PEP 562): ``import pyrovae`` imports neither torch nor
+matplotlib, so the ``pyrovae`` command can choose OpenMP's settings before torch starts.
 """
 
-from . import data, guides, likelihoods, nets, objectives, priors, schedules, selection
-from .checkpoint import load_run, load_state, load_weights, save_run, save_state, save_weights
-from .config import Config, build_vae
-from .errors import CheckpointError, DataError, NonFiniteLossError, RunInUseError, WriteError
-from .evaluation import elbo, iwae, log_likelihood
-from .hvae import HVAE
-from .objectives import IWAE
-from .schedules import KLSchedule
-from .selection import EarlyStopping
-from .training import History, Objective, TrainState, fit
-from .vae import VAE
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "VAE",
-    "HVAE",
-    "IWAE",
-    "KLSchedule",
-    "EarlyStopping",
-    "fit",
-    "Objective",
-    "History",
-    "TrainState",
-    "log_likelihood",
-    "elbo",
-    "iwae",
-    "Config",
-    "build_vae",
-    "save_run",
-    "load_run",
-    "save_weights",
-    "load_weights",
-    "save_state",
-    "load_state",
-    "DataError",
-    "CheckpointError",
-    "NonFiniteLossError",
-    "RunInUseError",
-    "WriteError",
-    "data",
-    "likelihoods",
-    "nets",
-    "priors",
-    "guides",
-    "objectives",
-    "schedules",
-    "selection",
-    "plots",
-    "metrics",
-]
+#: Each public name and the submodule it comes from.
+_FROM = {
+    "VAE": "vae",
+    "HVAE": "hvae",
+    "IWAE": "objectives",
+    "KLSchedule": "schedules",
+    "EarlyStopping": "selection",
+    "fit": "training",
+    "Objective": "training",
+    "History": "training",
+    "TrainState": "training",
+    "log_likelihood": "evaluation",
+    "elbo": "evaluation",
+    "iwae": "evaluation",
+    "Config": "config",
+    "build_vae": "config",
+    "save_run": "checkpoint",
+    "load_run": "checkpoint",
+    "save_weights": "checkpoint",
+    "load_weights": "checkpoint",
+    "save_state": "checkpoint",
+    "load_state": "checkpoint",
+    "DataError": "errors",
+    "CheckpointError": "errors",
+    "NonFiniteLossError": "errors",
+    "RunInUseError": "errors",
+    "WriteError": "errors",
+}
+_SUBMODULES = ("data", "likelihoods", "nets", "priors", "guides", "objectives", "schedules",
+               "selection", "plots", "metrics")  # fmt: skip
+
+__all__ = [*_FROM, *_SUBMODULES]
 
 
 def __getattr__(name: str):
-    # pyrovae.plots and pyrovae.metrics load on first use (matplotlib only when a plot is drawn)
-    if name in ("plots", "metrics"):
-        import importlib
+    if name in _FROM:
+        value = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # loaded once
+    return value
 
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eagerly
+    from . import (  # noqa: F401
+        data,
+        guides,
+        likelihoods,
+        metrics,
+        nets,
+        objectives,
+        plots,
+        priors,
+        schedules,
+        selection,
+    )
+    from .checkpoint import (  # noqa: F401
+        load_run,
+        load_state,
+        load_weights,
+        save_run,
+        save_state,
+        save_weights,
+    )
+    from .config import Config, build_vae  # noqa: F401
+    from .errors import (  # noqa: F401
+        CheckpointError,
+        DataError,
+        NonFiniteLossError,
+        RunInUseError,
+        WriteError,
+    )
+    from .evaluation import elbo, iwae, log_likelihood  # noqa: F401
+    from .hvae import HVAE  # noqa: F401
+    from .objectives import IWAE  # noqa: F401
+    from .schedules import KLSchedule  # noqa: F401
+    from .selection import EarlyStopping  # noqa: F401
+    from .training import History, Objective, TrainState, fit  # noqa: F401
+    from .vae import VAE  # noqa: F401

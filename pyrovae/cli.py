@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import signal
 import sys
 import time
@@ -237,7 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     only.add_argument("--eval-only", action="store_true", help="skip the training tables")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, default=None,
+                             help="torch's CPU threads (default: one per core, waiting "
+                             "passively; 1 is fastest beside other busy processes)")  # fmt: skip
     return parser
+
+
+def _quiet_openmp() -> None:
+    # OpenMP threads that spin while they wait for work steal the core from a busy neighbour:
+    # beside one busy process, torch's two threads ran the main job's epochs 2-3x slower
+    # (30x once) than passive waiting, which costs nothing on a quiet machine (docs/speed.md).
+    # Read when torch loads, so set before that, and never over the user's choice.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _resolve_binarize(config) -> str:
@@ -821,12 +845,14 @@ def _sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (errors print one line to stderr). SIGTERM stops
     it like SIGINT: the run keeps its last saved epoch, and the message says how to continue."""
+    _quiet_openmp()
     args = build_parser().parse_args(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread
         previous = None
     try:
+        _set_threads(args.threads)
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)

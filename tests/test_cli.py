@@ -369,3 +369,31 @@ def test_plots_and_metrics_load_lazily_from_the_package():
     code = ("import sys, pyrovae; assert 'matplotlib' not in sys.modules; "
             "pyrovae.plots.plot_history, pyrovae.metrics.elbo_parts")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("user, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_makes_openmp_wait_passively_unless_told(user, expected):
+    # set before torch loads (importing pyrovae.cli loads no torch), never over the user's value
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = ("import os, sys, pyrovae.cli as cli; assert 'torch' not in sys.modules; "
+            "cli._quiet_openmp(); print(os.environ['OMP_WAIT_POLICY'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == expected, out.stderr
+
+
+def test_threads_option(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["train", "--out", str(tmp_path / "r"), "--threads", "1", *FAST]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    _one_line_error(capsys, ["train", "--threads", "0", *FAST], "--threads must be >= 1, got 0")
