@@ -49,7 +49,20 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}{_did_you_mean(message)}\n")
+
+
+def _did_you_mean(message: str) -> str:
+    # "invalid choice: 'vamprior' (choose from 'normal', ..., 'vampprior')" -> the closest one
+    import difflib
+    import re
+
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not found:
+        return ""
+    choices = re.findall(r"'([^']*)'", found.group(2))
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -371,6 +384,14 @@ def _plots(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None
             )
 
 
+def _as_flags(message: str, names) -> str:
+    # "batch_size must be ..." -> "--batch-size must be ..." (a message that starts with one)
+    import re
+
+    return re.sub(r"^(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message, count=1)  # fmt: skip
+
+
 def _check_train_args(args) -> None:
     for key in ("test_samples", "test_limit"):
         if getattr(args, key) < 1:
@@ -387,8 +408,11 @@ def _train(args) -> int:
     from .config import Config
 
     names = {f.name for f in fields(Config)}
-    config = Config.from_dict({k: v for k, v in vars(args).items() if k in names})
-    config.validate()
+    try:
+        config = Config.from_dict({k: v for k, v in vars(args).items() if k in names})
+        config.validate()
+    except ValueError as e:  # name the option the user typed, not the Config field
+        raise ValueError(_as_flags(str(e), names)) from None
     _check_train_args(args)
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = {key: getattr(args, key) for key in OPTIONS}

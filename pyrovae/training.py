@@ -127,8 +127,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: {e}") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}: use auto, cpu, cuda or cuda:N (mps, xpu where torch "
+            "has them)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here")
     return device

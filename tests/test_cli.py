@@ -85,7 +85,7 @@ def test_unknown_names(capsys, argv, match):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "--z-dim", "0"], "z_dim must be a positive integer"),
+    (["train", "--z-dim", "0"], "--z-dim must be a positive integer"),
     (["train", "--epochs", "0"], "epochs must be a positive integer"),
     (["train", "--binarize", "none"], "binary pixels"),
     (["train", "--dataset", "binarized-mnist", "--data-dir", "/nonexistent"],
@@ -397,3 +397,17 @@ def test_threads_option(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     _one_line_error(capsys, ["train", "--threads", "0", *FAST], "--threads must be >= 1, got 0")
+
+
+def test_errors_name_the_flag_and_suggest_close_choices(capsys):
+    _one_line_error(capsys, ["train", "--batch-size", "0", *FAST],
+                    "--batch-size must be a positive integer, got 0")  # fmt: skip
+    _one_line_error(capsys, ["train", "--device", "foo", *FAST],
+                    "unknown device 'foo': use auto, cpu, cuda or cuda:N")  # fmt: skip
+    assert "Expected one of" not in capsys.readouterr().err  # not torch's list of device types
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--prior", "vamprior"])
+    assert capsys.readouterr().err.strip().endswith("did you mean 'vampprior'?")
+    with pytest.raises(SystemExit):
+        cli.main(["trian"])
+    assert capsys.readouterr().err.strip().endswith("did you mean 'train'?")
