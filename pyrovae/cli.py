@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixes the initial weights, the batches and every draw")  # fmt: skip
     t.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
+    t.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a JSON or TOML file with config.json's keys; flags given "
+                   "on the command line override them")  # fmt: skip
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (default: refuse it)")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_config_file(parser, path: str, argv):
+    """The arguments again, with the file's settings as the train command's defaults (so flags
+    given on the command line win)."""
+    from .config import Config
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+        values.pop("x_shape", None)  # a run's config.json: the data decide it
+        Config.from_dict(values)  # names and types, with the key named
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train.choices["train"].set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def _quiet_openmp() -> None:
     # OpenMP threads that spin while they wait for work steal the core from a busy neighbour:
     # beside one busy process, torch's two threads ran the main job's epochs 2-3x slower
@@ -298,6 +326,18 @@ def _load(config, split: str):
         config.dataset, split, config.data_dir, config.binarize, config.download, config.seed,
         **options,
     )  # fmt: skip
+
+
+def _echo(config) -> None:
+    # the settings of the run, those that differ from the defaults (config.json has them all)
+    from .config import Config
+
+    default = Config()
+    names = [f.name for f in fields(config) if f.name != "x_shape"]
+    changed = [
+        f"{n}={getattr(config, n)}" for n in names if getattr(config, n) != getattr(default, n)
+    ]
+    print("config: " + (" ".join(changed) if changed else "the defaults"))
 
 
 def _training_data(config):
@@ -626,6 +666,7 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         best.clear()
         return stop
 
+    _echo(config)
     what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
     skipped = len(getattr(train, "skipped", ())) + len(valid.skipped)
     note = f", {skipped} unreadable files skipped" if skipped else ""
@@ -870,7 +911,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (errors print one line to stderr). SIGTERM stops
     it like SIGINT: the run keeps its last saved epoch, and the message says how to continue."""
     _quiet_openmp()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        try:
+            args = _with_config_file(parser, args.config, argv)
+        except (ValueError, OSError) as e:
+            print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+            return 1
     try:
         previous = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread

@@ -411,3 +411,27 @@ def test_errors_name_the_flag_and_suggest_close_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["trian"])
     assert capsys.readouterr().err.strip().endswith("did you mean 'train'?")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_config_file_with_flags_overriding_it_and_the_config_echoed(tmp_path, capsys, suffix):
+    path = tmp_path / f"settings{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps({"z_dim": 3, "epochs": 1, "hidden": [16], "lr": 0.002}))
+    else:
+        path.write_text("z_dim = 3\nepochs = 1\nhidden = [16]\nlr = 0.002\n")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(path), "--epochs", "2", "--out", str(run), "--no-progress"]
+    assert cli.main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["z_dim"], config["hidden"], config["lr"]) == (3, [16], 0.002)  # the file
+    assert config["epochs"] == 2  # the flag wins
+    assert (
+        "config: binarize=threshold hidden=(16,) z_dim=3 epochs=2 lr=0.002"
+        in capsys.readouterr().out
+    )
+    path.write_text('{"z_dimm": 3}' if suffix == ".json" else "z_dimm = 3\n")
+    _one_line_error(capsys, ["train", "--config", str(path), *FAST],
+                    f"--config {path}: unknown config keys: z_dimm")  # fmt: skip
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "none.json"), *FAST],
+                    "cannot read it (No such file or directory)")  # fmt: skip
