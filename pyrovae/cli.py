@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     only.add_argument("--eval-only", action="store_true", help="skip the training tables")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
+    c = sub.add_parser("completion", help="print a shell completion script")
+    c.add_argument("shell", choices=["bash", "zsh"],
+                   help="source its output, e.g. eval \"$(pyrovae completion bash)\"")  # fmt: skip
     for command in sub.choices.values():
         command.add_argument("--threads", type=int, default=None,
                              help="torch's CPU threads (default: one per core, waiting "
@@ -893,6 +896,37 @@ def _plot_locked(run_dir: Path, args, manifest: dict | None) -> int:
     return 0
 
 
+def _completion(args) -> int:
+    """A completion script for bash (zsh through bashcompinit): the subcommands, each one's
+    options, and the values of options with choices, read from the parser itself."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, parser in sub.choices.items():
+        flags = [s for a in parser._actions for s in a.option_strings]
+        values = [f'      {" | ".join(a.option_strings)}) words="{" ".join(map(str, a.choices))}";;'
+                  for a in parser._actions if a.option_strings and a.choices]  # fmt: skip
+        cases.append(f'    {name})\n      case "$prev" in\n' + "\n".join(values)
+                     + f'\n      *) words="{" ".join(flags)}";;\n      esac;;')  # fmt: skip
+    script = _COMPLETION.format(commands=" ".join(sub.choices), cases="\n".join(cases))
+    if args.shell == "zsh":
+        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+    print(script)
+    return 0
+
+
+_COMPLETION = """_pyrovae() {{
+  local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} words
+  if [ "$COMP_CWORD" -eq 1 ]; then
+    COMPREPLY=($(compgen -W "{commands} --version --help" -- "$cur")); return
+  fi
+  case "${{COMP_WORDS[1]}}" in
+{cases}
+  esac
+  COMPREPLY=($(compgen -W "$words" -- "$cur"))
+  [ ${{#COMPREPLY[@]}} -eq 0 ] && COMPREPLY=($(compgen -f -- "$cur"))
+}}
+complete -F _pyrovae pyrovae"""
+
 COMMANDS = {
     "train": _train,
     "resume": _resume,
@@ -900,6 +934,7 @@ COMMANDS = {
     "sample": _sample,
     "plot": _plot,
     "bench": _bench,
+    "completion": _completion,
 }
 
 

@@ -435,3 +435,25 @@ def test_config_file_with_flags_overriding_it_and_the_config_echoed(tmp_path, ca
                     f"--config {path}: unknown config keys: z_dimm")  # fmt: skip
     _one_line_error(capsys, ["train", "--config", str(tmp_path / "none.json"), *FAST],
                     "cannot read it (No such file or directory)")  # fmt: skip
+
+
+def test_completion_script_completes_commands_options_and_choices(capsys, tmp_path):
+    import shutil
+    import subprocess
+
+    assert cli.main(["completion", "bash"]) == 0
+    script = tmp_path / "pyrovae.bash"
+    script.write_text(capsys.readouterr().out)
+    assert cli.main(["completion", "zsh"]) == 0
+    assert capsys.readouterr().out.startswith("autoload -U +X bashcompinit")
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to run the script")
+    cases = {"pyrovae tr": "train", "pyrovae train --pri": "--prior",
+             "pyrovae train --prior vam": "vampprior",
+             "pyrovae evaluate --no-pro": "--no-progress"}  # fmt: skip
+    for line, expected in cases.items():
+        words = line.split()
+        code = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+                "_pyrovae; echo ${COMPREPLY[@]}")  # fmt: skip
+        out = subprocess.run(["bash", "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [expected], (line, out.stdout, out.stderr)
