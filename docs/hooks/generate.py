@@ -4,6 +4,9 @@
   the argparse parser in :mod:`pyrovae.cli`.
 - ``<!-- api-modules -->`` becomes one mkdocstrings ``:::`` block per public module of the
   package, so a module added to pyrovae shows up in the API reference without editing the docs.
+- A ``$$ ... $$`` block (LaTeX, on lines of its own) becomes MathML, converted at build time by
+  ``latex2mathml``: browsers draw MathML themselves, so the math renders offline, from disk, with
+  no script and no CDN.
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def _api_modules() -> str:
     return "\n\n".join(f"::: pyrovae.{name}" for name in ordered)
 
 
+def _math(markdown: str) -> str:
+    from latex2mathml.converter import convert
+
+    def block(m: re.Match) -> str:
+        return "\n" + convert(m.group(1).strip(), display="block") + "\n"
+
+    return re.sub(r"^\$\$\n(.*?)\n\$\$$", block, markdown, flags=re.S | re.M)
+
+
 def on_page_markdown(markdown: str, **kwargs) -> str:
     markdown = re.sub(r"<!-- cli-help: ?(\w*) -->", lambda m: _cli_help(m.group(1)), markdown)
+    markdown = _math(markdown)
     return markdown.replace("<!-- api-modules -->", _api_modules())
