@@ -92,7 +92,7 @@ class Config:
     warmup: int = 0  # KL warm-up epochs: β rises linearly to `beta` over them
     patience: int | None = None  # early stopping on the validation ELBO (None: never)
     train_limit: int | None = None  # train on the first N training images
-    seed: int = 0
+    seed: int = 0  # fixes the initial weights (build_vae), the data order and the noise
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
 
     def to_json(self) -> str:
@@ -252,10 +252,15 @@ MODELS: dict[str, Callable[[Config], BaseVAE]] = {"vae": _build_one_layer, "hvae
 def build_vae(config: Config) -> BaseVAE:
     """The model a config describes (``config.x_shape`` must be set): a :class:`~pyrovae.VAE`,
     or an :class:`~pyrovae.hvae.HVAE` for ``model="hvae"``, with its prior and guide. Its
-    ``beta`` is ``config.beta`` (a warm-up schedule lowers it during training)."""
+    ``beta`` is ``config.beta`` (a warm-up schedule lowers it during training). Its initial
+    weights are fixed by ``config.seed``: Pyro, torch, numpy and random are seeded with it
+    before the networks are built, so one config always builds the same model."""
+    import pyro
+
     if config.x_shape is None:
         raise ValueError("config.x_shape is not set: it comes from the data")
     config.validate()
+    pyro.set_rng_seed(config.seed)
     model = MODELS[config.model](config)
     model.beta = config.beta
     return model

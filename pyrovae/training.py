@@ -652,7 +652,11 @@ def fit(
         default ``Trace_ELBO``.
     :param device: ``"cpu"``, ``"cuda"``, … (default: CUDA when there is one).
     :param val_data: optional held-out data, scored with the (first) objective after each epoch.
-    :param int seed: seeds Pyro, torch, numpy and random before training.
+    :param int seed: seeds Pyro, torch, numpy and random before training: the data order, the
+        noise, and every parameter created during training (``pyro.param`` sites and modules
+        built lazily on the first step). Weights that exist before ``fit`` are not touched:
+        :func:`~pyrovae.build_vae` fixes its own from ``Config.seed``; seed your own modules
+        with ``pyro.set_rng_seed(s)`` before constructing them.
     :param batch_transform: function applied to each training batch (a tuple of tensors);
         defaults to ``data.batch_transform`` when ``data`` has one (e.g. dynamic binarization).
     :param callback: called with each epoch's record (a dict); returning ``True`` stops training.

@@ -1,8 +1,9 @@
 import json
 
 import pytest
+import torch
 
-from pyrovae import CheckpointError, Config
+from pyrovae import CheckpointError, Config, build_vae
 from pyrovae.checkpoint import load_config
 
 
@@ -34,3 +35,14 @@ def test_config_values_are_type_and_range_checked_naming_key_and_file(tmp_path, 
     with pytest.raises(CheckpointError, match="config.json is corrupt: ") as info:
         load_config(tmp_path)
     assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_config_seed_fixes_the_initial_weights():
+    config = Config(x_shape=(1, 8, 8), hidden=(16,), z_dim=2, seed=3)
+    torch.manual_seed(123)  # whatever the global generator holds before
+    a = build_vae(config).state_dict()
+    torch.manual_seed(456)
+    b = build_vae(config).state_dict()
+    c = build_vae(Config(x_shape=(1, 8, 8), hidden=(16,), z_dim=2, seed=4)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

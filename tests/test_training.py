@@ -534,3 +534,27 @@ def test_a_pair_with_nothing_to_train_is_a_value_error():
 
     with pytest.raises(ValueError, match="nothing to train"):
         pyrovae.fit(model, lambda x: None, torch.zeros(6, 2), epochs=1, progress=False)
+
+
+def test_fit_seed_fixes_parameters_created_during_training():
+    # a guide whose weights are created lazily (random init) on its first call inside fit
+    x = torch.randn(64, 3)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", lambda: torch.randn(3, 2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ w, 1.0).to_event(1))
+
+    runs = []
+    for seed in (5, 5, 6):
+        pyro.clear_param_store()
+        torch.manual_seed(100 + len(runs))  # the global state before fit must not matter
+        pyrovae.fit(model, guide, x, epochs=2, batch_size=16, seed=seed, device="cpu")
+        runs.append(pyro.param("w").detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
