@@ -4,6 +4,9 @@ one core), each configuration run as its own `pyrovae train` process, interleave
 
     python benchmarks/threads.py [--rounds 3] [--data-dir DATA]
 
+The rows marked "(torch default)" run the command with torch loaded first (what it did before it
+chose OpenMP's waiting itself); the "(pyrovae chooses)" row is the command as it ships.
+
 Prints one table per workload: the default main job (8×8 digits, 20 epochs) and, with
 --data-dir, the 784-400-50 MLP on 10,000 binarized-MNIST images (3 epochs).
 """
@@ -17,16 +20,29 @@ import sys
 import tempfile
 import time
 
-BUSY = "while True: pass"
+from pyrovae.bench import busy_neighbour
+
+#: ``pyrovae train`` with torch loaded first, so the command cannot choose OpenMP's waiting:
+#: torch's own default, what the command did before it set ``OMP_WAIT_POLICY`` itself.
+TORCH_FIRST = "import sys, torch; from pyrovae.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+#: the ``pyrovae`` command as it ships: no thread or wait settings in the environment, so the
+#: command chooses them itself (passive waiting, torch's thread count)
+SHIPPED = (0, "(pyrovae chooses)")
 
 
 def run(args: list[str], threads: int, policy: str | None) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if (threads, policy) == SHIPPED:
+        entry = ["-m", "pyrovae.cli"]
+    else:
+        env["OMP_NUM_THREADS"] = str(threads)
+        if policy is not None:
+            env["OMP_WAIT_POLICY"] = policy
+        entry = ["-c", TORCH_FIRST]
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "pyrovae.cli", "train", "--no-progress", "--device", "cpu",
+        cmd = [sys.executable, *entry, "train", "--no-progress", "--device", "cpu",
                "--out", os.path.join(out, "run"), *args]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, capture_output=True)
@@ -35,23 +51,24 @@ def run(args: list[str], threads: int, policy: str | None) -> float:
 
 def table(name: str, args: list[str], rounds: int) -> None:
     threads = [1, os.cpu_count() or 1]
-    configs = list(itertools.product(("quiet", "loaded"), threads, (None, "PASSIVE")))
+    configs = [
+        (load, *c)
+        for load in ("quiet", "loaded")
+        for c in [*itertools.product(threads, (None, "PASSIVE")), SHIPPED]
+    ]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
     for _ in range(rounds):
         for load in ("quiet", "loaded"):
-            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load == "loaded" else None
-            try:
+            with busy_neighbour(load == "loaded"):
                 for c in configs:
                     if c[0] == load:
                         times[c].append(run(args, c[1], c[2]))
-            finally:
-                if busy is not None:
-                    busy.kill()
-                    busy.wait()
     print(f"\n{name}: seconds per `pyrovae train` (median of {rounds})")
-    print(f"{'machine':8s} {'threads':>7s} {'OMP_WAIT_POLICY':>16s} {'seconds':>8s}")
+    print(f"{'machine':8s} {'threads':>7s} {'OMP_WAIT_POLICY':>17s} {'seconds':>8s}")
     for c in configs:
-        print(f"{c[0]:8s} {c[1]:7d} {c[2] or '(default)':>16s} {statistics.median(times[c]):8.2f}")
+        policy = c[2] or "(torch default)"
+        count = str(c[1]) if c[1] else "auto"
+        print(f"{c[0]:8s} {count:>7s} {policy:>17s} {statistics.median(times[c]):8.2f}")
 
 
 def main() -> None:

@@ -125,12 +125,17 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_history(history.records(), out / "elbo.png")
-    plots.plot_images(vae.sample(64).cpu(), out / "samples.png", "samples from the prior (means)")
-    plots.plot_reconstructions(x[:30].cpu(), vae.reconstruct(x[:30]).cpu(), out / "recon.png")
+    plots.plot_images(
+        vae.sample(64).cpu(), out / "samples.png", "z ~ p(z) decoded: means of p(x|z)"
+    )
+    shown = x[spread(len(x), 30)]  # spread over the scored images, not the first 30
+    plots.plot_reconstructions(shown.cpu(), vae.reconstruct(shown).cpu(), out / "recon.png")
     if args.z_dim == 2:
         plots.plot_manifold(vae.decode, out / "manifold.png", n=15)
     else:
-        plots.plot_traversals(vae.decode, torch.zeros(args.z_dim), out / "traversals.png")
+        with torch.no_grad():
+            means = vae.encode(x)[0]
+        plots.plot_traversals(vae.decode, means.mean(0), out / "traversals.png", means=means)
     print(f"wrote figures to {out}")
     return result
 

@@ -156,16 +156,20 @@ def _figures(vae, history, x: torch.Tensor, out: Path) -> None:
     means, draws = vae.sample(32).cpu(), vae.sample(32, mean=False).cpu()
     title = "samples: means of p(x|z) (top half), draws (bottom half)"
     plots.plot_images(torch.cat([means, draws]), out / "samples.png", title, nrow=8)
-    n = min(len(x), 30)
+    # the images shown are spread over the scored ones (themselves spread over the split), not
+    # the first few, which in a folder sorted by class would all be one class
+    shown = x[spread(len(x), 30).to(x.device)]
     plots.plot_reconstructions(
-        x[:n].cpu(), vae.reconstruct(x[:n]).cpu(), out / "reconstructions.png"
+        shown.cpu(), vae.reconstruct(shown).cpu(), out / "reconstructions.png"
     )
     rows = min(len(x) // 2, 6)
     if rows:
+        ends = spread(len(x), 2 * rows).to(x.device)  # pairs from two different parts
+        a, b = x[ends[:rows]], x[ends[rows:]]
         with torch.no_grad():
-            z1, z2 = vae.encode(x[:rows])[0], vae.encode(x[rows : 2 * rows])[0]
+            z1, z2 = vae.encode(a)[0], vae.encode(b)[0]
         plots.plot_interpolations(vae.decode, z1, z2, out / "interpolations.png", steps=8,
-                                  ends=(x[:rows], x[rows : 2 * rows]))  # fmt: skip
+                                  ends=(a, b))  # fmt: skip
 
 
 if __name__ == "__main__":

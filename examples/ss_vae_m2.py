@@ -41,6 +41,7 @@ from torch import nn
 
 import pyrovae
 from pyrovae import plots
+from pyrovae.data import spread
 from pyrovae.nets import MLP
 
 __all__ = ["build_parser", "main", "M2", "choose_labelled", "accuracy", "supervised_baseline"]
@@ -267,7 +268,7 @@ def main(args: argparse.Namespace) -> dict:
     # Kingma et al.'s analogies: infer the style z of a test image, then decode it as each class.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pick = torch.linspace(0, len(x_test) - 1, 8).round().long()
+    pick = spread(len(x_test), 8)  # spread over the split, which may be ordered by class
     with torch.no_grad():
         xs = x_test[pick]
         y_hat = F.one_hot(m2.predict(xs), NUM_CLASSES).float()

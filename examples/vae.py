@@ -112,17 +112,26 @@ def main(args: argparse.Namespace) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_history(history.records(), out / "elbo.png")
-    plots.plot_reconstructions(x[:20].cpu(), vae.reconstruct(x[:20]).cpu(), out / "recon.png")
-    plots.plot_images(vae.sample(64).cpu(), out / "samples.png", "samples from the prior")
+    # the images shown are spread over the scored ones, which are spread over the (class-ordered)
+    # split: the first 20 of binarized MNIST's test split would all be zeros
+    shown = x[spread(len(x), 20)]
+    plots.plot_reconstructions(shown.cpu(), vae.reconstruct(shown).cpu(), out / "recon.png")
+    plots.plot_images(
+        vae.sample(64).cpu(), out / "samples.png", "z ~ p(z) decoded: means of p(x|z)"
+    )
     with torch.no_grad():
         means = vae.encode(x)[0].cpu()
-    plots.plot_embedding(means, labels, out / "latent.png", args.embedding, args.seed)
-    # traverse the 8 most used coordinates (largest spread of the means) around the mean code
+    plots.plot_embedding(means, labels, out / "latent.png", args.embedding, args.seed,
+                         classes=test.classes)  # fmt: skip
+    # traverse the 8 most used coordinates (largest spread of the means) around the mean code,
+    # each over μ ± 3σ of its encoded means; units the model does not use are greyed
     used = means.std(0).argsort(descending=True)[:8].sort().values.tolist()
-    plots.plot_traversals(vae.decode, torch.zeros(args.z_dim), out / "traversals.png", used)
+    plots.plot_traversals(vae.decode, means.mean(0), out / "traversals.png", used, means=means)
+    ends = spread(len(x), 12)  # 6 pairs, each from two different parts of the split
+    a, b = ends[:6], ends[6:]
     plots.plot_interpolations(
-        vae.decode, means[:6], means.flip(0)[:6], out / "interpolations.png",
-        ends=(x[:6], x.flip(0)[:6]),
+        vae.decode, means[a], means[b], out / "interpolations.png",
+        ends=(x[a], x[b]),
     )  # fmt: skip
     plots.plot_log_likelihood(log_px, out / "log_px.png", title=f"{args.dataset} test log p(x)")
     print(f"wrote figures to {out}")

@@ -24,7 +24,7 @@ possible; the numbers then are not the paper's. Run from any folder::
 
     python examples/vampprior.py --data-dir /path/to/data                      # the full recipe
     python examples/vampprior.py --data-dir DATA --epochs 3 --warmup 2 --train-limit 2000 \\
-        --num-samples 100 --test-limit 500 --runs standard vampprior          # a smoke test
+        --num-samples 100 --test-limit 500 --curve-every 1 --runs standard vampprior  # a smoke test
 
 The full recipe takes longer than one sitting: every epoch saves the run's state, so a call that
 is stopped (a time limit, a lost machine) loses at most the epoch in progress, and the same
@@ -126,7 +126,8 @@ def train_argv(args, name: str, run_dir: Path) -> list[str]:
     argv += ["--epochs", str(args.epochs), "--warmup", str(args.warmup)]
     argv += ["--patience", str(args.patience), "--components", str(args.components)]
     argv += ["--flows", str(args.flows), "--device", args.device, "--seed", str(args.seed)]
-    argv += ["--test-every", str(args.curve_every), "--test-samples", str(args.curve_samples)]
+    every = min(args.curve_every, args.epochs)  # a run shorter than --curve-every: its last epoch
+    argv += ["--test-every", str(every), "--test-samples", str(args.curve_samples)]
     argv += ["--test-limit", str(args.curve_limit)]
     if args.data_dir is not None:
         argv += ["--data-dir", args.data_dir]
@@ -277,7 +278,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         if "error" in r:
             continue
         (line,) = (
-            ax.plot(*zip(*r["curve"], strict=True), label=r["label"])
+            ax.plot(
+                *zip(*r["curve"], strict=True),
+                label=r["label"],
+                marker="." if len(r["curve"]) < 20 else None,
+            )  # fmt: skip
             if r["curve"]
             else (ax.plot([], [], label=r["label"]))
         )
@@ -289,6 +294,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         refs = [r["reference"]["paper"] for r in done if r["reference"].get("paper")]
         finals = [r["test_nll"] for r in done]
         ax.set_ylim(min(finals + refs) - 2, max(finals) + 15)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel("test NLL (nats)")
     ax.set_title("lines: curve estimate; dots: final K-sample NLL; dotted: paper", fontsize=9)

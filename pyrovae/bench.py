@@ -28,6 +28,7 @@ import gc
 import math
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "HandwrittenGraph",
     "handwritten_log_likelihood",
     "stock_pyro_epoch",
+    "busy_neighbour",
     "main",
 ]
 
@@ -499,6 +501,22 @@ def _print_evaluation(res: dict, n: int, k: int, chunk: int, flops: float) -> No
               f"{_mib(r['memory']):>9s} {s / ref:8.3f}")  # fmt: skip
 
 
+@contextlib.contextmanager
+def busy_neighbour(on: bool = True):
+    """A loaded machine: while the block runs, a second Python process spins on one core (the
+    situation of a shared machine, where OpenMP threads that wait actively stall training).
+
+    :param bool on: ``False`` gives a quiet machine (the block runs alone).
+    """
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if on else None
+    try:
+        yield
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
 def _check_args(args) -> None:
     for key in ("eval_rounds",):
         value = getattr(args, key, None)
@@ -527,6 +545,20 @@ def _header(args, x, arch: dict) -> str:
     )
 
 
+#: ``--machine``: which machine states the training tables are measured on.
+MACHINES = {"quiet": ("quiet",), "loaded": ("loaded",), "both": ("quiet", "loaded")}
+
+
+def _training_tables(args, x, x_shape, arch: dict, machine: str) -> None:
+    if machine == "loaded":
+        print("\n## loaded machine: one other process spinning on a core throughout", flush=True)
+    for batch_size in args.batch_sizes:
+        config = Config(dataset=args.dataset, x_shape=x_shape, batch_size=batch_size, lr=1e-3,
+                        **arch)  # fmt: skip
+        config.validate()
+        _print_training(bench_training(x, config, args.rounds, args.device), batch_size)
+
+
 def main(args) -> int:
     """Print the benchmark tables (called by ``pyrovae bench``)."""
     from .data import load
@@ -539,11 +571,9 @@ def main(args) -> int:
     arch = dict(ARCHITECTURES[args.arch])
     print(_header(args, x, arch), flush=True)
     if not getattr(args, "eval_only", False):
-        for batch_size in args.batch_sizes:
-            config = Config(dataset=args.dataset, x_shape=train.x_shape, batch_size=batch_size,
-                            lr=1e-3, **arch)  # fmt: skip
-            config.validate()
-            _print_training(bench_training(x, config, args.rounds, args.device), batch_size)
+        for machine in MACHINES[getattr(args, "machine", "quiet")]:
+            with busy_neighbour(machine == "loaded"):
+                _training_tables(args, x, train.x_shape, arch, machine)
     if not getattr(args, "train_only", False) and args.num_samples:
         test = load(args.dataset, "test", args.data_dir, binarize)
         config = Config(dataset=args.dataset, x_shape=train.x_shape, **arch)

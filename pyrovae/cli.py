@@ -223,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("sample", help="a grid of images drawn from the prior")
+    s = sub.add_parser("sample", help="a grid of images from the prior: decoder means or draws")
     s.add_argument("run_dir")
     s.add_argument("--out", required=True, help="PNG file to write")
     s.add_argument("-n", "--num", type=int, default=64, help="number of images")
     s.add_argument("--seed", type=int, default=0, help="seeds the prior draws")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--mean", dest="draw", action="store_false", default=False,
+                      help="show the mean of p(x|z) for each z ~ p(z) (the default)")  # fmt: skip
+    what.add_argument("--draw", dest="draw", action="store_true",
+                      help="draw x ~ p(x|z) (binary pixels for a Bernoulli)")  # fmt: skip
 
     p = sub.add_parser("plot", help="redraw a run's plots from its weights and metrics")
     p.add_argument("run_dir")
@@ -253,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     only.add_argument("--train-only", action="store_true", help="skip the log p(x) table")
     only.add_argument("--eval-only", action="store_true", help="skip the training tables")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--machine", choices=["quiet", "loaded", "both"], default="quiet",
+                   help="time training alone, beside one busy process (a shared machine), "
+                   "or both")  # fmt: skip
     b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
     c = sub.add_parser("completion", help="print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh"],
@@ -399,32 +407,32 @@ def _plots(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None
     import torch
 
     from . import plots
+    from .data import spread
 
     pyro.set_rng_seed(seed)
     plots.plot_history(records, run_dir / "elbo.png", title=name or run_dir.name)
-    x = data.images[:50].to(next(vae.parameters()).device)
+    device = next(vae.parameters()).device
+    x = data.images[spread(len(data.images), 50)].to(device)  # spread over the split
     plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png")
-    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", "samples from the prior")
+    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", SAMPLE_TITLES["mean"])
     with torch.no_grad():
-        means = torch.cat([vae.encode(b.to(x.device))[0].cpu() for b in data.images.split(1024)])
-    plots.plot_latent(
-        means,
-        data.labels,
-        run_dir / "latent.png",
-        f"q(z|x) means, {data.split} split",
-        classes=getattr(data, "classes", None),
-    )
-    with torch.no_grad():
-        if means.shape[1] == 2:  # the decoded latent plane
-            plots.plot_manifold(
-                lambda z: vae.decode(z.to(x.device)).cpu(), run_dir / "manifold.png"
-            )
-        else:  # one row per latent dimension, through the centre of the codes
-            plots.plot_traversals(
-                lambda z: vae.decode(z.to(x.device)).cpu(),
-                means.mean(0),
-                run_dir / "traversals.png",
-            )
+        means = torch.cat([vae.encode(b.to(device))[0].cpu() for b in data.images.split(1024)])
+    layer = "q(z2|x), the top layer" if hasattr(vae, "z1_decoder") else "q(z|x)"
+    plots.plot_latent(means, data.labels, run_dir / "latent.png",
+                      f"means of {layer}: {data.split} split, {len(means)} images",
+                      classes=getattr(data, "classes", None))  # fmt: skip
+    decode = lambda z: vae.decode(z.to(device)).cpu()  # noqa: E731
+    if means.shape[1] == 2:  # the decoded latent plane
+        plots.plot_manifold(decode, run_dir / "manifold.png")
+    elif len(means) >= 2:  # one row per latent unit, over the range of its encoded means
+        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means)
+
+
+#: the title of a grid of prior samples, by what is drawn of p(x|z)
+SAMPLE_TITLES = {
+    "mean": "z ~ p(z), decoded to the mean of p(x|z) (not a draw of x)",
+    "draw": "z ~ p(z), then x ~ p(x|z): draws of the model's images",
+}
 
 
 def _as_flags(message: str, names) -> str:
@@ -848,8 +856,9 @@ def _sample(args) -> int:
     vae, _ = load_run(args.run_dir)
     pyro.set_rng_seed(args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots.plot_images(vae.sample(args.num), out, "samples from the prior")
-    print(f"wrote {args.num} samples to {out}")
+    kind = "draw" if args.draw else "mean"
+    plots.plot_images(vae.sample(args.num, mean=not args.draw), out, SAMPLE_TITLES[kind])
+    print(f"wrote {args.num} {'draws' if args.draw else 'decoder means'} to {out}")
     return 0
 
 

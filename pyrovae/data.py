@@ -222,6 +222,14 @@ def _find_idx(folders: list[Path], stem: str) -> Path | None:
     return None
 
 
+#: Fashion-MNIST's class names, label ``i`` being ``FASHION_MNIST_CLASSES[i]`` (Xiao et al., 2017)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+
+#: class names of the labelled built-in datasets (the others' labels are their digits)
+CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES}
+
+
 def _mnist_like(name: str, tv_class: str):
     def read(split: str, root: Path, download: bool):
         official = "test" if split == "test" else "train"
@@ -257,11 +265,9 @@ def _mnist_like(name: str, tv_class: str):
             )
         images = images.astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28) in [0, 1]
         labels = labels.astype(np.int64)
-        if split == "train":
-            return images[:-10000], labels[:-10000]
-        if split == "valid":
-            return images[-10000:], labels[-10000:]
-        return images, labels
+        part = {"train": slice(None, -10000), "valid": slice(-10000, None)}.get(split, slice(None))
+        extras = {"classes": list(CLASS_NAMES[name])} if name in CLASS_NAMES else {}
+        return images[part], labels[part], extras
 
     return read
 

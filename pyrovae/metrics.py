@@ -130,7 +130,7 @@ def active_units(guide: Callable, x: torch.Tensor, threshold: float = ACTIVE_THR
 def epoch_metrics(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, float]:
     """The per-epoch columns of a run's metrics.csv beside the ELBO: ``val_reconstruction``
     (E_q[log p(x|z)]) and ``val_kl`` (KL(q(z|x) ‖ p(z))), nats per datapoint averaged over
-    ``x``, and ``active_units``.
+    ``x``, and ``active_units`` (``None`` for a single image: a variance needs two).
 
     :param x: validation images, e.g. :data:`METRICS_IMAGES` spread over the split.
     """
@@ -138,5 +138,5 @@ def epoch_metrics(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str
     return {
         "val_reconstruction": float(parts["reconstruction"].mean()),
         "val_kl": float(parts["kl"].mean()),
-        "active_units": active_units(guide, x),
+        "active_units": active_units(guide, x) if x.shape[0] >= 2 else None,
     }

@@ -155,31 +155,71 @@ def plot_latent(
     title: str = "",
     classes: Sequence[str] | None = None,
 ) -> None:
-    """Save a scatter of latent means ``(N, z_dim)`` coloured by label; codes with more than two
-    dimensions are projected on their first two principal components (scikit-learn's PCA).
-    With ``classes`` (label ``i`` is ``classes[i]``) the colour bar names them."""
-    z = means.detach().float().cpu().numpy()
-    axes = ("z1", "z2")
-    if z.shape[1] > 2:
-        from sklearn.decomposition import PCA
+    """Save a map of latent means ``(N, z_dim)``: codes with more than two dimensions are
+    projected on their first two principal components (scikit-learn's PCA; the axes say how much
+    of the variance each keeps). Labelled codes are coloured by class with a legend (named by
+    ``classes``, label ``i`` being ``classes[i]``); unlabelled ones are shaded by density.
 
-        z = PCA(n_components=2).fit_transform(z)
-        axes = ("PC 1", "PC 2")
-    elif z.shape[1] == 1:
-        z = np.concatenate([z, np.zeros_like(z)], axis=1)
-    fig = _figure(6, 5)
+    :param means: posterior means ``(N, z_dim)``, e.g. ``vae.encode(x)[0]``.
+    :param labels: integer labels ``(N,)``, or ``None``.
+    :param path: the PNG to write.
+    :param str title: figure title (name the latent layer, e.g. "q(z2|x) means" for an HVAE).
+    :param classes: optional class names.
+    """
+    z, axes = _plane(means)
+    fig = _figure(6.8 if labels is not None else 6.2, 5)
     ax = fig.add_subplot()
     if labels is not None:
-        pts = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6, alpha=0.8)
-        bar = fig.colorbar(pts, ax=ax, label="class" if classes else "label")
-        if classes and len(classes) <= 20:
-            bar.set_ticks(range(len(classes)), labels=list(classes))
+        _scatter_classes(fig, ax, z, labels.detach().cpu().numpy(), classes)
     else:
-        ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.6)
+        _shade_density(fig, ax, z)
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     ax.set_title(title or "posterior means of q(z|x)")
     fig.savefig(path)
+
+
+def _plane(means: torch.Tensor) -> tuple[np.ndarray, tuple[str, str]]:
+    # codes (N, z_dim) as points (N, 2) and the axes' names
+    z = means.detach().float().cpu().numpy()
+    if z.ndim != 2 or len(z) == 0:
+        raise ValueError(f"need codes of shape (N, z_dim) with N >= 1, got {z.shape}")
+    if z.shape[1] == 1:
+        return np.concatenate([z, np.zeros_like(z)], axis=1), ("z1", "(one-dimensional code)")
+    if z.shape[1] == 2 or len(z) < 3:  # PCA needs more points than components
+        return z[:, :2], ("z1", "z2")
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2).fit(z)
+    share = [f"{r:.0%}" if np.isfinite(r) else "?" for r in pca.explained_variance_ratio_]
+    return pca.transform(z), (f"PC 1 ({share[0]} of the variance)", f"PC 2 ({share[1]})")
+
+
+def _scatter_classes(fig, ax, z: np.ndarray, labels: np.ndarray, classes) -> None:
+    # one colour per class, named in a legend beside the axes
+    present = np.unique(labels)
+    if len(present) > 20:  # too many for a legend: a colour bar of the label values
+        pts = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="viridis", s=6, alpha=0.8)
+        fig.colorbar(pts, ax=ax, label="label")
+        return
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if present.max(initial=0) < 10 else "tab20"]
+    for k in present:
+        at = labels == k
+        name = classes[k] if classes is not None and 0 <= k < len(classes) else str(k)
+        ax.scatter(z[at, 0], z[at, 1], s=6, alpha=0.8, color=cmap(int(k) % cmap.N), label=name)
+    ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1), markerscale=2.5,
+              frameon=False, fontsize=8)  # fmt: skip
+
+
+def _shade_density(fig, ax, z: np.ndarray) -> None:
+    # unlabelled codes: hexagonal bins shaded by how many codes fall in each (log scale)
+    if len(z) < 50:
+        ax.scatter(z[:, 0], z[:, 1], s=12, alpha=0.8)
+        return
+    cells = ax.hexbin(z[:, 0], z[:, 1], gridsize=40, bins="log", mincnt=1, cmap="viridis")
+    fig.colorbar(cells, ax=ax, label="codes per cell")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,15 +253,21 @@ def traverse(
     dims: Sequence[int] | None = None,
     span: float = 3.0,
     steps: int = 9,
+    loc: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Latent traversals: copies of the code ``z`` ``(z_dim,)`` with one coordinate at a time set
-    to ``steps`` values evenly spaced in ``[-span, span]`` (in units of the standard normal
-    prior), the others held fixed.
+    """Latent traversals: copies of the code ``z`` ``(z_dim,)`` with one coordinate ``d`` at a
+    time set to ``steps`` values evenly spaced in ``loc[d] ± span · scale[d]``, the others held
+    fixed. By default ``loc = 0`` and ``scale = 1``: the range ``[-span, span]`` in units of the
+    standard normal prior; pass the mean and standard deviation of encoded means to scale the
+    range to where the posterior puts its codes.
 
     :param z: the base code, ``(z_dim,)`` (e.g. a posterior mean, or zeros).
     :param dims: the coordinates to traverse (default: all).
-    :param float span: half-width of the range of values.
+    :param float span: half-width of the range, in units of ``scale``.
     :param int steps: values per coordinate.
+    :param loc: centres of the ranges ``(z_dim,)`` (default zeros).
+    :param scale: their units ``(z_dim,)`` (default ones).
     :returns: codes ``(len(dims), steps, z_dim)``.
     :raises ValueError: for a ``z`` that is not a vector, a bad coordinate, or ``steps < 2``.
     """
@@ -232,10 +278,14 @@ def traverse(
         raise ValueError(f"dims must be coordinates in 0..{len(z) - 1}, got {dims}")
     if int(steps) < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
-    values = torch.linspace(-float(span), float(span), int(steps), dtype=z.dtype, device=z.device)
+    loc = torch.zeros_like(z) if loc is None else loc.to(z)
+    scale = torch.ones_like(z) if scale is None else scale.to(z)
+    if loc.shape != z.shape or scale.shape != z.shape:
+        raise ValueError(f"loc and scale must have the code's shape {tuple(z.shape)}")
+    t = torch.linspace(-float(span), float(span), int(steps), dtype=z.dtype, device=z.device)
     codes = z.expand(len(dims), int(steps), len(z)).clone()  # (R, S, z_dim)
     for row, d in enumerate(dims):
-        codes[row, :, d] = values
+        codes[row, :, d] = loc[d] + scale[d] * t
     return codes
 
 
@@ -321,27 +371,38 @@ def plot_image_rows(
     path: str | os.PathLike,
     title: str = "",
     row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    muted: Sequence[bool] | None = None,
 ) -> None:
     """Save images ``(R, S, C, H, W)`` as a grid of R rows of S images, with optional labels at
-    the left of the rows."""
+    the left of the rows and under the columns.
+
+    :param muted: rows to grey out (e.g. latent units the model does not use).
+    """
     if images.dim() != 5:
         raise ValueError(f"expected images (rows, steps, C, H, W), got {tuple(images.shape)}")
     r, s = images.shape[:2]
+    h, w = images.shape[-2:]
     grid = image_grid(images.reshape(r * s, *images.shape[2:]), nrow=s)
-    fig = _figure(min(12, 0.6 * s + 1.2), min(12, 0.6 * r + 0.6))
+    label_width = 0.07 * max((len(t) for t in row_labels or []), default=0)  # inches
+    fig = _figure(min(14, 0.6 * s + 0.8 + label_width),
+                  min(12, 0.6 * r + 0.6 + 0.3 * (col_labels is not None)))  # fmt: skip
     ax = fig.add_subplot()
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    if row_labels is not None:
-        h = images.shape[-2]
-        ax.set_yticks([1 + i * (h + 1) + h / 2 for i in range(r)], list(row_labels))
-        ax.tick_params(length=0)
-    else:
-        ax.set_yticks([])
+    centre = [1 + i * (w + 1) + w / 2 - 0.5 for i in range(s)]
+    ax.set_xticks(centre if col_labels is not None else [], col_labels or [], fontsize=7)
+    rows = [1 + i * (h + 1) + h / 2 - 0.5 for i in range(r)]
+    ax.set_yticks(rows if row_labels is not None else [], row_labels or [], fontsize=8)
+    ax.tick_params(length=0)
+    for i, grey in enumerate(muted or []):
+        if grey:  # a translucent veil over the row and a grey label
+            ax.axhspan(i * (h + 1) + 0.5, (i + 1) * (h + 1) + 0.5, color="0.85", alpha=0.75)
+            if row_labels is not None:
+                ax.get_yticklabels()[i].set_color("0.55")
     for side in ax.spines.values():
         side.set_visible(False)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     fig.savefig(path)
 
 
@@ -353,28 +414,63 @@ def plot_traversals(
     span: float = 3.0,
     steps: int = 9,
     title: str = "",
+    means: torch.Tensor | None = None,
+    threshold: float = 0.01,
 ) -> torch.Tensor:
     """Save latent traversals (see :func:`traverse`): row ``i`` decodes ``z`` with coordinate
-    ``dims[i]`` swept over ``[-span, span]``.
+    ``dims[i]`` swept over ``[-span, span]``, or, given the encoded ``means`` of some data, over
+    ``μ ± span · σ`` of that coordinate's means, with the units the model does not use
+    (Var(means) ≤ ``threshold``, Burda et al.'s criterion) greyed out.
 
     :param decode: maps codes ``(N, z_dim)`` to images ``(N, C, H, W)``, e.g. ``vae.decode``.
     :param z: the base code ``(z_dim,)``.
     :param path: the PNG to write.
-    :param dims: coordinates to traverse (default: all, at most 16).
-    :param float span: half-width of the sweep.
+    :param dims: coordinates to traverse (default: all, or the 16 with the most spread means).
+    :param float span: half-width of the sweep (in prior units, or in σ of the means).
     :param int steps: images per row.
     :param str title: figure title.
+    :param means: posterior means ``(N, z_dim)``, N ≥ 2, that scale the sweeps.
+    :param float threshold: the variance of a unit's means below which it counts as inactive.
     :returns: the decoded images ``(len(dims), steps, C, H, W)``.
     """
-    if dims is None:
-        dims = range(min(len(z), 16))
-    codes = traverse(z, dims, span, steps)  # (R, S, z_dim)
+    loc = scale = None
+    if means is not None:
+        if means.dim() != 2 or means.shape[0] < 2 or means.shape[1] != len(z):
+            raise ValueError(f"means must be (N >= 2, {len(z)}) codes, got {tuple(means.shape)}")
+        means = means.detach().to(z)
+        loc, scale = means.mean(0), means.std(0)
+    chosen = dims is None and len(z) > 16
+    if dims is None:  # all, or the 16 with the most spread means (the first 16 without means)
+        order = list(range(len(z))) if scale is None else scale.argsort(descending=True).tolist()
+        dims = sorted(order[:16])
+    codes = traverse(z, dims, span, steps, loc, scale)  # (R, S, z_dim)
     x = _decode(decode, codes.reshape(-1, codes.shape[-1]))
     images = x.reshape(*codes.shape[:2], *x.shape[1:])
-    labels = [f"z{d + 1}" for d in dims]
-    title = title or f"latent traversals, each coordinate over [-{span:g}, {span:g}]"
-    plot_image_rows(images, path, title, labels)
+    labels, cols, muted, note = _traversal_labels(codes, dims, span, scale, threshold)
+    if len(dims) < len(z):
+        note += f"\n{len(dims)} of {len(z)} units" + (": those whose means spread most" * chosen)
+        if scale is not None:
+            left = sum(float(v) ** 2 <= threshold for i, v in enumerate(scale) if i not in dims)
+            note += f" ({left} inactive not shown)" if left else ""
+    title = title or (
+        f"latent traversals, each coordinate over [-{span:g}, {span:g}]"
+        if scale is None
+        else f"latent traversals over μ ± {span:g}σ of each unit's encoded means{note}"
+    )
+    plot_image_rows(images, path, title, labels, cols, muted)
     return images
+
+
+def _traversal_labels(codes, dims, span: float, scale, threshold: float):
+    # row labels, column labels, greyed rows and a note for the title of a traversal figure
+    t = torch.linspace(-float(span), float(span), codes.shape[1]).tolist()
+    if scale is None:  # absolute values, the same in every row
+        return [f"z{d + 1}" for d in dims], [f"{v:+.2g}" if v else "0" for v in t], None, ""
+    rows = [f"z{d + 1}  {float(codes[i, 0, d]):+.2f}…{float(codes[i, -1, d]):+.2f}"
+            for i, d in enumerate(dims)]  # fmt: skip
+    muted = [float(scale[d]) ** 2 <= threshold for d in dims]
+    note = f"\ngreyed: inactive units (variance of the means ≤ {threshold:g})" if any(muted) else ""
+    return rows, [f"μ{v:+.3g}σ" if v else "μ" for v in t], muted, note
 
 
 def plot_interpolations(
@@ -434,10 +530,23 @@ def plot_manifold(
     :param str title: figure title.
     :returns: the decodings ``(n * n, C, H, W)``, row-major from the top-left corner.
     """
-    codes = manifold_grid(n, quantile, loc, scale)
+    codes = manifold_grid(n, quantile, loc, scale)  # (n * n, 2), row-major from the top left
     images = _decode(decode, codes)
-    title = title or f"decodings of a {n}×{n} grid of prior quantiles"
-    plot_images(images, path, title, nrow=int(n))
+    grid = image_grid(images, nrow=int(n))
+    h, w = images.shape[-2:]
+    fig = _figure(6.4, 6.4)
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    every = math.ceil(int(n) / 8)  # at most about 8 values per axis
+    at = range(0, int(n), every)
+    ax.set_xticks([1 + i * (w + 1) + w / 2 - 0.5 for i in at],
+                  [f"{float(codes[i, 0]):.2g}" for i in at])  # fmt: skip
+    ax.set_yticks([1 + i * (h + 1) + h / 2 - 0.5 for i in at],
+                  [f"{float(codes[i * int(n), 1]):.2g}" for i in at])  # fmt: skip
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(title or f"decodings of a {n}×{n} grid of quantiles {quantile:g}…{1 - quantile:g}")
+    fig.savefig(path)
     return images
 
 
@@ -448,8 +557,11 @@ def plot_embedding(
     method: str = "tsne",
     seed: int = 0,
     title: str = "",
+    classes: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Save a 2-D map of latent means coloured by label: t-SNE or PCA (see :func:`embed`).
+    """Save a 2-D map of latent means: t-SNE or PCA (see :func:`embed`; PCA's axes say how much
+    of the variance they keep), coloured by class with a legend, or shaded by density without
+    labels, as in :func:`plot_latent`.
 
     :param means: posterior means ``(N, z_dim)``.
     :param labels: optional integer labels ``(N,)``.
@@ -457,20 +569,22 @@ def plot_embedding(
     :param str method: ``"tsne"`` or ``"pca"``.
     :param int seed: random state of t-SNE.
     :param str title: figure title.
+    :param classes: optional class names, label ``i`` being ``classes[i]``.
     :returns: the 2-D points ``(N, 2)`` that were drawn.
     """
     points = embed(means, method, seed)
-    fig = _figure(6, 5)
+    name = {"tsne": "t-SNE", "pca": "PCA"}[method] if means.shape[1] > 2 else "z"
+    axes = (f"{name} 1", f"{name} 2")
+    if method == "pca" and means.shape[1] > 2:
+        points, axes = _plane(means)
+    fig = _figure(6.8 if labels is not None else 6.2, 5)
     ax = fig.add_subplot()
     if labels is not None:
-        c = labels.detach().cpu().numpy()
-        pts = ax.scatter(points[:, 0], points[:, 1], c=c, cmap="tab10", s=6, alpha=0.8)
-        fig.colorbar(pts, ax=ax, label="label")
+        _scatter_classes(fig, ax, points, labels.detach().cpu().numpy(), classes)
     else:
-        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6)
-    name = {"tsne": "t-SNE", "pca": "PCA"}[method] if means.shape[1] > 2 else "z"
-    ax.set_xlabel(f"{name} 1")
-    ax.set_ylabel(f"{name} 2")
+        _shade_density(fig, ax, points)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_title(title or f"{name} of the posterior means ({means.shape[1]}-D codes)")
     fig.savefig(path)
     return points

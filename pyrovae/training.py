@@ -729,11 +729,13 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
                 record["val_elbo"] = _val_elbo(trainer, val)
             record["seconds"] = time.perf_counter() - start
             history.append(record)
-            if record["val_elbo"] is not None and math.isfinite(record["val_elbo"]):
+            # the callback may add to the record (a validation ELBO of its own): show it after
+            stop = callback is not None and callback(record)
+            if record.get("val_elbo") is not None and math.isfinite(record["val_elbo"]):
                 best = record["val_elbo"] if best is None else max(best, record["val_elbo"])
             bar.end_epoch(record, best)
             log.debug("epoch %d: %s", epoch, record)
-            if callback is not None and callback(record):
+            if stop:
                 break
     finally:
         bar.close()

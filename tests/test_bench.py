@@ -71,6 +71,25 @@ def test_bench_one_part_and_chunk_sweep(capsys):
     assert "--eval-rounds must be >= 1" in capsys.readouterr().err
 
 
+def test_bench_on_a_loaded_machine_runs_a_busy_neighbour(capsys, monkeypatch):
+    import pyrovae.bench as bench
+
+    seen = []
+    real = bench.busy_neighbour
+
+    def spy(on=True):
+        seen.append(on)
+        return real(on)
+
+    monkeypatch.setattr(bench, "busy_neighbour", spy)
+    argv = ["bench", "--rounds", "1", "--limit", "64", "--batch-sizes", "32", "--train-only",
+            "--machine", "both"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert seen == [False, True]
+    assert out.count("training, batch 32") == 2 and "## loaded machine" in out
+
+
 def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["pyrovae", "bench", "--rounds", "0"])
     with pytest.raises(SystemExit) as e:

@@ -58,6 +58,20 @@ def test_train_evaluate_sample(tmp_path, capsys):
 
     out = tmp_path / "grid.png"
     assert cli.main(["sample", str(run), "--out", str(out), "-n", "9"]) == 0
+    assert "decoder means" in capsys.readouterr().out
+    # --draw: x ~ p(x|z), binary pixels from the Bernoulli likelihood; means are grey values
+    from pyrovae import plots
+
+    drawn = {}
+    real = plots.plot_images
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "plot_images", lambda x, *a, **k: drawn.setdefault(a[1], x) is None
+                   or real(x, *a, **k))  # fmt: skip
+        for flag in ("--mean", "--draw"):
+            assert cli.main(["sample", str(run), "--out", str(out), "-n", "9", flag]) == 0
+    assert "draws" in capsys.readouterr().out
+    means, draws = (drawn[cli.SAMPLE_TITLES[k]] for k in ("mean", "draw"))
+    assert set(draws.unique().tolist()) <= {0.0, 1.0} and len(means.unique()) > 2
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -457,3 +471,19 @@ def test_completion_script_completes_commands_options_and_choices(capsys, tmp_pa
                 "_pyrovae; echo ${COMPREPLY[@]}")  # fmt: skip
         out = subprocess.run(["bash", "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.split() == [expected], (line, out.stdout, out.stderr)
+
+
+def test_a_folder_of_six_images_trains_and_draws_every_plot(tmp_path):
+    # 4 training, 1 validation, 1 test image: one code is too few for a PCA or a traversal range
+    from pyrovae.data import write_folder
+
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    write_folder(images, torch.tensor([0, 1] * 3), ["cat", "dog"], tmp_path / "imgs")
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--out",
+            str(run), "--likelihood", "gaussian", *FAST]  # fmt: skip
+    assert cli.main(argv) == 0
+    for name in ("elbo.png", "latent.png", "samples.png", "reconstructions.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert rows[-1]["active_units"] == ""  # a variance over one validation image is undefined

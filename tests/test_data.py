@@ -88,6 +88,7 @@ def test_fashion_mnist_from_flat_gzip_idx_files(tmp_path):
     )
     assert (len(train), len(valid), len(test)) == (10, 10000, 7)
     assert test.x_shape == (1, 28, 28) and test.images.max() <= 1 and test.labels.max() <= 9
+    assert test.classes[0] == "T-shirt/top" and test.classes[9] == "Ankle boot"  # for the plots
 
 
 def test_mnist_through_torchvision_root_layout(tmp_path):

@@ -142,8 +142,9 @@ def test_plot_embedding_and_log_likelihood_histogram(tmp_path):
     np.testing.assert_allclose(
         np.abs(pca), np.abs(PCA(2).fit_transform(means.numpy())), rtol=1e-4, atol=1e-5
     )
-    for name in ("tsne.png", "pca.png"):
-        assert _png_shape(tmp_path / name)[:2] == (500, 600)
+    # labelled maps are wider: their class legend sits beside the axes
+    assert _png_shape(tmp_path / "tsne.png")[:2] == (500, 680)
+    assert _png_shape(tmp_path / "pca.png")[:2] == (500, 620)
 
     plots.plot_log_likelihood(torch.randn(100) - 50, tmp_path / "ll.png")
     plots.plot_log_likelihood(
@@ -197,3 +198,76 @@ def test_history_draws_parts_beta_test_ll_and_best_epoch(tmp_path, monkeypatch):
     plots.plot_history([{k: r[k] for k in ("epoch", "train_elbo")} for r in records],
                        tmp_path / "plain.png")  # fmt: skip
     assert len(figures[-1].axes) == 1
+
+
+def _figures(monkeypatch) -> list:
+    # the figures the plots draw, kept for inspection
+    figures = []
+    real = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda *a: figures.append(real(*a)) or figures[-1])
+    return figures
+
+
+def _linear_decoder(z_dim: int):
+    weight = torch.randn(z_dim, 16, generator=torch.Generator().manual_seed(0))
+    return lambda z: torch.sigmoid(z @ weight).reshape(-1, 1, 4, 4)
+
+
+def test_latent_names_the_classes_and_the_variance_each_axis_keeps(tmp_path, monkeypatch):
+    from sklearn.decomposition import PCA
+
+    figures = _figures(monkeypatch)
+    z = torch.randn(60, 5) * torch.tensor([3.0, 2.0, 0.1, 0.1, 0.1])
+    plots.plot_latent(z, torch.arange(60) % 3, tmp_path / "l.png", classes=["cat", "dog", "owl"])
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cat", "dog", "owl"]
+    share = PCA(n_components=2).fit(z.numpy()).explained_variance_ratio_
+    assert ax.get_xlabel() == f"PC 1 ({share[0]:.0%} of the variance)"
+    assert ax.get_ylabel() == f"PC 2 ({share[1]:.0%})" and share[0] > 0.5
+
+
+def test_unlabelled_codes_are_shaded_by_density(tmp_path, monkeypatch):
+    figures = _figures(monkeypatch)
+    plots.plot_latent(torch.randn(500, 2), None, tmp_path / "l.png")
+    ax, bar = figures[-1].axes
+    cells = ax.collections[0].get_array()  # hexagons: codes per cell, empty cells left out
+    assert cells.sum() == 500 and cells.min() >= 1 and bar.get_ylabel() == "codes per cell"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_latent_of_one_or_two_codes_is_drawn(tmp_path, n):
+    # a tiny folder's validation split: too few points for a PCA of 8-D codes
+    plots.plot_latent(torch.randn(n, 8), torch.arange(n), tmp_path / "l.png")
+    assert _png_shape(tmp_path / "l.png")[0] > 100
+
+
+def test_traversals_span_the_encoded_means_and_grey_inactive_units(tmp_path, monkeypatch):
+    figures = _figures(monkeypatch)
+    decode = _linear_decoder(3)
+    means = torch.randn(400, 3) * torch.tensor([1.0, 0.001, 2.0]) + torch.tensor([0.5, 0.0, -1.0])
+    images = plots.plot_traversals(decode, means.mean(0), tmp_path / "t.png", steps=5, means=means)
+    loc, scale = means.mean(0), means.std(0)
+    codes = plots.traverse(loc, None, 3.0, 5, loc, scale)  # (3, 5, 3)
+    assert torch.allclose(codes[2, :, 2], loc[2] + scale[2] * torch.linspace(-3, 3, 5))
+    assert torch.equal(codes[2, :, :2], loc[:2].expand(5, 2))  # the other units held fixed
+    assert torch.allclose(images, decode(codes.reshape(-1, 3)).reshape(3, 5, 1, 4, 4))
+    ax = figures[-1].axes[0]
+    rows = ax.get_yticklabels()
+    assert rows[2].get_text() == f"z3  {float(codes[2, 0, 2]):+.2f}…{float(codes[2, -1, 2]):+.2f}"
+    assert [r.get_color() for r in rows] == ["black", "0.55", "black"]  # z2 is inactive
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["μ-3σ", "μ-1.5σ", "μ", "μ+1.5σ",
+                                                            "μ+3σ"]  # fmt: skip
+    assert "inactive" in ax.get_title()
+    with pytest.raises(ValueError, match="means must be"):
+        plots.plot_traversals(decode, loc, tmp_path / "t.png", means=means[:1])
+
+
+def test_manifold_axes_carry_the_code_values(tmp_path, monkeypatch):
+    figures = _figures(monkeypatch)
+    plots.plot_manifold(_linear_decoder(2), tmp_path / "m.png", n=5)
+    ax = figures[-1].axes[0]
+    codes = plots.manifold_grid(5)
+    values = [f"{float(v):.2g}" for v in codes[:5, 0]], [f"{float(v):.2g}" for v in codes[::5, 1]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == values[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == values[1]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z1", "z2")

@@ -17,6 +17,20 @@ def test_fit_bar_shows_epochs_running_train_validation_and_best(capsys):
     assert "epoch 2/2" in err and "val=" in err and "best=" in err and "train=" in err
 
 
+def test_bar_shows_a_validation_elbo_the_callback_records(capsys):
+    # the CLI's early stopping scores validation in fit's callback: the bar must show that score
+    train = pyrovae.data.load("digits", "train", binarize="threshold")
+    vae = pyrovae.build_vae(pyrovae.Config(x_shape=train.x_shape, hidden=(16,), z_dim=2))
+    scores = iter([-40.25, -39.5])
+
+    def callback(record):
+        record["val_elbo"] = next(scores)
+
+    pyrovae.fit(vae.model, vae.guide, train, epochs=2, batch_size=256, callback=callback)
+    err = capsys.readouterr().err
+    assert "val=-40.25" in err and "val=-39.50" in err and "best=-39.50" in err
+
+
 def test_bar_reads_the_running_elbo_within_an_epoch_and_times_after_the_first_step(capsys):
     values = iter([-50.0, -40.0, float("nan"), -30.0])
     bar = TrainingBar(1, 3, steps=4, running=lambda: next(values), refresh=0.0)

@@ -85,3 +85,14 @@ def test_tiny_budget_end_to_end(tmp_path, monkeypatch):
         assert argv[argv.index(flag) + 1] == value
     assert argv[argv.index("--hidden") + 1 : argv.index("--hidden") + 3] == ["300", "300"]
     assert example.evaluate_argv(args, Path("r"))[3] == "5000"
+
+
+def test_a_run_shorter_than_curve_every_still_scores_its_last_epoch(tmp_path):
+    # the smoke command's 3 epochs with the default --curve-every 10 drew an empty curve
+    vp = _module()
+    args = vp.build_parser().parse_args(["--epochs", "3"])
+    argv = vp.train_argv(args, "standard", tmp_path / "run")
+    assert argv[argv.index("--test-every") + 1] == "3"
+    args = vp.build_parser().parse_args([])
+    argv = vp.train_argv(args, "standard", tmp_path / "run")
+    assert argv[argv.index("--test-every") + 1] == str(args.curve_every)
