@@ -18,6 +18,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import CheckpointError
+from .launch import add_launch_args, check_launch, distributed, launched_rank
+from .launch import start as start_processes
 from .rundir import (
     CONFIG,
     LAST,
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (default: refuse it)")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_launch_args(t, train=True)
 
     r = sub.add_parser("resume", help="continue an interrupted run where its last epoch ended")
     r.add_argument("run_dir")
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_launch_args(e, train=False)
 
     s = sub.add_parser("sample", help="a grid of images from the prior: decoder means or draws")
     s.add_argument("run_dir")
@@ -467,11 +471,18 @@ def _train(args) -> int:
     _check_train_args(args)
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = {key: getattr(args, key) for key in OPTIONS}
+    progress = not args.no_progress
+    if distributed(args) or args.engine == "fit":
+        check_launch(args)
+        if launched_rank() > 0:  # a rank the launcher started: trains its shard, writes nothing
+            return _run_distributed(run_dir, config, options, args, progress=False)
     created = not run_dir.exists()
     try:
         with _writer(run_dir, "pyrovae train"):
             clear_for_new_run(run_dir, args.overwrite)
-            return _run_training(run_dir, config, options, progress=not args.no_progress)
+            if distributed(args):
+                return _run_distributed(run_dir, config, options, args, progress)
+            return _run_training(run_dir, config, options, progress)
     finally:  # a run that failed before anything was saved leaves no directory
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
@@ -520,6 +531,13 @@ def _resume_locked(run_dir: Path, args) -> int:
 
     manifest = recover(run_dir)
     config = load_config(run_dir)
+    launched = (manifest or {}).get("options") or {}
+    if launched.get("devices", 1) * launched.get("num_nodes", 1) > 1:
+        raise ValueError(
+            f"{run_dir} was trained by {launched['devices'] * launched['num_nodes']} processes "
+            "(Lightning), which keep no optimizer state: it cannot be continued yet; evaluate "
+            "or sample it, or train it again"
+        )
     finished = run_dir / SUMMARY
     if finished.is_file() and (manifest is None or manifest["stage"] == "done"):
         summary = read_json(finished, "the run's summary")
@@ -737,6 +755,101 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     return 0
 
 
+def _run_distributed(run_dir: Path, config, options: dict, args, progress: bool) -> int:
+    """Train ``config``'s model with Lightning over the processes ``args`` ask for
+    (:mod:`pyrovae.lightning`); rank 0 writes the run directory a one-process run writes,
+    except the optimizer state (such a run cannot be resumed yet)."""
+    import pyro
+
+    from . import lightning as engine
+    from .checkpoint import weights_bytes
+    from .config import build_vae
+    from .data import ImageDataset, spread
+    from .launch import quiet_lightning, trainer_args
+    from .metrics import METRICS_IMAGES, epoch_metrics
+    from .objectives import make_loss
+    from .schedules import KLSchedule
+    from .selection import EarlyStopping
+
+    quiet_lightning()
+    pyro.clear_param_store()
+    writer = launched_rank() == 0
+    config.binarize = _resolve_binarize(config)
+    train, valid = _training_data(config), _load(config, "valid")
+    if not isinstance(train, ImageDataset):
+        raise ValueError("--devices > 1 trains on data held in memory; drop --stream for now")
+    config.x_shape = train.x_shape
+    pyro.set_rng_seed(config.seed)  # the same initial weights on every rank
+    vae = build_vae(config)
+    vae.check_data(train.images if train.batch_transform is None
+                   else train.batch_transform(train.tensors)[0])  # fmt: skip
+    records, best = [], {}
+
+    def keep_best(record: dict) -> None:
+        best[WEIGHTS] = weights_bytes(vae, {"epoch": str(record["epoch"])})
+
+    stopper = EarlyStopping(vae, valid.images, config.patience, config.warmup, keep_best)
+    metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)]
+
+    def save_epoch(record: dict) -> bool:
+        device = next(vae.parameters()).device
+        record.update(epoch_metrics(vae.model, vae.guide, metrics_x.to(device)))
+        records.append(record)
+        if writer:
+            files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
+            commit(run_dir, files, epoch=record["epoch"], stage="training")
+        best.clear()
+        return False
+
+    options = {**options, "devices": args.devices, "num_nodes": args.num_nodes}
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _commit_start(run_dir, config, 0, options)
+        _echo(config)
+    default = (config.loss, config.particles) == ("elbo", 1)
+    callbacks = [engine.KLWarmup(KLSchedule(vae, config.warmup, config.beta)),
+                 engine.SelectBest(stopper), engine.EpochCallback(save_epoch)]  # fmt: skip
+    logger = False
+    if args.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(run_dir, name="tensorboard", version="")
+        shown = valid.images[spread(len(valid), 16)]
+        callbacks.append(engine.LogEpoch(vae, shown, args.log_images_every))
+    start = time.perf_counter()
+    trainer = engine.fit(
+        vae.model, vae.guide, train, val_data=valid, epochs=config.epochs,
+        batch_size=config.batch_size, lr=config.lr, seed=config.seed, callbacks=callbacks,
+        loss=None if default else make_loss(config.loss, config.particles),
+        enable_progress_bar=progress, logger=logger, **trainer_args(args),
+    )  # fmt: skip
+    if not writer:
+        return 0
+    stopper.restore()
+    vae.beta = config.beta
+    summary = {
+        "best_epoch": stopper.best_epoch,
+        "best_val_elbo": stopper.best_value,
+        "epochs_run": len(records),
+        "stopped_early": stopper.stopped_epoch is not None,
+        "train_seconds": time.perf_counter() - start,
+        "device": str(trainer.strategy.root_device),
+        "world_size": trainer.world_size,
+        "engine": "lightning",
+    }
+    files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
+    commit(run_dir, files, stage="finishing")
+    _draw_plots(run_dir, vae.cpu(), records, valid, config.seed)
+    update_manifest(run_dir, stage="done")
+    world = trainer.world_size
+    devices = f" --devices {args.devices}" if args.devices > 1 else ""
+    print(f"done in {summary['train_seconds']:.1f} s on {world} process{'es' * (world > 1)}: "
+          f"best validation ELBO {stopper.best_value:.3f} nats per image at epoch "
+          f"{stopper.best_epoch}, kept in {run_dir}; score it with: pyrovae evaluate {run_dir} "
+          f"--split test{devices}")  # fmt: skip
+    return 0
+
+
 def _device(name: str | None):
     # the torch device to train or score on: one that can (not meta, say)
     from .training import resolve_device
@@ -751,9 +864,13 @@ def _evaluate(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if distributed(args):
+        check_launch(args)
+        if launched_rank() > 0:  # a rank the launcher started: scores its share, writes nothing
+            return _evaluate_locked(args, start_processes(args))
     with _writer(run_dir, "pyrovae evaluate", note=False):
         recover(run_dir)
-        return _evaluate_locked(args)
+        return _evaluate_locked(args, start_processes(args) if distributed(args) else None)
 
 
 def _rescoring_note(run_dir: Path, ident: dict) -> None:
@@ -769,7 +886,9 @@ def _rescoring_note(run_dir: Path, ident: dict) -> None:
     print(f"re-scoring: replacing {old} (of {same}, epoch {before.get('epoch')})")
 
 
-def _evaluate_locked(args) -> int:
+def _evaluate_locked(args, fabric=None) -> int:
+    # fabric: the processes scoring together (each scores its blocks of the split; rank 0
+    # writes), or None for this process alone
     import numpy as np
     import pyro
 
@@ -779,7 +898,7 @@ def _evaluate_locked(args) -> int:
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
 
-    device = _device(args.device)
+    device = _device(args.device) if fabric is None else fabric.device
     vae, config = load_run(args.run_dir, device)
     ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
     if args.data_dir is not None:
@@ -793,10 +912,13 @@ def _evaluate_locked(args) -> int:
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
-    ll = log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples,
+    # per-block seeds: the same numbers from one process or from several (blocks shared out)
+    ll = log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples, seed=args.seed,
                         batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
     seconds = time.perf_counter() - start
-    el = elbo(vae.model, vae.guide, x)
+    el = elbo(vae.model, vae.guide, x, seed=args.seed + 1)
+    if fabric is not None and fabric.global_rank > 0:
+        return 0
     result = {
         "log_likelihood": float(ll.mean()),
         # standard error of the mean over the scored images (the spread between images, not
@@ -809,6 +931,7 @@ def _evaluate_locked(args) -> int:
         "dataset": config.dataset,
         "seconds": seconds,
         "device": str(device),
+        "processes": 1 if fabric is None else fabric.world_size,
         "checkpoint": ident,
     }
     bpd = ""

@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -314,6 +315,7 @@ def _reduce(
     max_chunk_elements: int | None,
     particles: str = "auto",
     progress: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
     num_particles = count("the number of particles/samples", num_particles)
     if batch_size is not None:
@@ -331,9 +333,15 @@ def _reduce(
     if layout.subsample is not None:
         batch_size = layout.subsample
     batch_size, chunk = plan_chunks(n, k_total, per_item, batch_size, max_chunk_elements)
+    world, rank = _ranks() if seed is not None else (1, 0)
     out = []
-    with torch.no_grad(), _bar(progress, n, k_total, reduce) as bar:
-        for args, idx, rows in _batches(tensors, n, batch_size, layout):
+    with torch.no_grad(), _seeded(seed), _bar(progress and rank == 0, n, k_total, reduce) as bar:
+        for block, (args, idx, rows) in enumerate(_batches(tensors, n, batch_size, layout)):
+            if block % world != rank:  # another rank's block: zeros, filled in by the sum below
+                out.append(torch.zeros(rows, device=tensors[0].device))
+                continue
+            if seed is not None:  # the block's own draws, whoever scores it
+                torch.manual_seed(_block_seed(seed, block))
             acc = None
             for j in range(0, k_total, chunk):
                 k = min(chunk, k_total - j)
@@ -346,7 +354,38 @@ def _reduce(
                 bar.update(rows * k / k_total)  # images done, in fractions of their K samples
             norm = math.log(k_total) if reduce == "logsumexp" else None
             out.append((acc - norm if norm is not None else acc / k_total)[:rows])
-    return torch.cat(out)
+    values = torch.cat(out)  # (N,)
+    if world > 1:  # each value was computed by exactly one rank: the sum gathers them exactly
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def _ranks() -> tuple[int, int]:
+    # (world size, rank) of the torch.distributed group this process is in, else (1, 0).
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _block_seed(seed: int, block: int) -> int:
+    return (int(seed) * 1_000_003 + block) % 2**63
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    # With a seed, scoring draws from block seeds and leaves the caller's generator as it was.
+    if seed is None:
+        yield
+        return
+    state = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _bar(progress: bool, n: int, k: int, reduce: str):
@@ -373,6 +412,7 @@ def elbo(
     max_chunk_elements: int | None = None,
     particles: str = "auto",
     progress: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """The ELBO of each datapoint, E_q[log p(x, z) − log q(z|x)], averaged over
     ``num_particles`` samples. Returns a tensor ``(N,)`` in nats.
@@ -391,9 +431,15 @@ def elbo(
     :param str particles: ``"auto"`` (vectorized where the pair allows it, else repeated),
         ``"vectorized"`` or ``"repeated"`` (see :func:`log_weights`).
     :param bool progress: show a progress bar over the images (rate and time left).
+    :param int seed: draw each block of ``batch_size`` datapoints from its own seed (derived
+        from ``seed`` and the block's position), leaving the global generator as it was. The
+        result then does not depend on which process scores a block: in a ``torch.distributed``
+        group (e.g. ``pyrovae evaluate --devices N``) the blocks are shared out over the ranks
+        and every rank returns the whole ``(N,)`` result, equal bit for bit to one process's
+        with the same ``batch_size`` and device type.
     """
     return _reduce(model, guide, data, num_particles, "mean", batch_size, data_plate,
-                   max_chunk_elements, particles, progress)  # fmt: skip
+                   max_chunk_elements, particles, progress, seed)  # fmt: skip
 
 
 def iwae(
@@ -407,13 +453,14 @@ def iwae(
     max_chunk_elements: int | None = None,
     particles: str = "auto",
     progress: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """The importance-weighted bound of each datapoint with ``k`` samples,
     log (1/k) Σ_k p(x, z_k)/q(z_k|x). ``k=1`` is the ELBO; the bound rises with ``k`` towards
     log p(x) [1]. Returns ``(N,)`` in nats. Parameters as for :func:`elbo`.
     """
     return _reduce(model, guide, data, k, "logsumexp", batch_size, data_plate,
-                   max_chunk_elements, particles, progress)  # fmt: skip
+                   max_chunk_elements, particles, progress, seed)  # fmt: skip
 
 
 def log_likelihood(
@@ -427,6 +474,7 @@ def log_likelihood(
     max_chunk_elements: int | None = None,
     particles: str = "auto",
     progress: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
@@ -448,6 +496,8 @@ def log_likelihood(
         (default: :func:`default_chunk_elements` of the data's device).
     :param str particles: ``"auto"``, ``"vectorized"`` or ``"repeated"`` (as for :func:`elbo`).
     :param bool progress: show a progress bar over the images (rate and time left).
+    :param int seed: per-block seeds, and scoring shared out over a ``torch.distributed``
+        group's ranks (as for :func:`elbo`).
     :returns: a tensor ``(N,)`` of log-likelihoods in nats.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
@@ -461,4 +511,5 @@ def log_likelihood(
         max_chunk_elements=max_chunk_elements,
         particles=particles,
         progress=progress,
+        seed=seed,
     )

@@ -31,7 +31,8 @@ class EarlyStopping:
     """Track the validation ELBO, keep the best weights, stop after ``patience`` bad epochs.
 
     Calling it with an epoch's record (as :func:`pyrovae.fit` does) adds ``record["val_elbo"]``
-    (nats per datapoint) and returns ``True`` when training should stop.
+    (nats per datapoint; a record that has one already is judged by it) and returns ``True``
+    when training should stop.
 
     :param nn.Module model: a module with ``model`` and ``guide`` methods (e.g. a
         :class:`~pyrovae.VAE`); its ``state_dict`` is what "the best weights" are.
@@ -85,8 +86,11 @@ class EarlyStopping:
         return float(values.mean())
 
     def __call__(self, record: dict) -> bool:
-        value = self.score()
-        record["val_elbo"] = value
+        # an epoch already scored (fit's val_data, or the Lightning engine's sum over ranks)
+        # is not scored again
+        value = record.get("val_elbo")
+        if value is None:
+            value = record["val_elbo"] = self.score()
         if value > self.best_value:  # NaN is never an improvement
             self.best_value, self.best_epoch, self.wait = value, record["epoch"], 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

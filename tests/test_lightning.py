@@ -1,0 +1,243 @@
+"""The Lightning engine (pyrovae.lightning) and distributed scoring: 2 CPU processes (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyrovae
+
+L = pytest.importorskip("lightning")
+from pyrovae.lightning import PairModule, fit  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def _env(tmp_path):
+    env = dict(os.environ, PYROVAE_DEVICE="cpu", OMP_NUM_THREADS="1")
+    env["PYTHONWARNINGS"] = "ignore"  # Lightning's own deprecation notes in the child ranks
+    return env
+
+
+def _pair(tmp_path, processes: int, batch: int) -> list[dict]:
+    out = tmp_path / f"{processes}x{batch}"
+    out.mkdir()
+    cmd = [sys.executable, str(HERE / "lightning_pair.py"), str(processes), str(batch), str(out)]
+    subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), check=True, capture_output=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def test_ddp_user_pair_keeps_ranks_identical_and_matches_one_process_with_twice_the_batch(
+    tmp_path,
+):
+    two = _pair(tmp_path, 2, 32)
+    # epochs 2 and 3 replayed the captured loss, and DDP's all-reduce still kept the ranks
+    # (which saw different data) in step
+    assert two[0]["replayed"] and two[1]["replayed"]
+    assert two[0]["sha256"] == two[1]["sha256"]
+    elbos = [[(r["train_elbo"], r["val_elbo"]) for r in rank["records"]] for rank in two]
+    assert elbos[0] == elbos[1]  # ELBOs summed over ranks: the same on each
+    one = _pair(tmp_path, 1, 64)[0]
+    for a, b in zip(two[0]["records"], one["records"], strict=True):
+        # the same steps on the same data (B per rank ≈ 2B at once), different noise: the
+        # per-datapoint ELBOs agree to within 1 nat (they move ~6 nats over these epochs)
+        assert abs(a["train_elbo"] - b["train_elbo"]) < 1.0
+        assert abs(a["val_elbo"] - b["val_elbo"]) < 1.0
+    assert one["records"][-1]["val_elbo"] > one["records"][0]["val_elbo"] + 2
+
+
+def _cli(tmp_path, *args):
+    cmd = [sys.executable, "-m", "pyrovae", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+
+
+def test_cli_trains_on_two_processes_and_evaluate_on_two_equals_one(tmp_path):
+    proc = _cli(
+        tmp_path,
+        "train",
+        "--out",
+        "run",
+        "--epochs",
+        "3",
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--no-progress",
+        "--hidden",
+        "32",
+        "--z-dim",
+        "4",
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "metrics.csv",
+        "train.json",
+        "elbo.png",
+        "reconstructions.png",
+        "samples.png",
+        "latent.png",
+        "traversals.png",
+    ):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 3
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4
+    scores = []
+    for devices in ("2", "1"):
+        proc = _cli(
+            tmp_path,
+            "evaluate",
+            "run",
+            "--num-samples",
+            "50",
+            "--batch-size",
+            "40",
+            "--devices",
+            devices,
+            "--accelerator",
+            "cpu",
+            "--no-progress",
+        )
+        assert proc.returncode == 0, proc.stderr
+        scores.append(
+            ((run / "log_px.csv").read_text(), json.loads((run / "eval.json").read_text()))
+        )
+    assert scores[0][0] == scores[1][0]  # every image's log p(x), bit for bit
+    assert [s[1]["processes"] for s in scores] == [2, 1]
+    resume = _cli(tmp_path, "resume", "run", "--epochs", "5")
+    assert resume.returncode == 1 and "trained by 2 processes" in resume.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--devices", "64", "--accelerator", "cpu"], "--devices 64: this machine has"),
+        (["--devices", "2", "--accelerator", "gpu"], "--accelerator gpu"),
+        (["--devices", "2", "--accelerator", "cpu", "--precision", "16-mixed"], "needs a GPU"),
+        (["--devices", "0"], "--devices must be >= 1"),
+    ],
+)
+def test_bad_launch_options_are_one_line_errors_before_any_process_starts(tmp_path, flags, message):
+    if "gpu" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from pyrovae.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_launch_message(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    assert main(["evaluate", str(tmp_path), "--devices", "64", "--accelerator", "cpu"]) == 1
+    assert "--devices 64: this machine has" in capsys.readouterr().err
+
+
+def test_seeded_scores_do_not_depend_on_the_callers_generator(digits_vae):
+    vae, x = digits_vae
+    torch.manual_seed(1)
+    a = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=20, batch_size=8, seed=3)
+    torch.manual_seed(2)
+    b = pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=20, batch_size=8, seed=3)
+    assert torch.equal(a, b)
+    # the caller's generator is left as it was
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    pyrovae.log_likelihood(vae.model, vae.guide, x, num_samples=20, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    # a block's draws are its own: scoring the first block alone gives its values
+    first = pyrovae.log_likelihood(
+        vae.model, vae.guide, x[:8], num_samples=20, batch_size=8, seed=3
+    )
+    assert torch.equal(first, a[:8])
+
+
+def _tutorial_pair(lazy: bool, outside: bool):
+    decoder = nn.Linear(2, 64)
+    extra = {}
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        late = nn.Identity()
+        if lazy and x.shape[0] == 4:  # a module that appears only on a later batch
+            late = pyro.module("late", extra.setdefault("late", nn.Linear(2, 2)))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(late(z))).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2)) if outside else torch.zeros(2)
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    return model, guide
+
+
+def test_param_sites_outside_modules_are_refused():
+    model, guide = _tutorial_pair(lazy=False, outside=True)
+    with pytest.raises(ValueError, match="pyro.param sites outside every module: loc"):
+        PairModule(model, guide, torch.zeros(4, 64))
+
+
+def test_a_pair_that_creates_parameters_after_its_first_batch_is_refused():
+    model, guide = _tutorial_pair(lazy=True, outside=False)
+    x = torch.zeros(12, 64)  # batches of 8, then 4: the second creates a module
+    with pytest.raises(ValueError, match="created parameters after its first batch"):
+        fit(
+            model,
+            guide,
+            x,
+            epochs=1,
+            batch_size=8,
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+        )
+
+
+def test_tensorboard_logger_writes_the_records_scalars_and_image_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyrovae.cli import main
+
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--hidden",
+        "16",
+        "--z-dim",
+        "2",
+        "--logger",
+        "tensorboard",
+        "--log-images-every",
+        "2",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train_elbo", "val_elbo", "val_reconstruction", "val_kl", "beta"} <= scalars
+    assert [e.step for e in events.Scalars("val_elbo")] == [1, 2]
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    last = float(metrics[-1].split(",")[metrics[0].split(",").index("val_elbo")])
+    assert events.Scalars("val_elbo")[-1].value == pytest.approx(last, rel=1e-6)
+    assert {"reconstructions", "samples"} <= set(events.Tags()["images"])
+    assert json.loads((run / "train.json").read_text())["world_size"] == 1
