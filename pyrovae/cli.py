@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="train on another device (default: the run's)")
     r.add_argument("--data-dir", default=None, help="override the run's data root")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_launch_args(r, train=True)
 
     e = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
     e.add_argument("run_dir")
@@ -472,17 +473,16 @@ def _train(args) -> int:
     run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = {key: getattr(args, key) for key in OPTIONS}
     progress = not args.no_progress
+    launch = args if distributed(args) else None
     if distributed(args) or args.engine == "fit":
         check_launch(args)
         if launched_rank() > 0:  # a rank the launcher started: trains its shard, writes nothing
-            return _run_distributed(run_dir, config, options, args, progress=False)
+            return _run_training(run_dir, config, options, False, launch)
     created = not run_dir.exists()
     try:
         with _writer(run_dir, "pyrovae train"):
             clear_for_new_run(run_dir, args.overwrite)
-            if distributed(args):
-                return _run_distributed(run_dir, config, options, args, progress)
-            return _run_training(run_dir, config, options, progress)
+            return _run_training(run_dir, config, options, progress, launch)
     finally:  # a run that failed before anything was saved leaves no directory
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
@@ -522,22 +522,21 @@ def _resume(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    launch = args if distributed(args) else None
+    if distributed(args) or args.engine == "fit":
+        check_launch(args)
+        if launched_rank() > 0:  # a rank the launcher started (after rank 0 recovered the run)
+            return _resume_locked(run_dir, args, launch)
     with _writer(run_dir, "pyrovae resume"):
-        return _resume_locked(run_dir, args)
+        return _resume_locked(run_dir, args, launch)
 
 
-def _resume_locked(run_dir: Path, args) -> int:
+def _resume_locked(run_dir: Path, args, launch=None) -> int:
     from .checkpoint import load_config
 
-    manifest = recover(run_dir)
+    writer = launch is None or launched_rank() == 0
+    manifest = recover(run_dir) if writer else read_manifest(run_dir)
     config = load_config(run_dir)
-    launched = (manifest or {}).get("options") or {}
-    if launched.get("devices", 1) * launched.get("num_nodes", 1) > 1:
-        raise ValueError(
-            f"{run_dir} was trained by {launched['devices'] * launched['num_nodes']} processes "
-            "(Lightning), which keep no optimizer state: it cannot be continued yet; evaluate "
-            "or sample it, or train it again"
-        )
     finished = run_dir / SUMMARY
     if finished.is_file() and (manifest is None or manifest["stage"] == "done"):
         summary = read_json(finished, "the run's summary")
@@ -554,7 +553,7 @@ def _resume_locked(run_dir: Path, args) -> int:
         config.device = args.device
     if args.data_dir is not None:
         config.data_dir = args.data_dir
-    return _run_training(run_dir, config, None, progress=not args.no_progress)
+    return _run_training(run_dir, config, None, not args.no_progress and writer, launch)
 
 
 def _check_extra(extra: dict, path: Path) -> dict:
@@ -620,10 +619,14 @@ def _commit_start(run_dir: Path, config, epoch: int, options: dict) -> None:
     commit(run_dir, files, epoch=epoch, stage="training", options=options)
 
 
-def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -> int:
+def _run_training(run_dir: Path, config, options: dict | None, progress: bool,
+                  launch=None) -> int:  # fmt: skip
     """Train ``config``'s model in ``run_dir``: a new run when ``options`` are given, else the
     continuation of the run saved there (its weights, optimizer, generators, warm-up, early
-    stopping and metrics as at the end of its last epoch)."""
+    stopping and metrics as at the end of its last epoch). ``launch``: the parsed launch
+    options to train with the Lightning engine (:mod:`pyrovae.launch`), else ``fit`` trains; a
+    run of one engine can be continued by the other. Under Lightning every rank runs this, and
+    rank 0 alone writes."""
     import pyro
 
     from .checkpoint import save_state, weights_bytes
@@ -640,10 +643,13 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     # a fresh model: no parameter of an earlier run in this process may shadow its own (a
     # PyroModule registers its parameters in the global store by name)
     pyro.clear_param_store()
-    device = _device(config.device)
+    writer = launch is None or launched_rank() == 0
+    device = _device(config.device if launch is None else "cpu")  # Lightning moves the model
     config.binarize = _resolve_binarize(config)
     train, valid = _training_data(config), _load(config, "valid")
     streamed = not isinstance(train, ImageDataset)
+    if streamed and launch is not None:
+        raise ValueError("the Lightning engine trains on data held in memory: drop --stream")
     config.x_shape = train.x_shape
     pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
     vae = build_vae(config)
@@ -664,7 +670,11 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         state, records, options, before = _continue(run_dir, config, vae, device, stopper)
         if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
             last_epoch = state.epoch  # nothing to train: only finish the run
-    _commit_start(run_dir, config, state.epoch, options)
+    options = {k: v for k, v in options.items() if k in OPTIONS}  # this call's own processes:
+    if launch is not None:
+        options.update(devices=launch.devices, num_nodes=launch.num_nodes)
+    if writer:
+        _commit_start(run_dir, config, state.epoch, options)
     # the plain ELBO is fit's default objective (which fit knows how to run fastest)
     default = (config.loss, config.particles) == ("elbo", 1)
     loss = None if default else make_loss(config.loss, config.particles)
@@ -673,52 +683,47 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         test = _load(config, "test")
         test_x = test.images[spread(len(test), options["test_limit"])].to(device)
     metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)].to(device)
-    run_dir.mkdir(parents=True, exist_ok=True)
     vae.to(device)
     schedule = KLSchedule(vae, config.warmup, config.beta)
     schedule.set_epoch(state.epoch + 1)
     start = time.perf_counter()
 
     def callback(record: dict) -> bool:
+        # after every epoch, whichever engine trains (under Lightning: on every rank, with the
+        # validation ELBO summed over ranks already in the record)
         schedule(record)  # records the epoch's β, sets the next one
         stop = stopper(record)  # records the validation ELBO, keeps the best weights
-        record.update(epoch_metrics(vae.model, vae.guide, metrics_x))  # before the state save
+        on = next(vae.parameters()).device
+        record.update(epoch_metrics(vae.model, vae.guide, metrics_x.to(on)))  # before saving
         if test_x is not None and record["epoch"] % options["test_every"] == 0:
-            ll = log_likelihood(vae.model, vae.guide, test_x, num_samples=options["test_samples"],
-                                progress=progress)  # fmt: skip
+            ll = log_likelihood(vae.model, vae.guide, test_x.to(on),
+                                num_samples=options["test_samples"], progress=progress)  # fmt: skip
             record["test_ll"] = float(ll.mean())
         records.append(record)
         seconds = before + time.perf_counter() - start
         extra = {"stopper": stopper.state_dict(), "options": options, "train_seconds": seconds}
         files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
-        save_state(run_dir, vae, state, extra, files)  # what `pyrovae resume` continues from
+        if writer:  # what `pyrovae resume` continues from
+            save_state(run_dir, vae, state, extra, files)
         best.clear()
         return stop
 
-    _echo(config)
     what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
     skipped = len(getattr(train, "skipped", ())) + len(valid.skipped)
     note = f", {skipped} unreadable files skipped" if skipped else ""
-    print(
-        f"{what} on {config.dataset} ({len(train)} images{note}, {device}); run directory {run_dir}"
-    )
+    where = device if launch is None else f"Lightning, {launch.devices * launch.num_nodes} proc."
+    if writer:
+        _echo(config)
+        print(f"{what} on {config.dataset} ({len(train)} images{note}, {where}); run directory "
+              f"{run_dir}")  # fmt: skip
+    common = {"epochs": last_epoch, "batch_size": config.batch_size, "lr": config.lr,
+              "loss": loss, "seed": config.seed, "state": state}  # fmt: skip
     try:
-        fit(
-            vae.model,
-            vae.guide,
-            train,
-            epochs=last_epoch,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            loss=loss,
-            device=device,
-            seed=config.seed,
-            callback=callback,
-            progress=progress,
-            state=state,
-            stream=streamed,
-            num_workers=config.workers,
-        )
+        if launch is None:
+            fit(vae.model, vae.guide, train, device=device, callback=callback, progress=progress,
+                stream=streamed, num_workers=config.workers, **common)  # fmt: skip
+        elif last_epoch > state.epoch:
+            _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common)
     except NonFiniteLossError as e:
         kept = (
             f"the checkpoint of epoch {stopper.best_epoch} is kept in {run_dir} (the best "
@@ -728,18 +733,24 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
         )
         raise ValueError(f"{e}; {kept}") from e
     seconds = before + time.perf_counter() - start
+    if not writer:
+        return 0
     if stopper.best_epoch is None:
         raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
     stopper.restore()  # the best weights, as committed in model.safetensors
     vae.beta = config.beta
+    if launch is not None:
+        vae.cpu()
     summary = {
         "best_epoch": stopper.best_epoch,
         "best_val_elbo": stopper.best_value,
         "epochs_run": len(records),
         "stopped_early": stopper.stopped_epoch is not None,
         "train_seconds": seconds,
-        "device": str(device),
+        "device": str(device) if launch is None else launch.accelerator,
         "skipped_files": skipped,
+        "engine": "fit" if launch is None else "lightning",
+        "world_size": 1 if launch is None else launch.devices * launch.num_nodes,
     }
     files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
     commit(run_dir, files, stage="finishing")  # a run cut off from here is only finished
@@ -755,99 +766,25 @@ def _run_training(run_dir: Path, config, options: dict | None, progress: bool) -
     return 0
 
 
-def _run_distributed(run_dir: Path, config, options: dict, args, progress: bool) -> int:
-    """Train ``config``'s model with Lightning over the processes ``args`` ask for
-    (:mod:`pyrovae.lightning`); rank 0 writes the run directory a one-process run writes,
-    except the optimizer state (such a run cannot be resumed yet)."""
-    import pyro
-
+def _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common) -> None:
+    # The Lightning engine's part of _run_training: the same callback after every epoch, the
+    # run's TensorBoard logger if asked for.
     from . import lightning as engine
-    from .checkpoint import weights_bytes
-    from .config import build_vae
-    from .data import ImageDataset, spread
+    from .data import spread
     from .launch import quiet_lightning, trainer_args
-    from .metrics import METRICS_IMAGES, epoch_metrics
-    from .objectives import make_loss
-    from .schedules import KLSchedule
-    from .selection import EarlyStopping
 
     quiet_lightning()
-    pyro.clear_param_store()
-    writer = launched_rank() == 0
-    config.binarize = _resolve_binarize(config)
-    train, valid = _training_data(config), _load(config, "valid")
-    if not isinstance(train, ImageDataset):
-        raise ValueError("--devices > 1 trains on data held in memory; drop --stream for now")
-    config.x_shape = train.x_shape
-    pyro.set_rng_seed(config.seed)  # the same initial weights on every rank
-    vae = build_vae(config)
-    vae.check_data(train.images if train.batch_transform is None
-                   else train.batch_transform(train.tensors)[0])  # fmt: skip
-    records, best = [], {}
-
-    def keep_best(record: dict) -> None:
-        best[WEIGHTS] = weights_bytes(vae, {"epoch": str(record["epoch"])})
-
-    stopper = EarlyStopping(vae, valid.images, config.patience, config.warmup, keep_best)
-    metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)]
-
-    def save_epoch(record: dict) -> bool:
-        device = next(vae.parameters()).device
-        record.update(epoch_metrics(vae.model, vae.guide, metrics_x.to(device)))
-        records.append(record)
-        if writer:
-            files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
-            commit(run_dir, files, epoch=record["epoch"], stage="training")
-        best.clear()
-        return False
-
-    options = {**options, "devices": args.devices, "num_nodes": args.num_nodes}
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _commit_start(run_dir, config, 0, options)
-        _echo(config)
-    default = (config.loss, config.particles) == ("elbo", 1)
-    callbacks = [engine.KLWarmup(KLSchedule(vae, config.warmup, config.beta)),
-                 engine.SelectBest(stopper), engine.EpochCallback(save_epoch)]  # fmt: skip
+    callbacks = [engine.EpochCallback(callback)]
     logger = False
-    if args.logger == "tensorboard":
+    if launch.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(run_dir, name="tensorboard", version="")
         shown = valid.images[spread(len(valid), 16)]
-        callbacks.append(engine.LogEpoch(vae, shown, args.log_images_every))
-    start = time.perf_counter()
-    trainer = engine.fit(
-        vae.model, vae.guide, train, val_data=valid, epochs=config.epochs,
-        batch_size=config.batch_size, lr=config.lr, seed=config.seed, callbacks=callbacks,
-        loss=None if default else make_loss(config.loss, config.particles),
-        enable_progress_bar=progress, logger=logger, **trainer_args(args),
-    )  # fmt: skip
-    if not writer:
-        return 0
-    stopper.restore()
-    vae.beta = config.beta
-    summary = {
-        "best_epoch": stopper.best_epoch,
-        "best_val_elbo": stopper.best_value,
-        "epochs_run": len(records),
-        "stopped_early": stopper.stopped_epoch is not None,
-        "train_seconds": time.perf_counter() - start,
-        "device": str(trainer.strategy.root_device),
-        "world_size": trainer.world_size,
-        "engine": "lightning",
-    }
-    files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
-    commit(run_dir, files, stage="finishing")
-    _draw_plots(run_dir, vae.cpu(), records, valid, config.seed)
-    update_manifest(run_dir, stage="done")
-    world = trainer.world_size
-    devices = f" --devices {args.devices}" if args.devices > 1 else ""
-    print(f"done in {summary['train_seconds']:.1f} s on {world} process{'es' * (world > 1)}: "
-          f"best validation ELBO {stopper.best_value:.3f} nats per image at epoch "
-          f"{stopper.best_epoch}, kept in {run_dir}; score it with: pyrovae evaluate {run_dir} "
-          f"--split test{devices}")  # fmt: skip
-    return 0
+        callbacks.append(engine.LogEpoch(vae, shown, launch.log_images_every))
+    engine.fit(vae.model, vae.guide, train, val_data=valid, callbacks=callbacks, logger=logger,
+               enable_progress_bar=progress and launched_rank() == 0, **trainer_args(launch),
+               **common)  # fmt: skip
 
 
 def _device(name: str | None):

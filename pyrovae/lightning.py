@@ -45,7 +45,7 @@ from .data import as_tensors
 from .errors import count
 from .schedules import KLSchedule
 from .selection import EarlyStopping
-from .training import _epoch_loss, _make_optimizer, _modules_of
+from .training import TrainState, _epoch_loss, _load_moments, _make_optimizer, _modules_of
 
 __all__ = [
     "PairModule",
@@ -85,12 +85,15 @@ class PairModule(L.LightningModule):
     :param dict optim_args: its keyword arguments besides the parameters.
     :param batch_transform: applied to each training batch (e.g. dynamic binarization).
     :param bool fast: replay the captured loss where the pair allows it (else eager).
+    :param TrainState state: where the run stands (epochs done, Adam's moments), updated after
+        every epoch (see :func:`fit`).
     :raises ValueError: for a pair with ``pyro.param`` sites outside modules, or none at all.
     """
 
     def __init__(self, model: Callable, guide: Callable, example, loss: ELBO | None = None,
                  lr: float = 1e-3, optimizer=None, optim_args: dict | None = None,
-                 batch_transform: Callable | None = None, fast: bool = True):  # fmt: skip
+                 batch_transform: Callable | None = None, fast: bool = True,
+                 state: TrainState | None = None):  # fmt: skip
         super().__init__()
         self.model_fn, self.guide_fn = model, guide
         self.elbo = (no_sync(loss) if loss is not None else NoSyncTrace_ELBO())(model, guide)
@@ -115,6 +118,8 @@ class PairModule(L.LightningModule):
             raise ValueError("the model and guide have no parameters in modules to train")
         self.lr, self.optimizer_cls, self.optim_args = lr, optimizer, dict(optim_args or {})
         self.batch_transform, self.fast = batch_transform, fast
+        self.state = state if state is not None else TrainState()
+        self.offset = int(self.state.epoch)  # epochs trained before this call
         self.step_loss: Callable = self.elbo
         self._example: tuple[torch.Tensor, ...] | None = None  # a batch to capture the loss on
         self._sums: dict[str, torch.Tensor] = {}
@@ -131,6 +136,11 @@ class PairModule(L.LightningModule):
         # the optimizer fit builds (Adam, fused where available, by default)
         params = list(self.pair.parameters())
         return _make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args, False)[0]
+
+    def on_train_start(self) -> None:
+        if self.state.optimizer is not None:  # continue with Adam's moments where they were
+            params = list(self.pair.parameters())
+            _load_moments(self.optimizers().optimizer, self.state.optimizer, params)
 
     def _batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
@@ -202,15 +212,19 @@ class PairModule(L.LightningModule):
         """The finished epoch's record, as :func:`pyrovae.fit` gives its callback: ``epoch``
         (1-based), ``train_elbo`` and ``val_elbo`` per datapoint over the whole split (every
         rank), ``seconds`` (of training, without validation). Computed once per epoch; call it
-        on every rank."""
+        on every rank. It also brings :attr:`state` (a :class:`~pyrovae.TrainState`) to the end
+        of the epoch, so a callback can save it."""
         if self._record is None:
             val, now = self._sums.get("val_elbo"), time.perf_counter()
             self._record = {
-                "epoch": self.current_epoch + 1,
+                "epoch": self.offset + self.current_epoch + 1,
                 "train_elbo": self._per_datapoint("train"),
                 "val_elbo": None if val is None else float(val),
                 "seconds": float(self._sums.get("train_seconds", now - self._started)),
             }
+            state = self.state  # where the run stands, as pyrovae.fit keeps it
+            state.epoch, state.rng = self._record["epoch"], torch.get_rng_state()
+            state.optimizer = self.optimizers().optimizer.state_dict()
         return self._record
 
 
@@ -288,8 +302,8 @@ class KLWarmup(EpochCallback):
     def __init__(self, schedule: KLSchedule):
         super().__init__(schedule)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.callback.set_epoch(trainer.current_epoch + 1)
+    def on_train_start(self, trainer, pl_module: PairModule) -> None:
+        self.callback.set_epoch(pl_module.offset + 1)
 
 
 class SelectBest(EpochCallback):
@@ -364,6 +378,7 @@ def fit(
     fast: bool = True,
     optimizer=None,
     optim_args: dict | None = None,
+    state: TrainState | None = None,
     **trainer_args,
 ) -> L.Trainer:
     """Train a pair with Lightning; the counterpart of :func:`pyrovae.fit` for several devices.
@@ -381,23 +396,32 @@ def fit(
     :param bool fast: replay the captured loss where the pair allows it.
     :param optimizer: a ``torch.optim`` class (default Adam).
     :param dict optim_args: its keyword arguments besides the parameters.
+    :param TrainState state: continue a run (from one engine or the other): epochs
+        ``state.epoch + 1 .. epochs`` are trained, Adam starts from ``state.optimizer``; the
+        model's weights must be those of ``state.epoch``. Updated in place after every epoch
+        (``trainer.lightning_module.state``). Continuing on another number of processes changes
+        the data order, so the result is not the uninterrupted run's bit for bit.
     :param trainer_args: passed to :class:`lightning.Trainer` (``devices``, ``num_nodes``,
         ``strategy``, ``accelerator``, ``precision``, ``logger``, …).
     :returns: the trainer (``trainer.lightning_module`` is the trained :class:`PairModule`).
     """
     count("epochs", epochs)
-    data_module = ShardedData(data, val_data, batch_size, seed)
+    done = 0 if state is None else int(state.epoch)
+    if done >= int(epochs):
+        raise ValueError(f"the run has trained {done} epochs already; epochs must be > {done}")
+    data_module = ShardedData(data, val_data, batch_size, seed + done)  # new orders after `done`
     pyro.set_rng_seed(seed)
     example = data_module.train[: min(len(data_module.train), int(batch_size))]
     transform = getattr(data, "batch_transform", None)
-    module = PairModule(model, guide, example, loss, lr, optimizer, optim_args, transform, fast)
+    module = PairModule(model, guide, example, loss, lr, optimizer, optim_args, transform, fast,
+                        state)  # fmt: skip
     args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, **trainer_args}  # fmt: skip
     if val_data is None:
         args["limit_val_batches"] = 0
-    trainer = L.Trainer(max_epochs=int(epochs), callbacks=list(callbacks or []),
+    trainer = L.Trainer(max_epochs=int(epochs) - done, callbacks=list(callbacks or []),
                         use_distributed_sampler=False, **args)  # fmt: skip
-    seed_ranks = _SeedRanks(seed)
+    seed_ranks = _SeedRanks(seed + 7919 * done)
     trainer.callbacks.insert(0, seed_ranks)
     trainer.fit(module, datamodule=data_module)
     return trainer
