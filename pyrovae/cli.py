@@ -20,26 +20,26 @@ from pathlib import Path
 from .errors import CheckpointError
 from .launch import add_launch_args, check_launch, distributed, launched_rank
 from .launch import start as start_processes
+from .rundir import METRICS as METRICS_FILE
 from .rundir import (
-    CONFIG,
-    LAST,
-    MANIFEST,
-    STATE,
     SUMMARY,
     WEIGHTS,
     RunLock,
     atomic_path,
     clear_for_new_run,
-    commit,
-    committed,
-    metrics_bytes,
     read_json,
     read_manifest,
     read_metrics,
     recover,
-    update_manifest,
 )
-from .rundir import METRICS as METRICS_FILE
+from .runs import (
+    OPTIONS,
+    SAMPLE_TITLES,
+    draw_plots,
+    load_split,
+    run_device,
+    run_training,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -321,125 +321,6 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _resolve_binarize(config) -> str:
-    if config.binarize != "auto":
-        return config.binarize
-    if config.likelihood != "bernoulli" or config.dataset == "binarized-mnist":
-        return "none"
-    return "threshold" if config.dataset == "digits" else "dynamic"
-
-
-#: Config fields passed to pyrovae.data.load as reader options (the folder dataset's).
-FOLDER_OPTIONS = ("image_size", "channels", "skip_bad_files", "valid_fraction", "test_fraction")
-
-
-def _load(config, split: str):
-    from .data import load
-
-    options = {key: getattr(config, key) for key in FOLDER_OPTIONS}
-    # a missing, truncated or corrupt file is a DataError naming the file (pyrovae.data)
-    return load(
-        config.dataset, split, config.data_dir, config.binarize, config.download, config.seed,
-        **options,
-    )  # fmt: skip
-
-
-def _echo(config) -> None:
-    # the settings of the run, those that differ from the defaults (config.json has them all)
-    from .config import Config
-
-    default = Config()
-    names = [f.name for f in fields(config) if f.name != "x_shape"]
-    changed = [
-        f"{n}={getattr(config, n)}" for n in names if getattr(config, n) != getattr(default, n)
-    ]
-    print("config: " + (" ".join(changed) if changed else "the defaults"))
-
-
-def _training_data(config):
-    """The training split: an ImageDataset in memory, or for a folder that streams (--stream) a
-    FolderDataset whose images DataLoader workers decode while the model trains."""
-    from .batches import should_stream
-    from .data import FolderDataset
-
-    if config.dataset != "folder" or config.stream == "no" or config.data_dir is None:
-        if config.stream == "yes":
-            raise ValueError(f"--stream yes: only --dataset folder streams, not {config.dataset}")
-        return _limited(_load(config, "train"), config.train_limit)
-    ds = FolderDataset(config.data_dir, "train", config.image_size, config.channels,
-                       config.valid_fraction, config.test_fraction)  # fmt: skip
-    if config.stream == "auto" and not should_stream(ds, None):
-        return _limited(_load(config, "train"), config.train_limit)
-    if config.skip_bad_files:
-        raise ValueError("--skip-bad-files needs the training images decoded up front: pass "
-                         "--stream no, or remove the unreadable files")  # fmt: skip
-    if config.train_limit is not None:  # the first N files, as for data in memory
-        ds.files = ds.files[: config.train_limit]
-        ds.labels = None if ds.labels is None else ds.labels[: config.train_limit]
-    return ds
-
-
-def _limited(train, limit: int | None):
-    from .data import ImageDataset
-
-    if limit is None or limit >= len(train):
-        return train
-    labels = None if train.labels is None else train.labels[:limit]
-    return ImageDataset(train.images[:limit], labels, train.name, train.split,
-                        train.batch_transform)  # fmt: skip
-
-
-#: Columns of metrics.csv: fit's record, the KL weight β of the epoch, (with --test-every) the
-#: test log-likelihood estimate, and the ELBO's parts and the active units on validation images
-#: (pyrovae.metrics).
-METRICS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "test_ll",
-           "val_reconstruction", "val_kl", "active_units"]  # fmt: skip
-
-
-def _draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
-    # the plots, each renamed into place once drawn, registered as made from the best weights
-    from .checkpoint import weights_id
-    from .rundir import WEIGHTS, register_derived, staging_dir
-
-    with staging_dir(run_dir) as tmp:
-        _plots(tmp, vae, records, data, seed, name=run_dir.name)
-        names = [p.name for p in tmp.iterdir()]
-    register_derived(run_dir, names, weights_id(run_dir / WEIGHTS)["sha256"])
-
-
-def _plots(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None:
-    import pyro
-    import torch
-
-    from . import plots
-    from .data import spread
-
-    pyro.set_rng_seed(seed)
-    plots.plot_history(records, run_dir / "elbo.png", title=name or run_dir.name)
-    device = next(vae.parameters()).device
-    x = data.images[spread(len(data.images), 50)].to(device)  # spread over the split
-    plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png")
-    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", SAMPLE_TITLES["mean"])
-    with torch.no_grad():
-        means = torch.cat([vae.encode(b.to(device))[0].cpu() for b in data.images.split(1024)])
-    layer = "q(z2|x), the top layer" if hasattr(vae, "z1_decoder") else "q(z|x)"
-    plots.plot_latent(means, data.labels, run_dir / "latent.png",
-                      f"means of {layer}: {data.split} split, {len(means)} images",
-                      classes=getattr(data, "classes", None))  # fmt: skip
-    decode = lambda z: vae.decode(z.to(device)).cpu()  # noqa: E731
-    if means.shape[1] == 2:  # the decoded latent plane
-        plots.plot_manifold(decode, run_dir / "manifold.png")
-    elif len(means) >= 2:  # one row per latent unit, over the range of its encoded means
-        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means)
-
-
-#: the title of a grid of prior samples, by what is drawn of p(x|z)
-SAMPLE_TITLES = {
-    "mean": "z ~ p(z), decoded to the mean of p(x|z) (not a draw of x)",
-    "draw": "z ~ p(z), then x ~ p(x|z): draws of the model's images",
-}
-
-
 def _as_flags(message: str, names) -> str:
     # "batch_size must be ..." -> "--batch-size must be ..." (a message that starts with one)
     import re
@@ -454,10 +335,6 @@ def _check_train_args(args) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.test_every < 0:
         raise ValueError(f"--test-every must be >= 0, got {args.test_every}")
-
-
-#: The train options that are not part of the model's Config; a continued run keeps them.
-OPTIONS = ("test_every", "test_samples", "test_limit")
 
 
 def _train(args) -> int:
@@ -477,12 +354,12 @@ def _train(args) -> int:
     if distributed(args) or args.engine == "fit":
         check_launch(args)
         if launched_rank() > 0:  # a rank the launcher started: trains its shard, writes nothing
-            return _run_training(run_dir, config, options, False, launch)
+            return run_training(run_dir, config, options, False, launch)
     created = not run_dir.exists()
     try:
         with _writer(run_dir, "pyrovae train"):
             clear_for_new_run(run_dir, args.overwrite)
-            return _run_training(run_dir, config, options, progress, launch)
+            return run_training(run_dir, config, options, progress, launch)
     finally:  # a run that failed before anything was saved leaves no directory
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
@@ -553,248 +430,7 @@ def _resume_locked(run_dir: Path, args, launch=None) -> int:
         config.device = args.device
     if args.data_dir is not None:
         config.data_dir = args.data_dir
-    return _run_training(run_dir, config, None, not args.no_progress and writer, launch)
-
-
-def _check_extra(extra: dict, path: Path) -> dict:
-    # the CLI's bookkeeping in a saved state, type-checked
-    options, stopper = extra.get("options"), extra.get("stopper")
-    ok = (
-        isinstance(options, dict)
-        and all(type(options.get(k)) is int and options[k] >= 0 for k in OPTIONS)
-        and type(extra.get("train_seconds")) in (int, float)
-        and isinstance(stopper, dict)
-        and type(stopper.get("wait")) is int
-        and type(stopper.get("best_value")) in (int, float)
-        and all(type(stopper.get(k)) in (int, type(None)) for k in ("best_epoch", "stopped_epoch"))
-    )
-    if not ok:
-        raise CheckpointError(
-            f"{path} lacks the CLI's bookkeeping (options, stopper, train_seconds) or it is "
-            "ill-typed: it was not saved by pyrovae train; the run cannot be continued"
-        )
-    return extra
-
-
-def _continue(run_dir: Path, config, vae, device, stopper):
-    # the run saved in run_dir, loaded into vae and stopper: (state, records, options, seconds)
-    from .checkpoint import load_state, load_weights
-    from .config import build_vae
-    from .training import TrainState
-
-    manifest = read_manifest(run_dir)
-    if manifest is not None and manifest["epoch"] == 0:  # cut off before its first epoch
-        extra = {"options": manifest.get("options"), "train_seconds": 0.0,
-                 "stopper": stopper.state_dict() | {"best_value": 0.0}}  # fmt: skip
-        _check_extra(extra, run_dir / MANIFEST)
-        return TrainState(), [], extra["options"], 0.0
-    state, extra = load_state(run_dir, vae, device)
-    extra = _check_extra(extra, run_dir / STATE)
-    if manifest is not None:
-        done = manifest["stage"] == "done"
-    else:  # a run of an older pyrovae: its train.json may be an earlier call's
-        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
-        done = type(summary.get("epochs_run")) is int and summary["epochs_run"] >= state.epoch
-    if state.epoch > config.epochs or (state.epoch == config.epochs and done):
-        raise ValueError(
-            f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
-            f"N > {state.epoch} to train longer"
-        )
-    best = load_weights(build_vae(config), committed(run_dir, WEIGHTS))
-    stopper.load_state_dict(
-        extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
-    )
-    records = read_metrics(run_dir, state.epoch)
-    return state, records, extra["options"], float(extra["train_seconds"])
-
-
-def _commit_start(run_dir: Path, config, epoch: int, options: dict) -> None:
-    # the config this call trains with, committed before its first epoch; a run of an older
-    # pyrovae (no manifest) has its files adopted into one
-    files = {CONFIG: config.to_json().encode()}
-    if read_manifest(run_dir) is None:
-        for name in (WEIGHTS, LAST, STATE, METRICS_FILE):
-            if (run_dir / name).is_file():
-                files[name] = (run_dir / name).read_bytes()
-    commit(run_dir, files, epoch=epoch, stage="training", options=options)
-
-
-def _run_training(run_dir: Path, config, options: dict | None, progress: bool,
-                  launch=None) -> int:  # fmt: skip
-    """Train ``config``'s model in ``run_dir``: a new run when ``options`` are given, else the
-    continuation of the run saved there (its weights, optimizer, generators, warm-up, early
-    stopping and metrics as at the end of its last epoch). ``launch``: the parsed launch
-    options to train with the Lightning engine (:mod:`pyrovae.launch`), else ``fit`` trains; a
-    run of one engine can be continued by the other. Under Lightning every rank runs this, and
-    rank 0 alone writes."""
-    import pyro
-
-    from .checkpoint import save_state, weights_bytes
-    from .config import build_vae
-    from .data import ImageDataset, spread
-    from .errors import NonFiniteLossError
-    from .evaluation import log_likelihood
-    from .metrics import METRICS_IMAGES, epoch_metrics
-    from .objectives import make_loss
-    from .schedules import KLSchedule
-    from .selection import EarlyStopping
-    from .training import TrainState, fit
-
-    # a fresh model: no parameter of an earlier run in this process may shadow its own (a
-    # PyroModule registers its parameters in the global store by name)
-    pyro.clear_param_store()
-    writer = launch is None or launched_rank() == 0
-    device = _device(config.device if launch is None else "cpu")  # Lightning moves the model
-    config.binarize = _resolve_binarize(config)
-    train, valid = _training_data(config), _load(config, "valid")
-    streamed = not isinstance(train, ImageDataset)
-    if streamed and launch is not None:
-        raise ValueError("the Lightning engine trains on data held in memory: drop --stream")
-    config.x_shape = train.x_shape
-    pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
-    vae = build_vae(config)
-    if not streamed:  # (fit checks streamed batches as they come)
-        transform = train.batch_transform
-        vae.check_data(train.images if transform is None else transform(train.tensors)[0])
-    state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
-    last_epoch = config.epochs  # the epoch to train up to
-    best = {}  # the best checkpoint, committed with its epoch
-
-    def keep_best(record: dict) -> None:
-        best[WEIGHTS] = weights_bytes(vae, {"epoch": str(record["epoch"])})
-
-    stopper = EarlyStopping(
-        vae, valid.images.to(device), config.patience, config.warmup, on_improve=keep_best
-    )
-    if options is None:  # continue the run saved in run_dir
-        state, records, options, before = _continue(run_dir, config, vae, device, stopper)
-        if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
-            last_epoch = state.epoch  # nothing to train: only finish the run
-    options = {k: v for k, v in options.items() if k in OPTIONS}  # this call's own processes:
-    if launch is not None:
-        options.update(devices=launch.devices, num_nodes=launch.num_nodes)
-    if writer:
-        _commit_start(run_dir, config, state.epoch, options)
-    # the plain ELBO is fit's default objective (which fit knows how to run fastest)
-    default = (config.loss, config.particles) == ("elbo", 1)
-    loss = None if default else make_loss(config.loss, config.particles)
-    test_x = None
-    if options["test_every"]:
-        test = _load(config, "test")
-        test_x = test.images[spread(len(test), options["test_limit"])].to(device)
-    metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)].to(device)
-    vae.to(device)
-    schedule = KLSchedule(vae, config.warmup, config.beta)
-    schedule.set_epoch(state.epoch + 1)
-    start = time.perf_counter()
-
-    def callback(record: dict) -> bool:
-        # after every epoch, whichever engine trains (under Lightning: on every rank, with the
-        # validation ELBO summed over ranks already in the record)
-        schedule(record)  # records the epoch's β, sets the next one
-        stop = stopper(record)  # records the validation ELBO, keeps the best weights
-        on = next(vae.parameters()).device
-        record.update(epoch_metrics(vae.model, vae.guide, metrics_x.to(on)))  # before saving
-        if test_x is not None and record["epoch"] % options["test_every"] == 0:
-            ll = log_likelihood(vae.model, vae.guide, test_x.to(on),
-                                num_samples=options["test_samples"], progress=progress)  # fmt: skip
-            record["test_ll"] = float(ll.mean())
-        records.append(record)
-        seconds = before + time.perf_counter() - start
-        extra = {"stopper": stopper.state_dict(), "options": options, "train_seconds": seconds}
-        files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
-        if writer:  # what `pyrovae resume` continues from
-            save_state(run_dir, vae, state, extra, files)
-        best.clear()
-        return stop
-
-    what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
-    skipped = len(getattr(train, "skipped", ())) + len(valid.skipped)
-    note = f", {skipped} unreadable files skipped" if skipped else ""
-    where = device if launch is None else f"Lightning, {launch.devices * launch.num_nodes} proc."
-    if writer:
-        _echo(config)
-        print(f"{what} on {config.dataset} ({len(train)} images{note}, {where}); run directory "
-              f"{run_dir}")  # fmt: skip
-    common = {"epochs": last_epoch, "batch_size": config.batch_size, "lr": config.lr,
-              "loss": loss, "seed": config.seed, "state": state}  # fmt: skip
-    try:
-        if launch is None:
-            fit(vae.model, vae.guide, train, device=device, callback=callback, progress=progress,
-                stream=streamed, num_workers=config.workers, **common)  # fmt: skip
-        elif last_epoch > state.epoch:
-            _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common)
-    except NonFiniteLossError as e:
-        kept = (
-            f"the checkpoint of epoch {stopper.best_epoch} is kept in {run_dir} (the best "
-            "validation ELBO so far)"
-            if stopper.best_epoch is not None
-            else "no checkpoint was written"
-        )
-        raise ValueError(f"{e}; {kept}") from e
-    seconds = before + time.perf_counter() - start
-    if not writer:
-        return 0
-    if stopper.best_epoch is None:
-        raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
-    stopper.restore()  # the best weights, as committed in model.safetensors
-    vae.beta = config.beta
-    if launch is not None:
-        vae.cpu()
-    summary = {
-        "best_epoch": stopper.best_epoch,
-        "best_val_elbo": stopper.best_value,
-        "epochs_run": len(records),
-        "stopped_early": stopper.stopped_epoch is not None,
-        "train_seconds": seconds,
-        "device": str(device) if launch is None else launch.accelerator,
-        "skipped_files": skipped,
-        "engine": "fit" if launch is None else "lightning",
-        "world_size": 1 if launch is None else launch.devices * launch.num_nodes,
-    }
-    files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
-    commit(run_dir, files, stage="finishing")  # a run cut off from here is only finished
-    _draw_plots(run_dir, vae, records, valid, config.seed)
-    update_manifest(run_dir, stage="done")
-    stop = f"stopped early at epoch {len(records)}; " if summary["stopped_early"] else ""
-    print(
-        f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
-        f"image at epoch {stopper.best_epoch}, kept in {run_dir}"
-    )
-    print(f"figures and metrics.csv are in {run_dir}; score the test split with: "
-          f"pyrovae evaluate {run_dir} --split test")  # fmt: skip
-    return 0
-
-
-def _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common) -> None:
-    # The Lightning engine's part of _run_training: the same callback after every epoch, the
-    # run's TensorBoard logger if asked for.
-    from . import lightning as engine
-    from .data import spread
-    from .launch import quiet_lightning, trainer_args
-
-    quiet_lightning()
-    callbacks = [engine.EpochCallback(callback)]
-    logger = False
-    if launch.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        logger = TensorBoardLogger(run_dir, name="tensorboard", version="")
-        shown = valid.images[spread(len(valid), 16)]
-        callbacks.append(engine.LogEpoch(vae, shown, launch.log_images_every))
-    engine.fit(vae.model, vae.guide, train, val_data=valid, callbacks=callbacks, logger=logger,
-               enable_progress_bar=progress and launched_rank() == 0, **trainer_args(launch),
-               **common)  # fmt: skip
-
-
-def _device(name: str | None):
-    # the torch device to train or score on: one that can (not meta, say)
-    from .training import resolve_device
-
-    device = resolve_device(name)
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"--device {name}: pyrovae runs on cpu or cuda, not {device.type}")
-    return device
+    return run_training(run_dir, config, None, not args.no_progress and writer, launch)
 
 
 def _evaluate(args) -> int:
@@ -835,12 +471,12 @@ def _evaluate_locked(args, fabric=None) -> int:
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
 
-    device = _device(args.device) if fabric is None else fabric.device
+    device = run_device(args.device) if fabric is None else fabric.device
     vae, config = load_run(args.run_dir, device)
     ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
     if args.data_dir is not None:
         config.data_dir = args.data_dir
-    data = _load(config, args.split)
+    data = load_split(config, args.split)
     x = data.images
     if args.limit is not None:  # evenly spread: a split may be ordered by class
         if args.limit < 1:
@@ -960,7 +596,7 @@ def _plot_locked(run_dir: Path, args, manifest: dict | None) -> int:
     if epochs is None:  # a run of an older pyrovae: as many rows as metrics.csv holds
         epochs = sum(1 for _ in (run_dir / METRICS_FILE).open()) - 1
     records = read_metrics(run_dir, epochs)
-    _draw_plots(run_dir, vae, records, _load(config, "valid"), config.seed)
+    draw_plots(run_dir, vae, records, load_split(config, "valid"), config.seed)
     print(f"plots of {run_dir} redrawn from its weights and {len(records)} epochs of metrics")
     return 0
 
