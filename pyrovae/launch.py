@@ -79,7 +79,7 @@ def add_launch_args(parser: argparse.ArgumentParser, train: bool) -> None:
             "--precision",
             choices=list(PRECISIONS),
             default="32",
-            help="Lightning's precision for the several-process engine",
+            help="Lightning's precision (runs on the Lightning engine)",
         )
         parser.add_argument(
             "--logger",
@@ -198,7 +198,9 @@ def trainer_args(args) -> dict:
         "accelerator": _accelerator(args.accelerator),
         "devices": args.devices,
         "num_nodes": args.num_nodes,
-        "strategy": "ddp" if distributed(args) else "auto",
+        "strategy": "ddp"
+        if args.devices * args.num_nodes > 1 or getattr(args, "strategy", "auto") == "ddp"
+        else "auto",
         "precision": getattr(args, "precision", "32"),
     }
 
