@@ -45,7 +45,8 @@ def _pair(tmp_path, processes: int, batch: int) -> list[dict]:
     out = tmp_path / f"{processes}x{batch}"
     out.mkdir()
     cmd = [sys.executable, str(HERE / "lightning_pair.py"), str(processes), str(batch), str(out)]
-    subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
