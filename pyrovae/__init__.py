@@ -24,7 +24,7 @@ _FROM = {
     "fit": "training",
     "Objective": "training",
     "History": "training",
-    "TrainState": "training",
+    "TrainState": "state",
     "log_likelihood": "evaluation",
     "elbo": "evaluation",
     "iwae": "evaluation",
@@ -97,5 +97,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
     from .objectives import IWAE  # noqa: F401
     from .schedules import KLSchedule  # noqa: F401
     from .selection import EarlyStopping  # noqa: F401
-    from .training import History, Objective, TrainState, fit  # noqa: F401
+    from .state import TrainState  # noqa: F401
+    from .training import History, Objective, fit  # noqa: F401
     from .vae import VAE  # noqa: F401

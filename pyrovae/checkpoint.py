@@ -29,7 +29,7 @@ from . import rundir
 from .config import Config, build_vae
 from .errors import CheckpointError
 from .rundir import CONFIG, LAST, STATE, WEIGHTS
-from .training import TrainState
+from .state import TrainState
 from .vae import VAE
 
 __all__ = [
@@ -346,7 +346,7 @@ def load_state(
 ) -> tuple[TrainState, dict]:
     """Load the weights of a run's last epoch into ``module`` and return its training state.
 
-    :returns: ``(state, extra)``: the :class:`~pyrovae.training.TrainState` to pass to
+    :returns: ``(state, extra)``: the :class:`~pyrovae.state.TrainState` to pass to
         :func:`pyrovae.fit`, and the ``extra`` bookkeeping given to :func:`save_state`.
     :raises CheckpointError: if the files are missing, unsafe, corrupt, from different epochs,
         or do not fit ``module``.

@@ -45,7 +45,9 @@ from .data import as_tensors
 from .errors import count
 from .schedules import KLSchedule
 from .selection import EarlyStopping
-from .training import TrainState, _epoch_loss, _load_moments, _make_optimizer, _modules_of
+from .state import TrainState, load_moments, record
+from .steps import make_optimizer, replay
+from .training import Objective, _epoch_loss, _modules_of, _objectives
 
 __all__ = [
     "PairModule",
@@ -69,130 +71,161 @@ def _param_sites_outside(param_trace, modules) -> list[str]:
     return names
 
 
+class _Part:
+    # One objective inside a PairModule: its no-sync ELBOModule, the loss each step runs (eager,
+    # or its captured replay), its weight, name and batch transform.
+    def __init__(self, objective: Objective, i: int, transform: Callable | None):
+        loss = objective.loss
+        make = no_sync(loss) if loss is not None else NoSyncTrace_ELBO()
+        self.model, self.guide = objective.model, objective.guide
+        self.elbo = make(objective.model, objective.guide)
+        self.step_loss: Callable = self.elbo
+        self.weight, self.name = float(objective.weight), objective.name or f"objective{i + 1}"
+        self.transform = transform
+
+    def batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
+        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        if train and self.transform is not None:
+            batch = tuple(self.transform(batch))
+        return batch
+
+
 class PairModule(L.LightningModule):
-    """A model/guide pair and its loss as a :class:`lightning.LightningModule`.
+    """A model/guide pair and its loss (or several objectives) as a
+    :class:`lightning.LightningModule`.
 
     One batch runs when it is built: it creates the parameters a pair makes lazily (before DDP
     wraps the module) and finds the modules that hold them (those the pair is bound to, and
-    those it registers with ``pyro.module``).
+    those it registers with ``pyro.module``). With several :class:`~pyrovae.Objective`, every
+    step takes one batch of each and minimizes Σ weight × loss, as :func:`pyrovae.fit` does;
+    validation scores the first objective.
 
-    :param model: a Pyro model, called as ``model(*batch)``.
+    :param model: a Pyro model, called as ``model(*batch)``; or a list of
+        :class:`~pyrovae.Objective` (then ``guide`` is ``None``, ``loss`` too, and ``example``
+        is a list of batches, one per objective).
     :param guide: the matching guide.
     :param example: a batch (tensor or tuple of tensors) of the data, to build the parameters.
     :param loss: a Pyro ELBO (default :class:`~pyro.infer.Trace_ELBO`), run as its no-sync twin.
     :param float lr: the learning rate.
     :param optimizer: a ``torch.optim`` class (default Adam).
     :param dict optim_args: its keyword arguments besides the parameters.
-    :param batch_transform: applied to each training batch (e.g. dynamic binarization).
+    :param batch_transform: applied to each training batch of the (first) objective, e.g.
+        dynamic binarization; the others use their data's ``batch_transform``, if any.
     :param bool fast: replay the captured loss where the pair allows it (else eager).
     :param TrainState state: where the run stands (epochs done, Adam's moments), updated after
         every epoch (see :func:`fit`).
     :raises ValueError: for a pair with ``pyro.param`` sites outside modules, or none at all.
     """
 
-    def __init__(self, model: Callable, guide: Callable, example, loss: ELBO | None = None,
+    def __init__(self, model, guide: Callable | None, example, loss: ELBO | None = None,
                  lr: float = 1e-3, optimizer=None, optim_args: dict | None = None,
                  batch_transform: Callable | None = None, fast: bool = True,
                  state: TrainState | None = None):  # fmt: skip
         super().__init__()
-        self.model_fn, self.guide_fn = model, guide
-        self.elbo = (no_sync(loss) if loss is not None else NoSyncTrace_ELBO())(model, guide)
-        example = as_tensors(example, "the example batch")
-        if batch_transform is not None:
-            example = tuple(batch_transform(example))
+        if callable(model) and not isinstance(model, Objective):
+            objectives, examples = [Objective(model, guide, None, loss)], [example]
+        else:
+            objectives, examples = _objectives(model, guide, None, loss, None), list(example)
+            if len(examples) != len(objectives):
+                raise ValueError("give one example batch per objective")
+        self.parts = [
+            _Part(o, i, batch_transform if i == 0 and batch_transform is not None
+                  else getattr(o.data, "batch_transform", None))
+            for i, o in enumerate(objectives)
+        ]  # fmt: skip
+        self.pair = nn.ModuleList(self._build(examples))  # registered once, here
+        self._n_params = sum(1 for _ in self.pair.parameters())
+        self._n_sites = len(pyro.get_param_store())  # grows if the pair makes more parameters
+        if self._n_params == 0:
+            raise ValueError("the model and guide have no parameters in modules to train")
+        self.lr, self.optimizer_cls, self.optim_args = lr, optimizer, dict(optim_args or {})
+        self.fast = fast
+        self.state = state if state is not None else TrainState()
+        self.offset = int(self.state.epoch)  # epochs trained before this call
+        self._example: list | None = None  # a batch of each objective, to capture the losses on
+        self._sums: dict[str, torch.Tensor] = {}
+        self._record: dict | None = None
+        self._started = time.perf_counter()
+
+    def _build(self, examples: list) -> list[nn.Module]:
+        # Run each loss once: create lazy parameters, find the modules and refuse free sites.
         found: list[nn.Module] = []
         with poutine.trace(param_only=True) as params, recording_modules(found):
-            self.elbo(*example)
-        modules = _modules_of(model, guide, *found)
+            for part, example in zip(self.parts, examples, strict=True):
+                part.elbo(*part.batch(as_tensors(example, "the example batch"), train=True))
+        modules = _modules_of(*(f for p in self.parts for f in (p.model, p.guide)), *found)
         outside = _param_sites_outside(params.trace, modules)
         if outside:
             raise ValueError(
                 f"pyro.param sites outside every module: {', '.join(outside)}; DDP synchronizes "
                 "module parameters only: hold them in a PyroModule (PyroParam) or nn.Module"
             )
-        # the ELBOModule holds the pair; the modules are registered once, here
-        self.pair = nn.ModuleList(modules)
-        self._n_params = sum(1 for _ in self.pair.parameters())
-        self._n_sites = len(pyro.get_param_store())  # grows if the pair makes more parameters
-        if self._n_params == 0:
-            raise ValueError("the model and guide have no parameters in modules to train")
-        self.lr, self.optimizer_cls, self.optim_args = lr, optimizer, dict(optim_args or {})
-        self.batch_transform, self.fast = batch_transform, fast
-        self.state = state if state is not None else TrainState()
-        self.offset = int(self.state.epoch)  # epochs trained before this call
-        self.step_loss: Callable = self.elbo
-        self._example: tuple[torch.Tensor, ...] | None = None  # a batch to capture the loss on
-        self._sums: dict[str, torch.Tensor] = {}
-        self._record: dict | None = None
-        self._started = time.perf_counter()
+        return modules
 
-    def __setattr__(self, name, value):
-        if name in ("elbo", "step_loss"):  # not submodules: the pair's are in self.pair
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    @property
+    def elbo(self) -> Callable:
+        """The (first) objective's ELBOModule."""
+        return self.parts[0].elbo
+
+    @property
+    def step_loss(self) -> Callable:
+        """The loss the (first) objective's steps run: the ELBOModule, or its captured replay."""
+        return self.parts[0].step_loss
 
     def configure_optimizers(self):
         # the optimizer fit builds (Adam, fused where available, by default)
         params = list(self.pair.parameters())
-        return _make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args, False)[0]
+        return make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args)[0]
 
     def on_train_start(self) -> None:
         if self.state.optimizer is not None:  # continue with Adam's moments where they were
             params = list(self.pair.parameters())
-            _load_moments(self.optimizers().optimizer, self.state.optimizer, params)
-
-    def _batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
-        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if train and self.batch_transform is not None:
-            batch = tuple(self.batch_transform(batch))
-        return batch
+            load_moments(self.optimizers().optimizer, self.state.optimizer, params)
 
     def _add(self, key: str, loss: torch.Tensor, n: int) -> None:
         total = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=loss.device))
         total[0] += loss.detach().double()
         total[1] += n
 
-    def _capture(self, batch) -> None:
-        # Replay the loss from now on where the pair allows it (tried once).
+    def _capture(self) -> None:
+        # Replay each loss from now on where the pair allows it (tried once).
         self.fast = False
-        try:
-            self.step_loss = capture(self.elbo, list(self.pair), batch)
-        except CaptureError as e:
-            self.print(f"pyrovae.lightning: training eagerly, the loss cannot be replayed: {e}")
+        for part, batch in zip(self.parts, self._example, strict=True):
+            try:
+                part.step_loss = capture(part.elbo, list(self.pair), batch)
+            except CaptureError as e:
+                self.print(f"pyrovae.lightning: {part.name} trains eagerly, its loss cannot be "
+                           f"replayed: {e}")  # fmt: skip
 
     def on_train_epoch_start(self) -> None:
         self._sums, self._record, self._started = {}, None, time.perf_counter()
-        if self.fast and self.step_loss is self.elbo and self._example is not None:
-            self._capture(self._example)  # after a whole eager epoch: see training_step
-
-    def _loss(self, batch) -> torch.Tensor:
-        # replayed, or eager for a batch the capture cannot take (as pyrovae.fit does)
-        if self.step_loss is not self.elbo:
-            try:
-                return self.step_loss(*batch)
-            except CaptureError:
-                pass
-        return self.elbo(*batch)
+        if self.fast and self._example is not None:
+            self._capture()  # after a whole eager epoch: see training_step
 
     def training_step(self, batch, batch_idx):
-        batch = self._batch(batch, train=True)
-        loss = self._loss(batch)  # the negative ELBO summed over the batch
-        self._add("train", loss, len(batch[0]))
+        # one batch per objective (CombinedLoader's list with several)
+        batches = [batch] if len(self.parts) == 1 else list(batch)
+        batches = [p.batch(b, train=True) for p, b in zip(self.parts, batches, strict=True)]
+        loss = 0.0
+        for part, b in zip(self.parts, batches, strict=True):
+            value = replay(part.step_loss, part.elbo, b)  # −ELBO summed over the batch, as in fit
+            self._add(f"train/{part.name}", value, len(b[0]))
+            loss = loss + part.weight * value
         # The first epoch runs eagerly, so that every batch shape has run Pyro's handlers once
         # and a parameter made after the first batch is caught here; later epochs replay.
-        if self.step_loss is self.elbo and len(pyro.get_param_store()) > self._n_sites:
+        if len(pyro.get_param_store()) > self._n_sites:
             raise ValueError(
                 "the pair created parameters after its first batch; DDP cannot synchronize them: "
                 "create every parameter when the modules are built (or on the first batch)"
             )
         if self._example is None:
-            self._example = batch
+            self._example = batches
         return loss
 
     def validation_step(self, batch, batch_idx):
-        batch = self._batch(batch, train=False)
-        self._add("val", _epoch_loss(self.step_loss, batch, len(batch[0])), len(batch[0]))
+        main = self.parts[0]
+        batch = main.batch(batch, train=False)
+        self._add("val", _epoch_loss(main.step_loss, batch, len(batch[0])), len(batch[0]))
 
     def _per_datapoint(self, key: str) -> float | None:
         # Σ over ranks of the summed ELBO, over Σ over ranks of the datapoints.
@@ -211,20 +244,22 @@ class PairModule(L.LightningModule):
     def epoch_record(self) -> dict:
         """The finished epoch's record, as :func:`pyrovae.fit` gives its callback: ``epoch``
         (1-based), ``train_elbo`` and ``val_elbo`` per datapoint over the whole split (every
-        rank), ``seconds`` (of training, without validation). Computed once per epoch; call it
-        on every rank. It also brings :attr:`state` (a :class:`~pyrovae.TrainState`) to the end
-        of the epoch, so a callback can save it."""
+        rank), ``seconds`` (of training, without validation), ``parts`` (with several
+        objectives, each one's ELBO per datapoint, ``{name: value}``; else ``None``). Computed
+        once per epoch; call it on every rank. It also brings :attr:`state` (a
+        :class:`~pyrovae.TrainState`) to the end of the epoch, so a callback can save it."""
         if self._record is None:
             val, now = self._sums.get("val_elbo"), time.perf_counter()
+            parts = {p.name: self._per_datapoint(f"train/{p.name}") for p in self.parts}
             self._record = {
                 "epoch": self.offset + self.current_epoch + 1,
-                "train_elbo": self._per_datapoint("train"),
+                "train_elbo": parts[self.parts[0].name],
                 "val_elbo": None if val is None else float(val),
                 "seconds": float(self._sums.get("train_seconds", now - self._started)),
+                "parts": parts if len(self.parts) > 1 else None,
             }
-            state = self.state  # where the run stands, as pyrovae.fit keeps it
-            state.epoch, state.rng = self._record["epoch"], torch.get_rng_state()
-            state.optimizer = self.optimizers().optimizer.state_dict()
+            # where the run stands, as pyrovae.fit keeps it
+            record(self.state, self._record["epoch"], self.optimizers().optimizer, self.device)
         return self._record
 
 
@@ -232,29 +267,48 @@ class ShardedData(L.LightningDataModule):
     """Training and validation data, sharded over the ranks of the run.
 
     Training: a :class:`~torch.utils.data.DistributedSampler` per rank (seeded, reshuffled each
-    epoch by Lightning's ``set_epoch``). Validation: rank r scores images r, r + W, r + 2W, …
-    (disjoint, unpadded). Use with ``Trainer(use_distributed_sampler=False)``.
+    epoch by Lightning's ``set_epoch``); with several training sets (one per objective), one
+    sampler each, combined by Lightning's ``CombinedLoader`` in ``max_size_cycle`` mode: an
+    epoch is a pass over the largest, the others cycle, as in :func:`pyrovae.fit`.
+    Validation: rank r scores images r, r + W, r + 2W, … (disjoint, unpadded). Use with
+    ``Trainer(use_distributed_sampler=False)``.
 
-    :param train: training data (tensor, tuple of tensors or Dataset).
+    :param train: training data (tensor, tuple of tensors or Dataset), or a list of them.
     :param valid: optional validation data.
-    :param int batch_size: datapoints per step on each rank.
+    :param batch_size: datapoints per step on each rank (an int, or one per training set).
     :param int seed: the shuffling seed.
     """
 
-    def __init__(self, train, valid=None, batch_size: int = 128, seed: int = 0):
+    def __init__(self, train, valid=None, batch_size: int | list[int] = 128, seed: int = 0):
         super().__init__()
-        self.train = TensorDataset(*as_tensors(train, "training data"))
+        several = isinstance(train, list)
+        sets = train if several else [train]
+        sizes = batch_size if isinstance(batch_size, list) else [batch_size] * len(sets)
+        if len(sizes) != len(sets):
+            raise ValueError("give one batch size per training set")
+        what = ["training data"] + [f"the data of objective {i + 1}" for i in range(1, len(sets))]
+        self.sets = [TensorDataset(*as_tensors(d, w)) for d, w in zip(sets, what, strict=True)]
+        self.train = self.sets if several else self.sets[0]
         self.valid = None if valid is None else TensorDataset(*as_tensors(valid, "validation data"))
-        self.batch_size, self.seed = count("batch_size", batch_size), int(seed)
+        self.sizes = [count("batch_size", b) for b in sizes]
+        self.batch_size, self.seed = self.sizes[0], int(seed)
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         world, rank = self._ranks()
-        sampler = DistributedSampler(self.train, world, rank, shuffle=True, seed=self.seed)
-        return _batches(self.train, sampler, self.batch_size)
+        loaders = []
+        for i, (data, size) in enumerate(zip(self.sets, self.sizes, strict=True)):
+            seed = self.seed + 1_000_003 * i  # each set its own order
+            sampler = DistributedSampler(data, world, rank, shuffle=True, seed=seed)
+            loaders.append(_batches(data, sampler, size))
+        if len(loaders) == 1:
+            return loaders[0]
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
         if self.valid is None:
@@ -320,7 +374,8 @@ class SelectBest(EpochCallback):
 
 class LogEpoch(L.Callback):
     """Send each epoch's record to the trainer's logger (e.g. TensorBoard): every number in it
-    (ELBO, its reconstruction and KL parts, β, active units, …) as a scalar at step = epoch,
+    (ELBO, its reconstruction and KL parts, β, active units, …, and each objective's ELBO as
+    ``train_elbo/NAME`` with several) as a scalar at step = epoch,
     and every ``every`` epochs image grids of reconstructions and prior samples.
 
     Put it after the callbacks that fill the record (:class:`KLWarmup`, :class:`SelectBest`,
@@ -339,9 +394,10 @@ class LogEpoch(L.Callback):
         record = pl_module.epoch_record()
         if trainer.logger is None or trainer.global_rank != 0:
             return
+        parts = {f"train_elbo/{k}": v for k, v in (record.get("parts") or {}).items()}
         numbers = {
             k: float(v)
-            for k, v in record.items()
+            for k, v in {**record, **parts}.items()
             if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v)
         }
         trainer.logger.log_metrics(numbers, step=record["epoch"])
@@ -364,9 +420,9 @@ class LogEpoch(L.Callback):
 
 
 def fit(
-    model: Callable,
-    guide: Callable,
-    data,
+    model,
+    guide: Callable | None = None,
+    data=None,
     *,
     val_data=None,
     epochs: int = 10,
@@ -381,14 +437,20 @@ def fit(
     state: TrainState | None = None,
     **trainer_args,
 ) -> L.Trainer:
-    """Train a pair with Lightning; the counterpart of :func:`pyrovae.fit` for several devices.
+    """Train a pair (or several objectives) with Lightning; the counterpart of
+    :func:`pyrovae.fit` for several devices.
 
-    :param model: a Pyro model, called as ``model(*batch)``.
+    :param model: a Pyro model, called as ``model(*batch)``; or a list of
+        :class:`~pyrovae.Objective` (then pass no ``guide``, ``data`` or ``loss``): every step
+        takes one batch of each objective's data (its shard on this rank) and minimizes
+        Σ weight × loss.
     :param guide: the matching guide.
     :param data: training data (tensor, tuple of tensors or Dataset).
-    :param val_data: optional validation data, scored every epoch (per datapoint, all ranks).
-    :param int epochs: passes over the data.
-    :param int batch_size: datapoints per step *on each rank*.
+    :param val_data: optional validation data, scored every epoch with the (first) objective
+        (per datapoint, all ranks).
+    :param int epochs: passes over the data (over the largest objective's, with several).
+    :param int batch_size: datapoints per step *on each rank* (an objective's own
+        ``batch_size`` overrides it).
     :param float lr: the learning rate.
     :param loss: a Pyro ELBO (default ``Trace_ELBO``).
     :param int seed: seeds the data order; rank r draws its noise from ``seed + r``.
@@ -406,14 +468,16 @@ def fit(
     :returns: the trainer (``trainer.lightning_module`` is the trained :class:`PairModule`).
     """
     count("epochs", epochs)
+    count("batch_size", batch_size)
+    objectives = _objectives(model, guide, data, loss, batch_size)
     done = 0 if state is None else int(state.epoch)
     if done >= int(epochs):
         raise ValueError(f"the run has trained {done} epochs already; epochs must be > {done}")
-    data_module = ShardedData(data, val_data, batch_size, seed + done)  # new orders after `done`
+    sizes = [int(o.batch_size if o.batch_size is not None else batch_size) for o in objectives]
+    data_module = ShardedData([o.data for o in objectives], val_data, sizes, seed + done)
     pyro.set_rng_seed(seed)
-    example = data_module.train[: min(len(data_module.train), int(batch_size))]
-    transform = getattr(data, "batch_transform", None)
-    module = PairModule(model, guide, example, loss, lr, optimizer, optim_args, transform, fast,
+    examples = [d[: min(len(d), b)] for d, b in zip(data_module.sets, sizes, strict=True)]
+    module = PairModule(objectives, None, examples, None, lr, optimizer, optim_args, None, fast,
                         state)  # fmt: skip
     args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, **trainer_args}  # fmt: skip

@@ -195,7 +195,7 @@ def _continue(run_dir: Path, config, vae, device, stopper):
     # the run saved in run_dir, loaded into vae and stopper: (state, records, options, seconds)
     from .checkpoint import load_state, load_weights
     from .config import build_vae
-    from .training import TrainState
+    from .state import TrainState
 
     manifest = read_manifest(run_dir)
     if manifest is not None and manifest["epoch"] == 0:  # cut off before its first epoch
@@ -253,7 +253,8 @@ def run_training(run_dir: Path, config, options: dict | None, progress: bool,
     from .objectives import make_loss
     from .schedules import KLSchedule
     from .selection import EarlyStopping
-    from .training import TrainState, fit
+    from .state import TrainState
+    from .training import fit
 
     # a fresh model: no parameter of an earlier run in this process may shadow its own (a
     # PyroModule registers its parameters in the global store by name)

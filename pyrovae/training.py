@@ -30,20 +30,17 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.distributions import constraints
 
+from . import steps
 from .batches import Stream, should_stream
-from .capture import (
-    CaptureError,
-    CudaGraphStep,
-    NoSyncTrace_ELBO,
-    capture,
-    no_sync,
-    recording_modules,
-)
+from .capture import NoSyncTrace_ELBO, no_sync, recording_modules
 from .data import as_tensors
-from .errors import NonFiniteLossError, count
+from .errors import count
+from .nonfinite import NonFiniteGuard
 from .progress import TrainingBar
+from .state import TrainState, load_moments, restore_generators
+from .state import record as record_state
 
-__all__ = ["fit", "Objective", "History", "TrainState", "resolve_device"]
+__all__ = ["fit", "Objective", "History", "resolve_device"]
 
 log = logging.getLogger("pyrovae")
 
@@ -77,42 +74,6 @@ class History:
 
     def __len__(self) -> int:
         return len(self.epoch)
-
-
-@dataclass
-class TrainState:
-    """Where a :func:`fit` run stands: what it takes to continue it later.
-
-    :func:`fit` updates it in place at the end of every epoch, before the callback runs, so a
-    callback can save it with :func:`pyrovae.checkpoint.save_state`. Passed to a later
-    :func:`fit` (with the model's weights restored), training continues with epoch
-    ``epoch + 1``, Adam's moments as they were, and the random generators where they were.
-    """
-
-    epoch: int = 0  # epochs completed
-    optimizer: dict | None = None  # the torch optimizer's state_dict() at the end of `epoch`
-    rng: torch.Tensor | None = None  # torch's CPU generator state, torch.get_rng_state()
-    cuda_rng: torch.Tensor | None = None  # the training device's CUDA generator state
-
-
-def _load_moments(optimizer: torch.optim.Optimizer, saved: dict, params) -> None:
-    # Load a saved optimizer's per-parameter state (Adam's moments and step) into a new optimizer
-    # over the same parameters, keeping the new one's hyperparameters and implementation (fused,
-    # capturable), which may differ between devices.
-    state = saved.get("state", {})
-    if set(state) - set(range(len(params))):
-        raise ValueError(
-            f"the saved optimizer state has {len(state)} parameters, this pair trains {len(params)}"
-        )
-    for i, moments in state.items():
-        for key, value in moments.items():
-            if key != "step" and tuple(value.shape) != tuple(params[i].shape):
-                raise ValueError(
-                    f"the saved optimizer state does not fit this pair: parameter {i} has shape "
-                    f"{tuple(params[i].shape)}, its saved {key} {tuple(value.shape)}"
-                )
-    current = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -201,6 +162,12 @@ class Objective:
     weight: float = 1.0
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(
+                f"an objective's weight must be a finite number > 0, got {self.weight}"
+            )
+
 
 class _Term:
     # One objective at run time: its batches (device-resident tensors indexed by a permutation,
@@ -220,8 +187,6 @@ class _Term:
             self.batch_size = min(size, self.n)
             self.steps = -(-self.n // self.batch_size)
         self.weight = float(obj.weight)
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ValueError(f"an objective's weight must be a finite number > 0, got {obj.weight}")
         self.name = obj.name or f"objective{i + 1}"
         self.model, self.guide = obj.model, obj.guide
         loss = no_sync(obj.loss) if obj.loss is not None else NoSyncTrace_ELBO()
@@ -266,16 +231,6 @@ class _Term:
             if self.check is not None and is_validation_enabled():
                 self.check(*(self.transform(batch) if self.transform is not None else batch))
         return tuple(self.transform(batch)) if self.transform is not None else batch
-
-    def loss(self, batch) -> torch.Tensor:
-        # The step's loss: replayed, or eager for a batch the capture cannot take.
-        if self.step_loss is self.elbo_module:
-            return self.elbo_module(*batch)
-        try:
-            return self.step_loss(*batch)
-        except CaptureError as e:
-            log.info("pyrovae.fit: an eager step for a batch of another shape: %s", e)
-            return self.elbo_module(*batch)
 
 
 def _objectives(model, guide, data, loss, batch_size) -> list[Objective]:
@@ -390,183 +345,70 @@ def _first_step(terms: list[_Term], batches) -> tuple[torch.Tensor, object, list
     return losses, param_capture.trace, modules
 
 
-def _make_optimizer(params, lr, optimizer, optim_args, capturable: bool):
-    # The torch optimizer: a fused Adam by default where this torch has one for the device;
-    # ``capturable`` (for a CUDA graph) where the class takes it.
-    if optimizer is None:
-        optimizer, args = torch.optim.Adam, {"fused": True}
-    else:
-        args = {}
-    args = {"lr": lr, **args, **(optim_args or {})}
-    tries = [{**args, "capturable": True}] if capturable else []
-    tries += [args, {k: v for k, v in args.items() if k != "fused"}]
-    for kwargs in tries:
-        try:
-            return optimizer(params, **kwargs), kwargs.get("capturable", False)
-        except (RuntimeError, ValueError, TypeError) as e:
-            error = e
-    raise ValueError(f"cannot build the optimizer {optimizer!r} with {args}: {error}")
-
-
-def _capture(term: _Term, modules, free, batch):
-    # The term's captured loss, or the eager one with the reason said once.
-    try:
-        term.step_loss = capture(term.elbo_module, modules, batch, free=free)
-    except CaptureError as e:
-        log.warning("pyrovae.fit: %s trains eagerly, its loss cannot be replayed: %s", term.name, e)
-        return False
-    log.info("pyrovae.fit: replaying the captured loss")
-    return True
-
-
 class _Trainer:
-    # What fit's epoch loop carries: the terms, the parameters and the optimizer, the CUDA graph
-    # step if any, and the parameters at the end of the last good epoch.
+    # What fit's epoch loop carries: the terms, the step engine (chosen on the first step), the
+    # non-finite guard and the run's state.
     def __init__(self, terms, device, lr, optimizer, optim_args, fast: bool, state: TrainState):
         self.terms, self.device, self.state = terms, device, state
         self.lr, self.optimizer_cls, self.optim_args, self.fast = lr, optimizer, optim_args, fast
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.params: list[torch.Tensor] = []
-        self.good: list[torch.Tensor] = []
-        self.graph_step: CudaGraphStep | None = None
-        self.warm_up: list[torch.Tensor] = []  # batches run before a CUDA graph is recorded
-        steps = [t.steps for t in terms]
-        if None in steps and len(terms) > 1:
+        self.engine: steps.StepEngine | None = None
+        self.guard = NonFiniteGuard(device)
+        lengths = [t.steps for t in terms]
+        if None in lengths and len(terms) > 1:
             raise ValueError(
                 "with several objectives every stream needs a length (a DataLoader has one)"
             )
-        self.steps = None if None in steps else max(steps)
+        self.steps = None if None in lengths else max(lengths)
 
-    def start(self, batches) -> list[torch.Tensor]:
-        # The first step: find the parameters, capture the losses, build the optimizer.
+    def start(self, step: int, items: list) -> int:
+        # The first step, eager: find the parameters, choose the engine (capturing the losses),
+        # build the optimizer, then update with the first step's gradients.
+        batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
         for term in self.terms:
             _check_amortized(term)
         losses, param_trace, modules = _first_step(self.terms, batches)
-        self.params = _params(param_trace, modules)
-        if not self.params:
+        params = _params(param_trace, modules)
+        if not params:
             raise ValueError("the model and guide have no trainable parameters")
-        captured = False
-        if self.fast:
-            free = _free_params(param_trace, modules)
-            pairs = zip(self.terms, batches, strict=True)
-            captured = all([_capture(t, modules, free, b) for t, b in pairs])
-        single = len(self.terms) == 1 and self.terms[0].stream is None
-        cuda_graph = captured and self.device.type == "cuda" and single
-        self.optimizer, capturable = _make_optimizer(
-            self.params, self.lr, self.optimizer_cls, self.optim_args, cuda_graph
-        )
+        free = _free_params(param_trace, modules) if self.fast else {}
+        self.engine = steps.build(
+            self.terms, batches, modules, free, fast=self.fast, device=self.device,
+            guard=self.guard, optimizer=lambda capturable: self.optimizer(params, capturable),
+        )  # fmt: skip
+        self.engine.start_epoch()
+        self.guard.keep(params)
+        return self.engine.update(step, batches, losses, backward=False)
+
+    def optimizer(self, params, capturable: bool):
+        # The run's optimizer, with Adam's moments where a resumed run left them.
+        made = steps.make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args,
+                                    capturable)  # fmt: skip
         if self.state.optimizer is not None:
-            _load_moments(self.optimizer, self.state.optimizer, self.params)
-        if cuda_graph and capturable:
-            t = self.terms[0]
-            self.graph_step = CudaGraphStep(t.step_loss, self.optimizer, t.tensors, t.batch_size,
-                                            t.transform)  # fmt: skip
-        self.good = [p.detach().clone() for p in self.params]
-        return losses
+            load_moments(made[0], self.state.optimizer, params)
+        return made
 
-    def cuda_graph_step(self, idx: torch.Tensor, bar) -> bool:
-        # Run (or queue for recording) a step on the CUDA graph; False if it must run otherwise.
-        g = self.graph_step
-        if g is None or g.failed or len(idx) != g.index.numel():
-            return False  # (a stream never has a graph step)
-        if g.ready:
-            g(idx)
-            bar.update()
-            return True
-        self.warm_up.append(idx)  # recording a CUDA graph takes three eager steps first
-        if len(self.warm_up) == 3:
-            try:
-                g.warm_up(self.warm_up)
-            except CaptureError as e:
-                log.warning("pyrovae.fit: no CUDA graph, replaying eagerly: %s", e)
-            bar.update(len(self.warm_up))
-            self.warm_up = []
-        return True
-
-    def finish_graph_epoch(self, bad_step, bar):
-        # An epoch too short to record the graph runs its queued batches eagerly; the graph's
-        # sums join the epoch's.
-        g = self.graph_step
-        if self.warm_up:
-            g.warm_up(self.warm_up, record=False)
-            bar.update(len(self.warm_up))
-            self.warm_up = []
-        t = self.terms[0]
-        t.total = t.total + g.total
-        t.seen = t.n
-        # the first bad step of either kind (the graph's steps are numbered like the epoch's)
-        graph_first = (g.bad_step >= 0) & ((bad_step < 0) | (g.bad_step < bad_step))
-        return torch.where(graph_first, g.bad_step, bad_step)
-
-    def running_elbo(self) -> float | None:
-        # The epoch's train ELBO per datapoint so far, for the progress bar (a host read).
-        t, g = self.terms[0], self.graph_step
-        if g is None or not g.ready:
-            return -float(t.total) / t.seen if t.seen else None
-        steps = int(g.step)  # every step of the epoch, replayed or not
-        return -float(t.total + g.total) / (steps * t.batch_size) if steps else None
-
-    def epoch(self, bar) -> torch.Tensor:
-        # One epoch of steps; returns the first bad step's index (-1 if none), on the device.
+    def epoch(self, bar) -> None:
+        # One epoch of steps; the guard holds the first bad step.
         for t in self.terms:
             t.start_epoch()
-        if self.graph_step is not None:
-            self.graph_step.reset()
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        on_cuda = self.device.type == "cuda"
+        self.guard.start_epoch()
+        if self.engine is not None:
+            self.engine.start_epoch()
         for step in itertools.count() if self.steps is None else range(self.steps):
             items = [t.next_index() for t in self.terms]
             if items[0] is None:  # the end of a stream of unknown length
                 break
-            if len(self.terms) == 1 and self.cuda_graph_step(items[0], bar):
-                continue
-            batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
-            first = self.optimizer is None
-            if first:
-                losses = self.start(batches)  # with its gradients in place already
-                if self.graph_step is not None:
-                    self.graph_step.step.fill_(step + 1)  # this step runs eagerly
-            else:
-                losses = [t.loss(b) for t, b in zip(self.terms, batches, strict=True)]
-            loss = sum(t.weight * v for t, v in zip(self.terms, losses, strict=True))
-            finite = torch.isfinite(loss)
-            if on_cuda:  # remember the first bad step without a host sync
-                bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
-            elif not bool(finite):
-                bad_step.fill_(step)
+            run = self.engine.step if self.engine is not None else self.start
+            bar.update(run(step, items))
+            if self.guard.stopped:
                 break
-            if not first:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            self.optimizer.step()
-            _accumulate(self.terms, losses, batches)
-            del loss, losses  # no autograd graph outlives the step (CUDA graph capture needs it)
-            bar.update()
-        if self.graph_step is not None:
-            bad_step = self.finish_graph_epoch(bad_step, bar)
-        return bad_step
+        if self.engine is None:
+            raise ValueError("the training data gave no batches")
+        bar.update(self.engine.end_epoch())
 
-
-def _accumulate(terms: list[_Term], losses, batches) -> None:
-    # Add a step's losses to the epoch's sums (in its own frame: no loop variable keeps a loss,
-    # and with it the step's autograd graph, alive into the next step).
-    for t, v, b in zip(terms, losses, batches, strict=True):
-        t.total += v.detach()
-        t.seen += len(b[0])
-
-
-def _restore_good(trainer: _Trainer, epoch: int, bad_step: int, history) -> None:
-    with torch.no_grad():
-        for p, g in zip(trainer.params, trainer.good, strict=True):
-            p.copy_(g)
-    restored = f"the end of epoch {epoch - 1}" if epoch > 1 else "their initial values"
-    raise NonFiniteLossError(
-        f"non-finite loss at epoch {epoch}, step {bad_step + 1}; parameters were restored to "
-        f"{restored}",
-        epoch=epoch,
-        step=bad_step + 1,
-        history=history,
-    )
+    def running_elbo(self) -> float | None:
+        # The epoch's train ELBO per datapoint so far, for the progress bar.
+        return self.engine.running_elbo() if self.engine is not None else None
 
 
 def _record(trainer: _Trainer, epoch: int, start: float) -> dict:
@@ -691,14 +533,9 @@ def fit(
         val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
     _check_data(terms[0], val)
     state = state if state is not None else TrainState()
-    if int(state.epoch) < 0:
-        raise ValueError(f"state.epoch must be >= 0, got {state.epoch}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    if state.rng is not None:
-        torch.set_rng_state(state.rng.cpu())
-    if state.cuda_rng is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state.cuda_rng.cpu(), device)
+    restore_generators(state, device)
     for m in _modules_of(*(f for t in terms for f in (t.model, t.guide))):
         m.to(device)
     trainer = _Trainer(terms, device, lr, optimizer, optim_args, fast, state)
@@ -713,18 +550,11 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
         for epoch in range(first, last + 1):
             bar.start_epoch(epoch)
             start = time.perf_counter()
-            bad_step = trainer.epoch(bar)
+            trainer.epoch(bar)
             record = _record(trainer, epoch, start)
-            if not math.isfinite(record["train_elbo"]) and int(bad_step) < 0:
-                bad_step.fill_((trainer.steps or 1) - 1)  # the epoch's sum overflowed
-            if int(bad_step) >= 0:  # the epoch's one host sync (besides the ELBO below)
-                _restore_good(trainer, epoch, int(bad_step), history)
-            with torch.no_grad():
-                for p, g in zip(trainer.params, trainer.good, strict=True):
-                    g.copy_(p)
-            state.epoch, state.optimizer = epoch, trainer.optimizer.state_dict()
-            state.rng = torch.get_rng_state()
-            state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            last_step = (trainer.steps or 1) - 1
+            trainer.guard.end_epoch(epoch, record["train_elbo"], last_step, history)
+            record_state(state, epoch, trainer.engine.optimizer, device)
             if val is not None:
                 record["val_elbo"] = _val_elbo(trainer, val)
             record["seconds"] = time.perf_counter() - start

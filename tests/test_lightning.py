@@ -69,6 +69,36 @@ def test_ddp_user_pair_keeps_ranks_identical_and_matches_one_process_with_twice_
     assert one["records"][-1]["val_elbo"] > one["records"][0]["val_elbo"] + 2
 
 
+def test_ddp_several_objectives_m2_one_optimizer_ranks_identical(tmp_path):
+    out = tmp_path / "m2"
+    out.mkdir()
+    cmd = [sys.executable, str(HERE / "lightning_m2.py"), "2", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]  # DDP kept the one optimizer in step
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"], strict=True):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b  # the parts summed over ranks: the same on each
+    # every objective's loss replayed after the eager first epoch, the enumerated one included
+    assert ranks[0]["replayed"] == [True, True, True]
+    # one Adam step per step of the largest objective: 300 unlabelled / 2 ranks / 25 = 6 an
+    # epoch (the 100 labelled images, 10 a step on each rank, cycle), 3 epochs
+    assert ranks[0]["adam_steps"] == [18.0]
+    records = ranks[0]["records"]
+    assert [set(r["parts"]) for r in records] == [{"unlabelled", "labelled", "classifier"}] * 3
+    assert [r["train_elbo"] for r in records] == [r["parts"]["unlabelled"] for r in records]
+    for name in ("unlabelled", "labelled", "classifier"):  # every term trained
+        assert records[-1]["parts"][name] > records[0]["parts"][name], name
+
+
+def test_pair_module_wants_one_example_per_objective():
+    model, guide = _tutorial_pair(lazy=False, outside=False)
+    objectives = [pyrovae.Objective(model, guide, torch.zeros(4, 64))] * 2
+    with pytest.raises(ValueError, match="one example batch per objective"):
+        PairModule(objectives, None, [torch.zeros(4, 64)])
+
+
 def _cli(tmp_path, *args):
     cmd = [sys.executable, "-m", "pyrovae", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
