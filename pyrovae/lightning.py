@@ -46,8 +46,8 @@ from .errors import count
 from .schedules import KLSchedule
 from .selection import EarlyStopping
 from .state import TrainState, load_moments, record
-from .steps import make_optimizer, replay
-from .training import Objective, _epoch_loss, _modules_of, _objectives
+from .steps import batch_sum, make_optimizer, replay
+from .training import Objective, _check_amortized, _epoch_loss, _modules_of, _objectives, _watched
 
 __all__ = [
     "PairModule",
@@ -82,6 +82,7 @@ class _Part:
         self.step_loss: Callable = self.elbo
         self.weight, self.name = float(objective.weight), objective.name or f"objective{i + 1}"
         self.transform = transform
+        self.full: int | None = None  # the full size its plate scales batches up to, if any
 
     def batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
@@ -152,7 +153,9 @@ class PairModule(L.LightningModule):
         found: list[nn.Module] = []
         with poutine.trace(param_only=True) as params, recording_modules(found):
             for part, example in zip(self.parts, examples, strict=True):
-                part.elbo(*part.batch(as_tensors(example, "the example batch"), train=True))
+                batch = part.batch(as_tensors(example, "the example batch"), train=True)
+                _, part.full = _watched(part.elbo, batch)
+                _check_amortized(part.guide, len(batch[0]))
         modules = _modules_of(*(f for p in self.parts for f in (p.model, p.guide)), *found)
         outside = _param_sites_outside(params.trace, modules)
         if outside:
@@ -209,7 +212,7 @@ class PairModule(L.LightningModule):
         loss = 0.0
         for part, b in zip(self.parts, batches, strict=True):
             value = replay(part.step_loss, part.elbo, b)  # −ELBO summed over the batch, as in fit
-            self._add(f"train/{part.name}", value, len(b[0]))
+            self._add(f"train/{part.name}", batch_sum(value, len(b[0]), part.full), len(b[0]))
             loss = loss + part.weight * value
         # The first epoch runs eagerly, so that every batch shape has run Pyro's handlers once
         # and a parameter made after the first batch is caught here; later epochs replay.
@@ -225,7 +228,8 @@ class PairModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         main = self.parts[0]
         batch = main.batch(batch, train=False)
-        self._add("val", _epoch_loss(main.step_loss, batch, len(batch[0])), len(batch[0]))
+        loss = _epoch_loss(main.step_loss, batch, len(batch[0]), main.full)
+        self._add("val", loss, len(batch[0]))
 
     def _per_datapoint(self, key: str) -> float | None:
         # Σ over ranks of the summed ELBO, over Σ over ranks of the datapoints.

@@ -27,7 +27,16 @@ import torch
 from .capture import CaptureError, CudaGraphStep, capture
 from .nonfinite import NonFiniteGuard
 
-__all__ = ["StepEngine", "Eager", "Captured", "CudaGraph", "build", "make_optimizer", "replay"]
+__all__ = [
+    "StepEngine",
+    "Eager",
+    "Captured",
+    "CudaGraph",
+    "build",
+    "make_optimizer",
+    "replay",
+    "batch_sum",
+]
 
 log = logging.getLogger("pyrovae")
 
@@ -63,6 +72,19 @@ def replay(step_loss: Callable, elbo_module: Callable, batch) -> torch.Tensor:
     except CaptureError as e:
         log.info("pyrovae: an eager step for a batch of another shape: %s", e)
         return elbo_module(*batch)
+
+
+def batch_sum(loss: torch.Tensor, rows: int, full: int | None) -> torch.Tensor:
+    """A batch's loss as the sum over its ``rows`` datapoints, for the per-datapoint ELBO:
+    ``loss`` itself; or, for a pair whose plate scales the batch up to ``full`` datapoints
+    (``pyro.plate(name, full, subsample_size=rows)``, Pyro's minibatch idiom for global
+    latents, whose loss estimates the whole data's), ``loss × rows / full``.
+
+    :param loss: the batch's loss (−ELBO).
+    :param int rows: datapoints in the batch.
+    :param full: the plate's full size, or ``None`` for a plate over the batch itself.
+    """
+    return loss if full is None else loss * (rows / full)
 
 
 class Eager:
@@ -101,7 +123,7 @@ class Eager:
             loss.backward()
         self.optimizer.step()
         for t, v, b in zip(self.terms, losses, batches, strict=True):
-            t.total += v.detach()  # () on the device: no host read per step
+            t.total += batch_sum(v.detach(), len(b[0]), t.full)  # () on the device: no host read
             t.seen += len(b[0])
         return 1
 
@@ -237,7 +259,7 @@ def build(terms: list, batches: list, modules, free: dict, *, fast: bool, device
     pairs = zip(terms, batches, strict=True)
     captured = [_capture(t, modules, free, b) for t, b in pairs] if fast else [False]
     graph = all(captured) and device.type == "cuda" and len(terms) == 1
-    graph = graph and terms[0].stream is None
+    graph = graph and terms[0].stream is None and terms[0].full is None
     opt, capturable = optimizer(graph)
     if graph and capturable:
         t = terms[0]

@@ -126,14 +126,16 @@ def _params(param_trace, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def _epoch_loss(elbo_module, tensors, batch_size) -> torch.Tensor:
-    # Sum of the loss over all of ``tensors`` without gradients, on the device.
+def _epoch_loss(elbo_module, tensors, batch_size, full: int | None = None) -> torch.Tensor:
+    # Sum of the loss over all of ``tensors`` without gradients, on the device (``full``: the
+    # plate's full size for a pair that scales its batches up, see steps.batch_sum).
     # TraceEnum_ELBO refuses to run without gradients: it gets them, and they are dropped.
     grads = isinstance(getattr(elbo_module, "elbo", None), TraceEnum_ELBO)
     total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
     with torch.set_grad_enabled(grads):
         for i in range(0, len(tensors[0]), batch_size):
-            total += elbo_module(*(t[i : i + batch_size] for t in tensors)).detach()
+            batch = tuple(t[i : i + batch_size] for t in tensors)
+            total += steps.batch_sum(elbo_module(*batch).detach(), len(batch[0]), full)
     return total
 
 
@@ -192,6 +194,7 @@ class _Term:
         loss = no_sync(obj.loss) if obj.loss is not None else NoSyncTrace_ELBO()
         self.elbo_module = loss(obj.model, obj.guide)
         self.step_loss: Callable = self.elbo_module  # replaced by the captured loss
+        self.full: int | None = None  # the full size a plate scales batches up to (first step)
         self.transform = (
             batch_transform if i == 0 and batch_transform is not None
             else getattr(obj.data, "batch_transform", None)
@@ -267,28 +270,64 @@ def _check_data(term: _Term, val) -> None:
         term.check(*val)
 
 
-def _check_amortized(term: _Term) -> None:
+def _check_amortized(guide: Callable, rows: int) -> None:
+    # An AutoGuide with latent sites in the plate over the batch is not amortized (refused);
+    # one over global latents only (as in Pyro's examples/svi_lightning.py) is fine.
     from pyro.infer.autoguide import AutoGuide
 
-    owner = (
-        term.guide if isinstance(term.guide, nn.Module) else getattr(term.guide, "__self__", None)
-    )
-    if isinstance(owner, AutoGuide):
+    owner = guide if isinstance(guide, nn.Module) else getattr(guide, "__self__", None)
+    trace = getattr(owner, "prototype_trace", None) if isinstance(owner, AutoGuide) else None
+    if trace is None:
+        return
+    local = [
+        name
+        for name, site in trace.iter_stochastic_nodes()
+        if not isinstance(site["fn"], _Subsample)
+        and any(f.size == rows for f in site["cond_indep_stack"])
+    ]
+    if local:
         raise ValueError(
             f"the guide is a {type(owner).__name__}, which holds one set of parameters per "
-            "datapoint of the plate it first saw: it is not amortized, so it cannot be trained "
-            "on shuffled batches or score new data. A VAE's guide maps x to q(z|x) with a "
-            "network (an encoder): use pyrovae.VAE, or write guide(x) that calls an encoder"
+            f"datapoint of the plate it first saw (sites {', '.join(local)}): it is not "
+            "amortized, so it cannot be trained on shuffled batches or score new data. A VAE's "
+            "guide maps x to q(z|x) with a network (an encoder): use pyrovae.VAE, or write "
+            "guide(x) that calls an encoder"
         )
 
 
 class _SubsampleWatch(poutine.messenger.Messenger):
-    # Refuses a model or guide that subsamples its own plate: fit hands it batches.
+    # Watches a pair's plates on its first run on a batch of ``rows`` datapoints. A plate that
+    # subsamples exactly the batch it is given, pyro.plate(name, N, subsample_size=len(x)) (Pyro's
+    # minibatch idiom for global latents, as in examples/svi_lightning.py), scales the batch's
+    # log-likelihood by N / rows: its loss estimates the whole data's, and ``full`` = N. A plate
+    # that subsamples anything else is refused: fit hands the pair its batches.
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.full = rows, None
+
     def _process_message(self, msg) -> None:
         fn = msg.get("fn")
         if msg["type"] == "sample" and isinstance(fn, _Subsample):
             if fn.subsample_size is not None and 0 < fn.subsample_size < fn.size:
-                raise ValueError(_subsample_advice(msg["name"], fn.size, fn.subsample_size))
+                if fn.subsample_size != self.rows:
+                    raise ValueError(_subsample_advice(msg["name"], fn.size, fn.subsample_size))
+                self.full = fn.size
+
+
+def _watched(elbo_module: Callable, batch: tuple) -> tuple[torch.Tensor, int | None]:
+    """A pair's loss on its first batch, with its plates watched (:class:`_SubsampleWatch`):
+    the loss, and the full size its plate scales the batch up to (``None`` if it does not)."""
+    try:
+        with _SubsampleWatch(len(batch[0])) as watch:
+            loss = elbo_module(*batch)
+    except ValueError as e:  # Pyro appends the trace's shapes: keep the first line
+        first = (str(e).splitlines() or [""])[0]
+        if "pyrovae.fit hands the pair" in first:
+            raise ValueError(first) from None
+        if "subsample_size" in first:
+            raise ValueError(f"{first}; {_subsample_advice('data', 'N', 'B')}") from e
+        raise
+    return loss, watch.full
 
 
 def _subsample_advice(name, size, subsample_size) -> str:
@@ -317,17 +356,12 @@ def _first_step(terms: list[_Term], batches) -> tuple[torch.Tensor, object, list
     # Eager, under Pyro's validation as set: the weighted loss with its gradients in place, the
     # param sites it read, and the modules it registered with pyro.module.
     found: list[nn.Module] = []
+    losses = []
     with poutine.trace(param_only=True) as param_capture, recording_modules(found):
-        try:
-            with _SubsampleWatch():
-                losses = [term.elbo_module(*b) for term, b in zip(terms, batches, strict=True)]
-        except ValueError as e:  # Pyro appends the trace's shapes: keep the first line
-            first = (str(e).splitlines() or [""])[0]
-            if "pyrovae.fit hands the pair" in first:
-                raise ValueError(first) from None
-            if "subsample_size" in first:
-                raise ValueError(f"{first}; {_subsample_advice('data', 'N', 'B')}") from e
-            raise
+        for term, b in zip(terms, batches, strict=True):
+            loss, term.full = _watched(term.elbo_module, b)
+            _check_amortized(term.guide, len(b[0]))
+            losses.append(loss)
     for site in param_capture.trace.nodes.values():  # count this loss's gradients only
         leaf = getattr(site["value"], "unconstrained", lambda: None)()
         if isinstance(leaf, torch.Tensor):
@@ -364,8 +398,6 @@ class _Trainer:
         # The first step, eager: find the parameters, choose the engine (capturing the losses),
         # build the optimizer, then update with the first step's gradients.
         batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
-        for term in self.terms:
-            _check_amortized(term)
         losses, param_trace, modules = _first_step(self.terms, batches)
         params = _params(param_trace, modules)
         if not params:
@@ -433,11 +465,11 @@ def _record(trainer: _Trainer, epoch: int, start: float) -> dict:
 def _val_elbo(trainer: _Trainer, val) -> float:
     main = trainer.terms[0]
     if not isinstance(val, Stream):
-        return -float(_epoch_loss(main.step_loss, val, main.batch_size)) / len(val[0])
+        return -float(_epoch_loss(main.step_loss, val, main.batch_size, main.full)) / len(val[0])
     total, n = 0.0, 0
     val.start_epoch()
     while (batch := val.next(cycle=False)) is not None:
-        total += float(_epoch_loss(main.step_loss, batch, len(batch[0])))
+        total += float(_epoch_loss(main.step_loss, batch, len(batch[0]), main.full))
         n += len(batch[0])
     return -total / n
 
@@ -481,6 +513,11 @@ def fit(
     and the ``pyrovae`` log says why, once. If the model is a method of an object with a
     ``check_data`` method (as :class:`~pyrovae.VAE` has), it is called once on the whole
     training and validation data first, since replayed steps run no per-step checks.
+
+    The pair's plate covers the batch it is given (``pyro.plate(name, x.shape[0])``). A plate
+    of the whole data's size that subsamples exactly that batch (``pyro.plate(name, N,
+    subsample_size=len(x))``, Pyro's minibatch idiom for global latents) scales each batch's
+    loss to the whole data's; the ELBO per datapoint is then the whole data's over ``N``.
 
     :param model: a Pyro model, called as ``model(*batch)``; or a list of :class:`Objective`
         (then pass no ``guide``, ``data`` or ``loss``).

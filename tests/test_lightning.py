@@ -251,6 +251,30 @@ def test_a_pair_that_creates_parameters_after_its_first_batch_is_refused():
         )
 
 
+def test_pyros_svi_lightning_model_global_latents_in_a_scaled_plate():
+    # the model of Pyro's examples/svi_lightning.py with its AutoNormal: what that example
+    # trains with Lightning, trained here through PairModule; the ELBO per datapoint is the
+    # whole data's over n, as pyrovae.fit reports it (tests/test_pyro_idioms.py)
+    from pyro.infer.autoguide import AutoNormal
+    from regression import Regression, elbo_per_datapoint, regression_data
+
+    x, y = regression_data()
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    model = Regression(len(x))
+    guide = AutoNormal(model)
+    records = []
+    trainer = fit(model, guide, (x, y), val_data=(x, y), epochs=30, batch_size=100, lr=0.05,
+                  accelerator="cpu", devices=1, enable_progress_bar=False,
+                  callbacks=[pyrovae.lightning.EpochCallback(records.append)])  # fmt: skip
+    assert trainer.lightning_module.parts[0].full == len(x)
+    median = guide.median()
+    for name, truth in (("coeff", 2.0), ("bias", 0.5), ("scale", 0.3)):
+        assert abs(float(median[name]) - truth) < 0.1, (name, float(median[name]))
+    exact = elbo_per_datapoint(model, guide, x, y)
+    assert abs(records[-1]["val_elbo"] - exact) < 0.02, (records[-1]["val_elbo"], exact)
+
+
 def test_tensorboard_logger_writes_the_records_scalars_and_image_grids(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
