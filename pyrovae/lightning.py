@@ -43,6 +43,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Tenso
 from .capture import CaptureError, NoSyncTrace_ELBO, capture, no_sync, recording_modules
 from .data import as_tensors
 from .errors import count
+from .nonfinite import NonFiniteGuard
 from .schedules import KLSchedule
 from .selection import EarlyStopping
 from .state import TrainState, load_moments, record
@@ -181,9 +182,12 @@ class PairModule(L.LightningModule):
         return make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args)[0]
 
     def on_train_start(self) -> None:
+        params = list(self.pair.parameters())
         if self.state.optimizer is not None:  # continue with Adam's moments where they were
-            params = list(self.pair.parameters())
             load_moments(self.optimizers().optimizer, self.state.optimizer, params)
+        # NaN/Inf as in fit, deferred to the epoch's end on every rank (one cannot stop alone)
+        self.guard = NonFiniteGuard(self.device, deferred=True)
+        self.guard.keep(params)
 
     def _add(self, key: str, loss: torch.Tensor, n: int) -> None:
         total = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=loss.device))
@@ -202,6 +206,7 @@ class PairModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._sums, self._record, self._started = {}, None, time.perf_counter()
+        self.guard.start_epoch()
         if self.fast and self._example is not None:
             self._capture()  # after a whole eager epoch: see training_step
 
@@ -214,6 +219,7 @@ class PairModule(L.LightningModule):
             value = replay(part.step_loss, part.elbo, b)  # −ELBO summed over the batch, as in fit
             self._add(f"train/{part.name}", batch_sum(value, len(b[0]), part.full), len(b[0]))
             loss = loss + part.weight * value
+        self.guard.finite(batch_idx, loss)  # the first bad step, kept on the device
         # The first epoch runs eagerly, so that every batch shape has run Pyro's handlers once
         # and a parameter made after the first batch is caught here; later epochs replay.
         if len(pyro.get_param_store()) > self._n_sites:
@@ -251,7 +257,11 @@ class PairModule(L.LightningModule):
         rank), ``seconds`` (of training, without validation), ``parts`` (with several
         objectives, each one's ELBO per datapoint, ``{name: value}``; else ``None``). Computed
         once per epoch; call it on every rank. It also brings :attr:`state` (a
-        :class:`~pyrovae.TrainState`) to the end of the epoch, so a callback can save it."""
+        :class:`~pyrovae.TrainState`) to the end of the epoch, so a callback can save it.
+
+        :raises NonFiniteLossError: on every rank, if a step's loss on any rank (or the epoch's
+            ELBO) was not finite, after restoring the parameters to the end of the last good
+            epoch, as :func:`pyrovae.fit` does."""
         if self._record is None:
             val, now = self._sums.get("val_elbo"), time.perf_counter()
             parts = {p.name: self._per_datapoint(f"train/{p.name}") for p in self.parts}
@@ -262,9 +272,23 @@ class PairModule(L.LightningModule):
                 "seconds": float(self._sums.get("train_seconds", now - self._started)),
                 "parts": parts if len(self.parts) > 1 else None,
             }
+            self._check_finite(self._record)
             # where the run stands, as pyrovae.fit keeps it
             record(self.state, self._record["epoch"], self.optimizers().optimizer, self.device)
         return self._record
+
+    def on_train_epoch_end(self) -> None:
+        self.epoch_record()  # after the callbacks' (which call it first): once per epoch, always
+
+    def _check_finite(self, epoch_record: dict) -> None:
+        # The first bad step over all ranks (the earliest), then fit's check of the epoch.
+        bad = self.guard.bad_step
+        never = torch.iinfo(bad.dtype).max
+        first = self.all_gather(torch.where(bad < 0, never, bad)).min()
+        self.guard.bad_step = torch.where(first == never, -1, first)
+        train = epoch_record["train_elbo"]
+        last_step = max(int(self.trainer.num_training_batches) - 1, 0)
+        self.guard.end_epoch(epoch_record["epoch"], 0.0 if train is None else train, last_step)
 
 
 class ShardedData(L.LightningDataModule):

@@ -1,9 +1,10 @@
 """NaN and Inf in training: found without slowing the steps down, and undone.
 
 :class:`NonFiniteGuard` is told every step's loss. On the CPU a bad loss stops the epoch at once,
-before the update; on CUDA the first bad step is remembered on the device (no host read per
-step) and read once when the epoch ends. A bad epoch restores the parameters to the end of the
-last good one and raises :class:`~pyrovae.errors.NonFiniteLossError`, naming the epoch and step.
+before the update; on CUDA (and under Lightning) the first bad step is remembered on the device
+(no host read per step) and read once when the epoch ends. A bad epoch restores the parameters
+to the end of the last good one and raises :class:`~pyrovae.errors.NonFiniteLossError`, naming
+the epoch and step.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ class NonFiniteGuard:
     epoch.
 
     :param torch.device device: the training device.
+    :param bool deferred: keep the first bad step on the device and never stop mid-epoch, as
+        on CUDA (always so there), e.g. under DDP, where one rank cannot stop alone.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, deferred: bool = False):
         self.device = device
-        self.on_cuda = device.type == "cuda"
+        self.deferred = deferred or device.type == "cuda"
         self.params: list[torch.Tensor] = []
         self.good: list[torch.Tensor] = []  # copies of params at the end of the last good epoch
         self.start_epoch()
@@ -42,9 +45,10 @@ class NonFiniteGuard:
 
     def finite(self, step: int, loss: torch.Tensor) -> bool:
         """Whether to take the update of step ``step`` (0-based) with ``loss``. On CUDA always
-        (the check stays on the device; the parameters are restored at the epoch's end)."""
+        (the check stays on the device; the parameters are restored at the epoch's end), and
+        when deferred."""
         finite = torch.isfinite(loss)
-        if self.on_cuda:
+        if self.deferred:
             self.bad_step = torch.where(~finite & (self.bad_step < 0), step, self.bad_step)
             return True
         if not bool(finite):

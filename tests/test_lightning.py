@@ -41,13 +41,14 @@ def _env(tmp_path):
     return env
 
 
-def _pair(tmp_path, processes: int, batch: int) -> list[dict]:
+def _pair(tmp_path, processes: int, batch: int, *flags: str) -> list[dict]:
     out = tmp_path / f"{processes}x{batch}"
     out.mkdir()
     cmd = [sys.executable, str(HERE / "lightning_pair.py"), str(processes), str(batch), str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run(cmd + list(flags), cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    return [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
 
 
 def test_ddp_user_pair_keeps_ranks_identical_and_matches_one_process_with_twice_the_batch(
@@ -226,6 +227,7 @@ def _tutorial_pair(lazy: bool, outside: bool):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
 
+    model.decoder = decoder
     return model, guide
 
 
@@ -273,6 +275,43 @@ def test_pyros_svi_lightning_model_global_latents_in_a_scaled_plate():
         assert abs(float(median[name]) - truth) < 0.1, (name, float(median[name]))
     exact = elbo_per_datapoint(model, guide, x, y)
     assert abs(records[-1]["val_elbo"] - exact) < 0.02, (records[-1]["val_elbo"], exact)
+
+
+def test_a_nan_on_one_rank_stops_every_rank_restored_naming_the_step(tmp_path):
+    # image 100 overflows the encoder: its rank's loss is NaN in one step, and DDP's all-reduce
+    # carries it to both ranks' gradients; the earliest bad step over ranks is named and the
+    # weights restored
+    results = _pair(tmp_path, 2, 32, "nan")
+    assert results, "no rank reported"  # rank 0 at least (Lightning may stop the other first)
+    for result in results:
+        assert result["restored"]
+        assert "non-finite loss at epoch 1, step" in result["error"]
+        assert "restored to their initial values" in result["error"]
+
+
+def test_a_nan_mid_run_restores_the_last_good_epoch_and_says_where():
+    from pyrovae.errors import NonFiniteLossError
+    from pyrovae.lightning import EpochCallback
+
+    model, guide = _tutorial_pair(lazy=False, outside=False)
+    decoder = model.decoder
+    x = pyrovae.data.load("digits", "train", binarize="threshold").images.flatten(1)[:64]
+    kept = {}
+
+    def poison(record):
+        # after epoch 1 is recorded (its weights kept as the good ones), a NaN weight: epoch
+        # 2's first step has a NaN loss
+        if record["epoch"] == 1:
+            kept["weight"] = decoder.weight.detach().clone()
+            with torch.no_grad():
+                decoder.weight[0, 0] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match="at epoch 2, step 1; parameters were restored "
+                       "to the end of epoch 1") as error:  # fmt: skip
+        fit(model, guide, x, epochs=3, batch_size=16, accelerator="cpu", devices=1,
+            enable_progress_bar=False, callbacks=[EpochCallback(poison)])  # fmt: skip
+    assert (error.value.epoch, error.value.step) == (2, 1)
+    assert torch.equal(decoder.weight, kept["weight"])
 
 
 def test_tensorboard_logger_writes_the_records_scalars_and_image_grids(tmp_path):
