@@ -55,6 +55,7 @@ __all__ = [
     "default_root",
     "as_tensors",
     "dynamic_binarize",
+    "threshold_binarize",
     "spread",
     "write_folder",
 ]
@@ -122,6 +123,12 @@ class ImageDataset(torch.utils.data.Dataset):
 def dynamic_binarize(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Draw binary images from grey ones: x ~ Bernoulli(x), fresh for every batch."""
     return (torch.bernoulli(batch[0]), *batch[1:])
+
+
+def threshold_binarize(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Binary images from grey ones, x ≥ 0.5 (for a stream of batches; :func:`load`
+    thresholds data in memory once)."""
+    return ((batch[0] >= 0.5).to(batch[0].dtype), *batch[1:])
 
 
 def default_root() -> Path:
@@ -498,6 +505,9 @@ class FolderDataset(torch.utils.data.Dataset):
             names = [f.relative_to(base).parts for f in self.files]
             self.labels = torch.tensor([index[p[0] if len(p) > 1 else "."] for p in names])
         self._shape: tuple[int, ...] | None = None
+        #: applied by pyrovae.fit (and pyrovae.lightning.fit) to each streamed training batch,
+        #: e.g. :func:`dynamic_binarize`
+        self.batch_transform: Callable | None = None
 
     def read(self, i: int) -> torch.Tensor:
         """File ``i`` decoded as uint8 ``(C, H, W)`` (converted, resized and cropped)."""

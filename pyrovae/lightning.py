@@ -37,12 +37,21 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
+from pyro.infer.util import is_validation_enabled
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    TensorDataset,
+    default_collate,
+)
 
+from .batches import should_stream
 from .capture import CaptureError, NoSyncTrace_ELBO, capture, no_sync, recording_modules
 from .data import as_tensors
-from .errors import count
+from .errors import DataError, count
 from .nonfinite import NonFiniteGuard
 from .schedules import KLSchedule
 from .selection import EarlyStopping
@@ -84,6 +93,9 @@ class _Part:
         self.weight, self.name = float(objective.weight), objective.name or f"objective{i + 1}"
         self.transform = transform
         self.full: int | None = None  # the full size its plate scales batches up to, if any
+        check = getattr(getattr(objective.model, "__self__", None), "check_data", None)
+        self.check = check if callable(check) else None  # a pyrovae VAE's data check
+        self.check_batches = False  # check every training batch (streamed data)
 
     def batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
@@ -155,6 +167,8 @@ class PairModule(L.LightningModule):
         with poutine.trace(param_only=True) as params, recording_modules(found):
             for part, example in zip(self.parts, examples, strict=True):
                 batch = part.batch(as_tensors(example, "the example batch"), train=True)
+                if part.check is not None and is_validation_enabled():
+                    part.check(*batch)  # a clear error before the loss's (bad data)
                 _, part.full = _watched(part.elbo, batch)
                 _check_amortized(part.guide, len(batch[0]))
         modules = _modules_of(*(f for p in self.parts for f in (p.model, p.guide)), *found)
@@ -214,6 +228,9 @@ class PairModule(L.LightningModule):
         # one batch per objective (CombinedLoader's list with several)
         batches = [batch] if len(self.parts) == 1 else list(batch)
         batches = [p.batch(b, train=True) for p, b in zip(self.parts, batches, strict=True)]
+        for part, b in zip(self.parts, batches, strict=True):
+            if part.check_batches:
+                part.check(*b)
         loss = 0.0
         for part, b in zip(self.parts, batches, strict=True):
             value = replay(part.step_loss, part.elbo, b)  # −ELBO summed over the batch, as in fit
@@ -301,13 +318,23 @@ class ShardedData(L.LightningDataModule):
     Validation: rank r scores images r, r + W, r + 2W, … (disjoint, unpadded). Use with
     ``Trainer(use_distributed_sampler=False)``.
 
+    Data in memory are collated once into tensors and batched by index. A map-style Dataset
+    that streams (:func:`pyrovae.batches.should_stream`: ``stream=True``, or larger than
+    :data:`~pyrovae.batches.STREAM_BYTES`) is read item by item by a DataLoader on each rank,
+    over the same sampler, its ``num_workers`` worker processes decoding while the model trains.
+
     :param train: training data (tensor, tuple of tensors or Dataset), or a list of them.
     :param valid: optional validation data.
     :param batch_size: datapoints per step on each rank (an int, or one per training set).
     :param int seed: the shuffling seed.
+    :param stream: ``True`` to stream map-style Datasets, ``None`` to decide by size.
+    :param int num_workers: DataLoader workers per rank for a streamed Dataset.
+    :raises DataError: for a DataLoader or iterable of batches (it cannot be sharded: pass its
+        Dataset).
     """
 
-    def __init__(self, train, valid=None, batch_size: int | list[int] = 128, seed: int = 0):
+    def __init__(self, train, valid=None, batch_size: int | list[int] = 128, seed: int = 0,
+                 stream: bool | None = None, num_workers: int = 0):  # fmt: skip
         super().__init__()
         several = isinstance(train, list)
         sets = train if several else [train]
@@ -315,11 +342,24 @@ class ShardedData(L.LightningDataModule):
         if len(sizes) != len(sets):
             raise ValueError("give one batch size per training set")
         what = ["training data"] + [f"the data of objective {i + 1}" for i in range(1, len(sets))]
-        self.sets = [TensorDataset(*as_tensors(d, w)) for d, w in zip(sets, what, strict=True)]
+        self.sets = [_held(d, w, stream) for d, w in zip(sets, what, strict=True)]
         self.train = self.sets if several else self.sets[0]
-        self.valid = None if valid is None else TensorDataset(*as_tensors(valid, "validation data"))
+        self.valid = None if valid is None else _held(valid, "validation data", stream)
         self.sizes = [count("batch_size", b) for b in sizes]
         self.batch_size, self.seed = self.sizes[0], int(seed)
+        self.num_workers = int(num_workers)
+
+    def streamed(self, data) -> bool:
+        """Whether ``data`` (one of :attr:`sets`, or :attr:`valid`) is streamed."""
+        return not isinstance(data, TensorDataset)
+
+    def example(self, i: int) -> tuple[torch.Tensor, ...]:
+        """The first batch of training set ``i``, to build the parameters on."""
+        data, size = self.sets[i], self.sizes[i]
+        if not self.streamed(data):
+            return data[: min(len(data), size)]
+        return as_tensors(default_collate([data[j] for j in range(min(len(data), size))]),
+                          "the example batch")  # fmt: skip
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -331,7 +371,7 @@ class ShardedData(L.LightningDataModule):
         for i, (data, size) in enumerate(zip(self.sets, self.sizes, strict=True)):
             seed = self.seed + 1_000_003 * i  # each set its own order
             sampler = DistributedSampler(data, world, rank, shuffle=True, seed=seed)
-            loaders.append(_batches(data, sampler, size))
+            loaders.append(self._batches(data, sampler, size))
         if len(loaders) == 1:
             return loaders[0]
         from lightning.pytorch.utilities import CombinedLoader
@@ -342,7 +382,29 @@ class ShardedData(L.LightningDataModule):
         if self.valid is None:
             return []
         world, rank = self._ranks()
-        return _batches(self.valid, range(rank, len(self.valid), world), max(self.batch_size, 256))
+        shard = range(rank, len(self.valid), world)
+        return self._batches(self.valid, shard, max(self.batch_size, 256))
+
+    def _batches(self, data, sampler, batch_size: int) -> DataLoader:
+        if self.streamed(data):  # items read and collated by the loader (and its workers)
+            return DataLoader(data, batch_size=batch_size, sampler=sampler,
+                              num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)  # fmt: skip
+        # whole batches taken by index from the tensors (no per-image collation)
+        return DataLoader(data, sampler=_EpochBatches(sampler, batch_size, drop_last=False),
+                          batch_size=None)  # fmt: skip
+
+
+def _held(data, what: str, stream: bool | None):
+    # A set as ShardedData holds it: its tensors, or a map-style Dataset to stream.
+    if not should_stream(data, stream):
+        return TensorDataset(*as_tensors(data, what))
+    if not (isinstance(data, Dataset) and hasattr(data, "__getitem__")):
+        raise DataError(
+            f"{what}: the Lightning engine shards a map-style Dataset over its ranks; a "
+            "DataLoader or iterable of batches cannot be sharded: pass its Dataset"
+        )
+    return data
 
 
 class _EpochBatches(BatchSampler):
@@ -350,12 +412,6 @@ class _EpochBatches(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-
-
-def _batches(data: TensorDataset, sampler, batch_size: int) -> DataLoader:
-    # Whole batches taken by index from the tensors (no per-image collation).
-    return DataLoader(data, sampler=_EpochBatches(sampler, batch_size, drop_last=False),
-                      batch_size=None)  # fmt: skip
 
 
 class EpochCallback(L.Callback):
@@ -463,6 +519,8 @@ def fit(
     optimizer=None,
     optim_args: dict | None = None,
     state: TrainState | None = None,
+    stream: bool | None = None,
+    num_workers: int = 0,
     **trainer_args,
 ) -> L.Trainer:
     """Train a pair (or several objectives) with Lightning; the counterpart of
@@ -491,6 +549,10 @@ def fit(
         model's weights must be those of ``state.epoch``. Updated in place after every epoch
         (``trainer.lightning_module.state``). Continuing on another number of processes changes
         the data order, so the result is not the uninterrupted run's bit for bit.
+    :param stream: ``True`` to stream map-style Datasets through a DataLoader on each rank
+        (data larger than memory) instead of collating them; ``None`` (default) streams those
+        larger than :data:`pyrovae.batches.STREAM_BYTES` (see :class:`ShardedData`).
+    :param int num_workers: DataLoader worker processes per rank for a streamed Dataset.
     :param trainer_args: passed to :class:`lightning.Trainer` (``devices``, ``num_nodes``,
         ``strategy``, ``accelerator``, ``precision``, ``logger``, …).
     :returns: the trainer (``trainer.lightning_module`` is the trained :class:`PairModule`).
@@ -502,11 +564,13 @@ def fit(
     if done >= int(epochs):
         raise ValueError(f"the run has trained {done} epochs already; epochs must be > {done}")
     sizes = [int(o.batch_size if o.batch_size is not None else batch_size) for o in objectives]
-    data_module = ShardedData([o.data for o in objectives], val_data, sizes, seed + done)
+    data_module = ShardedData([o.data for o in objectives], val_data, sizes, seed + done, stream,
+                              num_workers)  # fmt: skip
     pyro.set_rng_seed(seed)
-    examples = [d[: min(len(d), b)] for d, b in zip(data_module.sets, sizes, strict=True)]
+    examples = [data_module.example(i) for i in range(len(objectives))]
     module = PairModule(objectives, None, examples, None, lr, optimizer, optim_args, None, fast,
                         state)  # fmt: skip
+    _check_data(module, data_module)
     args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, **trainer_args}  # fmt: skip
     if val_data is None:
@@ -517,6 +581,21 @@ def fit(
     trainer.callbacks.insert(0, seed_ranks)
     trainer.fit(module, datamodule=data_module)
     return trainer
+
+
+def _check_data(module: PairModule, data: ShardedData) -> None:
+    # As fit does: a pyrovae VAE checks data in memory once (shapes, support), since replayed
+    # steps check nothing; streamed data are checked batch by batch (PairModule).
+    if not is_validation_enabled():
+        return
+    for part, held in zip(module.parts, data.sets, strict=True):
+        if part.check is not None and data.streamed(held):
+            part.check_batches = True
+        elif part.check is not None:
+            part.check(*part.batch(held.tensors, train=True))
+    main, valid = module.parts[0], data.valid
+    if main.check is not None and valid is not None and not data.streamed(valid):
+        main.check(*valid.tensors)
 
 
 class _SeedRanks(L.Callback):

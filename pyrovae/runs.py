@@ -103,7 +103,18 @@ def _training_data(config):
     if config.train_limit is not None:  # the first N files, as for data in memory
         ds.files = ds.files[: config.train_limit]
         ds.labels = None if ds.labels is None else ds.labels[: config.train_limit]
+    ds.batch_transform = _stream_binarization(config.binarize)
     return ds
+
+
+def _stream_binarization(binarize: str):
+    # --binarize for streamed training batches, as load applies it to data in memory
+    from .data import dynamic_binarize, threshold_binarize
+
+    if binarize == "static":
+        raise ValueError("--binarize static draws each image once, in memory: pass --stream no, "
+                         "or --binarize dynamic|threshold")  # fmt: skip
+    return {"dynamic": dynamic_binarize, "threshold": threshold_binarize}.get(binarize)
 
 
 def _limited(train, limit: int | None):
@@ -264,8 +275,6 @@ def run_training(run_dir: Path, config, options: dict | None, progress: bool,
     config.binarize = _resolve_binarize(config)
     train, valid = _training_data(config), load_split(config, "valid")
     streamed = not isinstance(train, ImageDataset)
-    if streamed and launch is not None:
-        raise ValueError("the Lightning engine trains on data held in memory: drop --stream")
     config.x_shape = train.x_shape
     pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
     vae = build_vae(config)
@@ -333,11 +342,12 @@ def run_training(run_dir: Path, config, options: dict | None, progress: bool,
         print(f"{what} on {config.dataset} ({len(train)} images{note}, {where}); run directory "
               f"{run_dir}")  # fmt: skip
     common = {"epochs": last_epoch, "batch_size": config.batch_size, "lr": config.lr,
-              "loss": loss, "seed": config.seed, "state": state}  # fmt: skip
+              "loss": loss, "seed": config.seed, "state": state, "stream": streamed,
+              "num_workers": config.workers}  # fmt: skip
     try:
         if launch is None:
             fit(vae.model, vae.guide, train, device=device, callback=callback, progress=progress,
-                stream=streamed, num_workers=config.workers, **common)  # fmt: skip
+                **common)  # fmt: skip
         elif last_epoch > state.epoch:
             _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common)
     except NonFiniteLossError as e:

@@ -337,6 +337,8 @@ def test_rgb_folder_trains_evaluates_in_bits_per_dim_and_samples(tmp_path, capsy
     assert json.loads((streamed / "config.json").read_text())["stream"] == "yes"
     _one_line_error(capsys, ["train", "--stream", "yes", *FAST],
                     "--stream yes: only --dataset folder streams, not digits")  # fmt: skip
+    _one_line_error(capsys, [*argv, "--binarize", "static", "--likelihood", "bernoulli",
+                             "--overwrite"], "--binarize static draws each image once")  # fmt: skip
 
 
 def test_likelihood_that_does_not_fit_the_data_fails_before_training(tmp_path, capsys):

@@ -350,6 +350,51 @@ def test_tensorboard_logger_writes_the_records_scalars_and_image_grids(tmp_path)
     assert json.loads((run / "train.json").read_text())["world_size"] == 1
 
 
+def test_a_streamed_folder_trains_on_two_processes_with_loader_workers(tmp_path):
+    # --stream yes: each rank's DataLoader (one worker) decodes its shard's PNGs while training;
+    # the Bernoulli likelihood's dynamic binarization (--binarize auto) applies to each batch
+    digits = pyrovae.data.load("digits", "train")
+    pyrovae.data.write_folder(digits.images[:200], digits.labels[:200], None, tmp_path / "imgs")
+    proc = _cli(tmp_path, "train", "--dataset", "folder", "--data-dir", "imgs", "--stream",
+                "yes", "--workers", "1", "--out", "run", "--epochs", "2", "--devices", "2",
+                "--accelerator", "cpu", "--no-progress", "--hidden", "32", "--z-dim", "2",
+                "--batch-size", "16")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["engine"] == "lightning"
+    config = json.loads((run / "config.json").read_text())
+    assert config["stream"] == "yes" and config["binarize"] == "dynamic"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert len(rows) == 3 and float(last[header.index("val_elbo")]) < 0
+    for name in ("model.safetensors", "elbo.png", "reconstructions.png", "samples.png"):
+        assert (run / name).is_file(), name
+
+
+def test_lightning_streams_a_dataset_and_refuses_a_dataloader():
+    from torch.utils.data import DataLoader, Dataset
+
+    from pyrovae.errors import DataError
+    from pyrovae.lightning import ShardedData
+
+    class Items(Dataset):  # images one at a time, as a folder of files would give them
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return torch.full((64,), float(i % 2))
+
+    model, guide = _tutorial_pair(lazy=False, outside=False)
+    trainer = fit(model, guide, Items(), epochs=2, batch_size=8, stream=True, accelerator="cpu",
+                  devices=1, enable_progress_bar=False)  # fmt: skip
+    assert trainer.lightning_module.state.epoch == 2
+    data = ShardedData(Items(), batch_size=8, stream=True)
+    assert data.streamed(data.train) and data.example(0)[0].shape == (8, 64)
+    with pytest.raises(DataError, match="cannot be sharded: pass its Dataset"):
+        ShardedData(DataLoader(Items(), batch_size=8))
+
+
 def test_a_ddp_run_killed_while_training_resumes_on_two_processes_then_on_one(tmp_path):
     import signal
     import time
