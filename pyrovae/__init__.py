@@ -22,7 +22,8 @@ _FROM = {
     "KLSchedule": "schedules",
     "EarlyStopping": "selection",
     "fit": "training",
-    "Objective": "training",
+    "Trainer": "training",
+    "Objective": "pair",
     "History": "training",
     "TrainState": "state",
     "log_likelihood": "evaluation",
@@ -95,8 +96,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
     from .evaluation import elbo, iwae, log_likelihood  # noqa: F401
     from .hvae import HVAE  # noqa: F401
     from .objectives import IWAE  # noqa: F401
+    from .pair import Objective  # noqa: F401
     from .schedules import KLSchedule  # noqa: F401
     from .selection import EarlyStopping  # noqa: F401
     from .state import TrainState  # noqa: F401
-    from .training import History, Objective, fit  # noqa: F401
+    from .training import History, Trainer, fit  # noqa: F401
     from .vae import VAE  # noqa: F401

@@ -18,7 +18,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["STREAM_BYTES", "should_stream", "Stream"]
+__all__ = ["STREAM_BYTES", "should_stream", "validation_streams", "Stream"]
 
 #: Map-style datasets larger than this (bytes, estimated) are streamed unless told otherwise.
 STREAM_BYTES = 2 * 2**30
@@ -51,6 +51,16 @@ def should_stream(data, stream: bool | None) -> bool:
         return len(data) * _item_bytes(data[0]) > STREAM_BYTES
     except (TypeError, IndexError):
         return False
+
+
+def validation_streams(val_data, stream: bool | None) -> bool:
+    """Whether validation data are streamed: tensors already in memory never are (a run
+    whose training images stream scores its validation tensors in place); other data as
+    :func:`should_stream` decides with the training data's ``stream``."""
+    in_memory = isinstance(val_data, torch.Tensor) or (
+        isinstance(val_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in val_data)
+    )
+    return False if in_memory else should_stream(val_data, stream)
 
 
 def _as_batch(batch, what: str) -> tuple[torch.Tensor, ...]:

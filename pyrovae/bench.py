@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .config import Config, build_vae
 from .evaluation import DEFAULT_CHUNK_ELEMENTS, default_chunk_elements, log_likelihood, plan_chunks
-from .training import fit
+from .training import Trainer
 
 __all__ = [
     "ARCHITECTURES",
@@ -225,58 +225,6 @@ def stock_pyro_epoch(svi, loader) -> float:
     return -total / n
 
 
-class _FitEpochs:
-    # One fit run advanced an epoch at a time: fit runs in a thread that waits in its callback
-    # after each epoch until epoch() is called again, so the run captures once and other
-    # methods can run between its epochs. Only one side runs at any time.
-    def __init__(self, model, guide, x, epochs: int, **kwargs):
-        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
-        self._record: dict | None = None
-        self.records: list[dict] = []  # fit's record of every epoch so far
-        self._error: BaseException | None = None
-        self._stop = self._finished = False
-        args = (model, guide, x)
-        kwargs = dict(kwargs, epochs=epochs, callback=self._pause)
-        self._thread = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
-        self._thread.start()
-
-    def _run(self, *args, **kwargs) -> None:
-        try:
-            if self._go.acquire() and not self._stop:
-                fit(*args, **kwargs)
-        except BaseException as e:  # handed to the caller of epoch()
-            self._error = e
-        finally:
-            self._finished = True
-            self._done.release()
-
-    def _pause(self, record: dict) -> bool:
-        self._record = record
-        self.records.append(record)
-        self._done.release()
-        self._go.acquire()
-        return self._stop
-
-    def epoch(self) -> float:
-        """Train one more epoch; returns its seconds by fit's own clock."""
-        if self._finished:
-            raise RuntimeError("the fit run has no epochs left")
-        self._record = None
-        self._go.release()
-        self._done.acquire()
-        if self._error is not None:
-            raise self._error
-        if self._record is None:
-            raise RuntimeError("the fit run has no epochs left")
-        return self._record["seconds"]
-
-    def close(self) -> None:
-        self._stop = True
-        if not self._finished:
-            self._go.release()
-        self._thread.join()
-
-
 @torch.no_grad()
 def handwritten_log_likelihood(enc, dec, x, k, max_chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     """Importance-sampled log p(x) in plain PyTorch, chunked like pyrovae's."""
@@ -339,16 +287,16 @@ def _timed(run: Callable, device) -> float:
     return time.perf_counter() - start
 
 
-def _training_methods(x, config: Config, epochs: int, device) -> tuple[dict, list]:
-    # {name: run one epoch, returning its seconds} and the fit runs to close afterwards.
+def _training_methods(x, config: Config, device) -> dict:
+    # {name: run one epoch, returning its seconds}
     vae, eager_vae, pyro_vae = (build_vae(config).to(device) for _ in range(3))
     nets = [(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder)) for _ in range(3)]
-    kwargs = {"batch_size": config.batch_size, "lr": config.lr, "device": device, "progress": False}
+    kwargs = {"batch_size": config.batch_size, "lr": config.lr, "device": device}
     plain_model, plain_guide = plain_function_pair(*nets[0], config.z_dim, prefix="plain_")
-    runs = [
-        _FitEpochs(vae.model, vae.guide, x, epochs, **kwargs),
-        _FitEpochs(eager_vae.model, eager_vae.guide, x, epochs, fast=False, **kwargs),
-        _FitEpochs(plain_model, plain_guide, x, epochs, **kwargs),
+    runs = [  # each a fit run advanced an epoch per round: it captures once, in the warm-up
+        Trainer(vae.model, vae.guide, x, **kwargs),
+        Trainer(eager_vae.model, eager_vae.guide, x, fast=False, **kwargs),
+        Trainer(plain_model, plain_guide, x, **kwargs),
     ]
     opt = torch.optim.Adam([p for net in nets[1] for p in net.parameters()], lr=config.lr)
     svi = pyro.infer.SVI(pyro_vae.model, pyro_vae.guide, pyro.optim.Adam({"lr": config.lr}),
@@ -356,7 +304,8 @@ def _training_methods(x, config: Config, epochs: int, device) -> tuple[dict, lis
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x), batch_size=config.batch_size, shuffle=True
     )
-    methods = {FAST: runs[0].epoch, EAGER: runs[1].epoch, PLAIN: runs[2].epoch}
+    methods = {name: (lambda run=run: run.epoch()["seconds"])  # fit's own clock
+               for name, run in zip((FAST, EAGER, PLAIN), runs, strict=True)}  # fmt: skip
     methods[HAND] = lambda: _timed(
         lambda: handwritten_epoch(*nets[1], opt, x, config.batch_size), device
     )
@@ -370,7 +319,7 @@ def _training_methods(x, config: Config, epochs: int, device) -> tuple[dict, lis
 
         methods[GRAPH] = lambda: _timed(graph_epoch, device)
     methods[STOCK] = lambda: _timed(lambda: stock_pyro_epoch(svi, loader), device)
-    return methods, runs
+    return methods
 
 
 def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str, dict]:
@@ -388,19 +337,15 @@ def bench_training(x, config: Config, rounds: int = 3, device="cpu") -> dict[str
         between methods that share it.
     """
     x = x.to(device)
-    methods, runs = _training_methods(x, config, rounds + 1, device)
+    methods = _training_methods(x, config, device)
     cuda = torch.device(device).type == "cuda"
     out = {name: {"speeds": [], "memory": 0 if cuda else None} for name in methods}
     held = dict.fromkeys(methods, 0)  # what each method keeps allocated after its warm-up
-    try:
-        with pyro.validation_enabled(False):
-            for r in range(rounds + 1):
-                for name, run in list(methods.items()):
-                    if not _timed_epoch(name, run, len(x), out[name], held, r, device):
-                        del methods[name], out[name]
-    finally:
-        for run in runs:
-            run.close()
+    with pyro.validation_enabled(False):
+        for r in range(rounds + 1):
+            for name, run in list(methods.items()):
+                if not _timed_epoch(name, run, len(x), out[name], held, r, device):
+                    del methods[name], out[name]
     return out
 
 

@@ -83,6 +83,23 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})"
 
 
+def add_pair_args(parser: argparse.ArgumentParser) -> None:
+    """``train``'s options for a user's own pair and data (not part of Config: the run records
+    them in pair.json)."""
+    parser.add_argument(
+        "--pair",
+        metavar="FILE.py:NAME",
+        help="train your own pair: NAME() returns an nn.Module with model and guide methods, or "
+        "a (model, guide) tuple; on --dataset's images, or on --data (default: the built-in VAE)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="FILE.npz",
+        help="with --pair: train on the arrays of an .npz file, in the file's order as the "
+        "pair's positional tensors, split by --valid-fraction/--test-fraction and --seed",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import LOSSES, MODELS, STREAM, Config
     from .data import BINARIZE, DATASETS
@@ -99,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a VAE and write a run directory")
+    add_pair_args(t)
     t.add_argument("--dataset", choices=list(DATASETS), default=d.dataset,
                    help="the images to train on (folder: your own, in --data-dir)")  # fmt: skip
     t.add_argument(
@@ -347,19 +365,22 @@ def _train(args) -> int:
     except ValueError as e:  # name the option the user typed, not the Config field
         raise ValueError(_as_flags(str(e), names)) from None
     _check_train_args(args)
-    run_dir = Path(args.out or f"runs/{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.data is not None and args.pair is None:
+        raise ValueError("--data FILE.npz trains a pair of your own: give --pair FILE.py:NAME")
+    stem = Path(args.pair.rpartition(":")[0]).stem if args.pair else config.dataset
+    run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = {key: getattr(args, key) for key in OPTIONS}
     progress = not args.no_progress
     launch = args if distributed(args) else None
     if distributed(args) or args.engine == "fit":
         check_launch(args)
         if launched_rank() > 0:  # a rank the launcher started: trains its shard, writes nothing
-            return run_training(run_dir, config, options, False, launch)
+            return run_training(run_dir, config, options, False, launch, args.pair, args.data)
     created = not run_dir.exists()
     try:
         with _writer(run_dir, "pyrovae train"):
             clear_for_new_run(run_dir, args.overwrite)
-            return run_training(run_dir, config, options, progress, launch)
+            return run_training(run_dir, config, options, progress, launch, args.pair, args.data)
     finally:  # a run that failed before anything was saved leaves no directory
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
@@ -465,31 +486,31 @@ def _evaluate_locked(args, fabric=None) -> int:
     import numpy as np
     import pyro
 
-    from .checkpoint import load_run, weights_id
+    from .checkpoint import weights_id
     from .data import spread
     from .evaluation import elbo, log_likelihood
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
+    from .runs import load_run_pair, scoring_split
 
     device = run_device(args.device) if fabric is None else fabric.device
-    vae, config = load_run(args.run_dir, device)
+    pair, config = load_run_pair(Path(args.run_dir), device, args.data_dir)
+    vae = pair.vae
     ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
-    data = load_split(config, args.split)
-    x = data.images
+    data = scoring_split(config, args.split, pair)
+    x = data.tensors
     if args.limit is not None:  # evenly spread: a split may be ordered by class
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        x = x[spread(len(x), args.limit)]
-    x = x.to(device)
+        x = tuple(t[spread(len(t), args.limit)] for t in x)
+    x = tuple(t.to(device) for t in x)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     # per-block seeds: the same numbers from one process or from several (blocks shared out)
-    ll = log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples, seed=args.seed,
+    ll = log_likelihood(pair.model, pair.guide, x, num_samples=args.num_samples, seed=args.seed,
                         batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
     seconds = time.perf_counter() - start
-    el = elbo(vae.model, vae.guide, x, seed=args.seed + 1)
+    el = elbo(pair.model, pair.guide, x, seed=args.seed + 1)
     if fabric is not None and fabric.global_rank > 0:
         return 0
     result = {
@@ -500,7 +521,7 @@ def _evaluate_locked(args, fabric=None) -> int:
         "elbo": float(el.mean()),
         "num_samples": args.num_samples,
         "split": args.split,
-        "n": len(x),
+        "n": len(x[0]),
         "dataset": config.dataset,
         "seconds": seconds,
         "device": str(device),
@@ -508,7 +529,7 @@ def _evaluate_locked(args, fabric=None) -> int:
         "checkpoint": ident,
     }
     bpd = ""
-    if vae.likelihood.levels is not None:  # a probability mass on 8-bit values: bits/dim
+    if vae is not None and vae.likelihood.levels is not None:  # a mass on 8-bit values: bits/dim
         bits = bits_per_dim(ll, vae.x_shape)
         result["bits_per_dim"] = float(bits.mean())
         result["bits_per_dim_se"] = float(bits.std() / len(bits) ** 0.5) if len(bits) > 1 else None
@@ -531,7 +552,8 @@ def _evaluate_locked(args, fabric=None) -> int:
         )
     register_derived(run_dir, DERIVED, ident["sha256"])
     print(
-        f"{config.dataset} {args.split} (n={len(x)}): ELBO {result['elbo']:.3f}, "
+        f"{config.dataset if pair.source is None else pair.source['name']} {args.split} "
+        f"(n={len(x[0])}): ELBO {result['elbo']:.3f}, "
         f"log p(x) {result['log_likelihood']:.3f} nats{bpd} (K={args.num_samples}, "
         f"{seconds:.1f} s)"
     )
@@ -542,14 +564,20 @@ def _sample(args) -> int:
     import pyro
 
     from . import plots
-    from .checkpoint import load_run
+    from .runs import load_run_pair
 
     if args.num < 1:
         raise ValueError(f"-n/--num must be >= 1, got {args.num}")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
-    vae, _ = load_run(args.run_dir)
+    pair, _ = load_run_pair(Path(args.run_dir), "cpu")
+    vae = pair.vae
+    if vae is None:
+        raise ValueError(
+            f"{args.run_dir} trained {pair.source['name']} from {pair.source['file']}: "
+            "pyrovae sample draws from the built-in VAE; use pyro.infer.Predictive on your model"
+        )
     pyro.set_rng_seed(args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     kind = "draw" if args.draw else "mean"
@@ -585,18 +613,19 @@ def _plot(args) -> int:
 
 def _plot_locked(run_dir: Path, args, manifest: dict | None) -> int:
     # the plots of a run, redrawn from its best weights, metrics and validation data
-    from .checkpoint import load_run
+    from .runs import draw_history, load_run_pair
 
-    vae, config = load_run(run_dir)
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
+    pair, config = load_run_pair(run_dir, "cpu", args.data_dir)
     if manifest is not None and manifest["epoch"] == 0:
         raise CheckpointError(f"{run_dir} has no epoch saved yet: nothing to plot")
     epochs = manifest["epoch"] if manifest is not None else None
     if epochs is None:  # a run of an older pyrovae: as many rows as metrics.csv holds
         epochs = sum(1 for _ in (run_dir / METRICS_FILE).open()) - 1
     records = read_metrics(run_dir, epochs)
-    draw_plots(run_dir, vae, records, load_split(config, "valid"), config.seed)
+    if pair.vae is not None:
+        draw_plots(run_dir, pair.vae, records, load_split(config, "valid"), config.seed)
+    else:
+        draw_history(run_dir, records)
     print(f"plots of {run_dir} redrawn from its weights and {len(records)} epochs of metrics")
     return 0
 

@@ -296,7 +296,7 @@ PARTICLES = ("auto", "vectorized", "repeated")
 def _on_pair_device(model, guide, tensors):
     # The data on the device of the modules the pair is bound to (fit may have moved them to
     # CUDA): scoring runs where the model is. Pairs bound to no module keep the data's device.
-    from .training import _modules_of
+    from .pair import modules_of as _modules_of
 
     for module in _modules_of(model, guide):
         for p in module.parameters():

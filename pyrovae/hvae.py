@@ -29,7 +29,7 @@ from torch import nn
 
 from .guides import GaussianPosterior
 from .likelihoods import Bernoulli, Likelihood
-from .nets import MLP, MLPEncoder, _GaussianHead
+from .nets import MLP, GaussianHead, MLPEncoder
 from .priors import StandardNormal, check_positive, check_prior
 from .vae import BaseVAE
 
@@ -69,7 +69,7 @@ class _JointGaussian(nn.Module):
     def __init__(self, in_a, in_b, out, hidden, activation, gated):
         super().__init__()
         self.trunk = TwoInputMLP(in_a, in_b, hidden, activation, gated)
-        self.head = _GaussianHead(self.trunk.out_features, out)
+        self.head = GaussianHead(self.trunk.out_features, out)
 
     def forward(self, a, b):
         return self.head(self.trunk(a, b))  # (..., out) each

@@ -34,7 +34,6 @@ from collections.abc import Callable
 
 import lightning as L
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
@@ -48,16 +47,26 @@ from torch.utils.data import (
     default_collate,
 )
 
-from .batches import should_stream
-from .capture import CaptureError, NoSyncTrace_ELBO, capture, no_sync, recording_modules
+from .batches import should_stream, validation_streams
 from .data import as_tensors
 from .errors import DataError, count
 from .nonfinite import NonFiniteGuard
+from .pair import (
+    Objective,
+    Term,
+    as_objectives,
+    capture_terms,
+    check_data,
+    check_fit_args,
+    discover,
+    epoch_record,
+    validation_elbo,
+)
 from .schedules import KLSchedule
 from .selection import EarlyStopping
-from .state import TrainState, load_moments, record
-from .steps import batch_sum, make_optimizer, replay
-from .training import Objective, _check_amortized, _epoch_loss, _modules_of, _objectives, _watched
+from .state import TrainState, load_moments
+from .state import record as record_state
+from .steps import make_optimizer, replay
 
 __all__ = [
     "PairModule",
@@ -70,49 +79,17 @@ __all__ = [
 ]
 
 
-def _param_sites_outside(param_trace, modules) -> list[str]:
-    owned = {id(p) for m in modules for p in m.parameters()}
-    names = []
-    for name, site in param_trace.nodes.items():
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in owned:
-            names.append(name)
-    return names
-
-
-class _Part:
-    # One objective inside a PairModule: its no-sync ELBOModule, the loss each step runs (eager,
-    # or its captured replay), its weight, name and batch transform.
-    def __init__(self, objective: Objective, i: int, transform: Callable | None):
-        loss = objective.loss
-        make = no_sync(loss) if loss is not None else NoSyncTrace_ELBO()
-        self.model, self.guide = objective.model, objective.guide
-        self.elbo = make(objective.model, objective.guide)
-        self.step_loss: Callable = self.elbo
-        self.weight, self.name = float(objective.weight), objective.name or f"objective{i + 1}"
-        self.transform = transform
-        self.full: int | None = None  # the full size its plate scales batches up to, if any
-        check = getattr(getattr(objective.model, "__self__", None), "check_data", None)
-        self.check = check if callable(check) else None  # a pyrovae VAE's data check
-        self.check_batches = False  # check every training batch (streamed data)
-
-    def batch(self, batch, train: bool) -> tuple[torch.Tensor, ...]:
-        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if train and self.transform is not None:
-            batch = tuple(self.transform(batch))
-        return batch
-
-
 class PairModule(L.LightningModule):
     """A model/guide pair and its loss (or several objectives) as a
     :class:`lightning.LightningModule`.
 
-    One batch runs when it is built: it creates the parameters a pair makes lazily (before DDP
-    wraps the module) and finds the modules that hold them (those the pair is bound to, and
-    those it registers with ``pyro.module``). With several :class:`~pyrovae.Objective`, every
-    step takes one batch of each and minimizes Σ weight × loss, as :func:`pyrovae.fit` does;
-    validation scores the first objective.
+    One batch runs when it is built (:func:`pyrovae.pair.discover`, as :func:`pyrovae.fit`'s
+    first step): it creates the parameters a pair makes lazily (before DDP wraps the module)
+    and finds the modules that hold them (those the pair is bound to, and those it registers
+    with ``pyro.module``). With several :class:`~pyrovae.Objective`, every step takes one batch
+    of each and minimizes Σ weight × loss, as :func:`pyrovae.fit` does. After every epoch the
+    validation data of the run's :class:`ShardedData` are scored with the first objective's
+    pair by :func:`pyrovae.pair.validation_elbo` (the unscaled ELBO, as ``fit`` scores it).
 
     :param model: a Pyro model, called as ``model(*batch)``; or a list of
         :class:`~pyrovae.Objective` (then ``guide`` is ``None``, ``loss`` too, and ``example``
@@ -128,67 +105,60 @@ class PairModule(L.LightningModule):
     :param bool fast: replay the captured loss where the pair allows it (else eager).
     :param TrainState state: where the run stands (epochs done, Adam's moments), updated after
         every epoch (see :func:`fit`).
+    :param int seed: the validation draws' seed (as :class:`pyrovae.Trainer`'s).
     :raises ValueError: for a pair with ``pyro.param`` sites outside modules, or none at all.
     """
 
     def __init__(self, model, guide: Callable | None, example, loss: ELBO | None = None,
                  lr: float = 1e-3, optimizer=None, optim_args: dict | None = None,
                  batch_transform: Callable | None = None, fast: bool = True,
-                 state: TrainState | None = None):  # fmt: skip
+                 state: TrainState | None = None, seed: int = 0):  # fmt: skip
         super().__init__()
         if callable(model) and not isinstance(model, Objective):
             objectives, examples = [Objective(model, guide, None, loss)], [example]
         else:
-            objectives, examples = _objectives(model, guide, None, loss, None), list(example)
+            objectives, examples = as_objectives(model, guide, None, loss), list(example)
             if len(examples) != len(objectives):
                 raise ValueError("give one example batch per objective")
-        self.parts = [
-            _Part(o, i, batch_transform if i == 0 and batch_transform is not None
-                  else getattr(o.data, "batch_transform", None))
-            for i, o in enumerate(objectives)
-        ]  # fmt: skip
+        self.terms = [Term(o, i, batch_transform) for i, o in enumerate(objectives)]
         self.pair = nn.ModuleList(self._build(examples))  # registered once, here
-        self._n_params = sum(1 for _ in self.pair.parameters())
         self._n_sites = len(pyro.get_param_store())  # grows if the pair makes more parameters
-        if self._n_params == 0:
-            raise ValueError("the model and guide have no parameters in modules to train")
         self.lr, self.optimizer_cls, self.optim_args = lr, optimizer, dict(optim_args or {})
-        self.fast = fast
+        self.fast, self.val_seed = fast, int(seed)
         self.state = state if state is not None else TrainState()
         self.offset = int(self.state.epoch)  # epochs trained before this call
         self._example: list | None = None  # a batch of each objective, to capture the losses on
-        self._sums: dict[str, torch.Tensor] = {}
         self._record: dict | None = None
         self._started = time.perf_counter()
+        self.check_batches = False  # check every training batch (streamed data)
 
     def _build(self, examples: list) -> list[nn.Module]:
-        # Run each loss once: create lazy parameters, find the modules and refuse free sites.
-        found: list[nn.Module] = []
-        with poutine.trace(param_only=True) as params, recording_modules(found):
-            for part, example in zip(self.parts, examples, strict=True):
-                batch = part.batch(as_tensors(example, "the example batch"), train=True)
-                if part.check is not None and is_validation_enabled():
-                    part.check(*batch)  # a clear error before the loss's (bad data)
-                _, part.full = _watched(part.elbo, batch)
-                _check_amortized(part.guide, len(batch[0]))
-        modules = _modules_of(*(f for p in self.parts for f in (p.model, p.guide)), *found)
-        outside = _param_sites_outside(params.trace, modules)
-        if outside:
+        # The first step's discovery, without its update; free pyro.param sites are refused.
+        batches = [t.prepare(as_tensors(e, "the example batch")) for t, e in
+                   zip(self.terms, examples, strict=True)]  # fmt: skip
+        for term, batch in zip(self.terms, batches, strict=True):
+            if term.check is not None and is_validation_enabled():
+                term.check(*batch)  # a clear error before the loss's (bad data)
+        found = discover(self.terms, batches)
+        for p in found.params:
+            p.grad = None
+        if found.free:
             raise ValueError(
-                f"pyro.param sites outside every module: {', '.join(outside)}; DDP synchronizes "
-                "module parameters only: hold them in a PyroModule (PyroParam) or nn.Module"
+                f"pyro.param sites outside every module: {', '.join(found.free)}; DDP "
+                "synchronizes module parameters only: hold them in a PyroModule (PyroParam) or "
+                "nn.Module"
             )
-        return modules
+        return found.modules
 
     @property
     def elbo(self) -> Callable:
         """The (first) objective's ELBOModule."""
-        return self.parts[0].elbo
+        return self.terms[0].elbo_module
 
     @property
     def step_loss(self) -> Callable:
         """The loss the (first) objective's steps run: the ELBOModule, or its captured replay."""
-        return self.parts[0].step_loss
+        return self.terms[0].step_loss
 
     def configure_optimizers(self):
         # the optimizer fit builds (Adam, fused where available, by default)
@@ -203,39 +173,27 @@ class PairModule(L.LightningModule):
         self.guard = NonFiniteGuard(self.device, deferred=True)
         self.guard.keep(params)
 
-    def _add(self, key: str, loss: torch.Tensor, n: int) -> None:
-        total = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=loss.device))
-        total[0] += loss.detach().double()
-        total[1] += n
-
-    def _capture(self) -> None:
-        # Replay each loss from now on where the pair allows it (tried once).
-        self.fast = False
-        for part, batch in zip(self.parts, self._example, strict=True):
-            try:
-                part.step_loss = capture(part.elbo, list(self.pair), batch)
-            except CaptureError as e:
-                self.print(f"pyrovae.lightning: {part.name} trains eagerly, its loss cannot be "
-                           f"replayed: {e}")  # fmt: skip
-
     def on_train_epoch_start(self) -> None:
-        self._sums, self._record, self._started = {}, None, time.perf_counter()
+        self._record, self._started = None, time.perf_counter()
+        for t in self.terms:
+            t.start_epoch(self.device)
         self.guard.start_epoch()
-        if self.fast and self._example is not None:
-            self._capture()  # after a whole eager epoch: see training_step
+        if self.fast and self._example is not None:  # after a whole eager epoch: see below
+            self.fast = False
+            capture_terms(self.terms, list(self.pair), self._example,
+                          say=lambda m: self.print(f"pyrovae.lightning: {m}"))  # fmt: skip
 
     def training_step(self, batch, batch_idx):
         # one batch per objective (CombinedLoader's list with several)
-        batches = [batch] if len(self.parts) == 1 else list(batch)
-        batches = [p.batch(b, train=True) for p, b in zip(self.parts, batches, strict=True)]
-        for part, b in zip(self.parts, batches, strict=True):
-            if part.check_batches:
-                part.check(*b)
+        batches = [batch] if len(self.terms) == 1 else list(batch)
+        batches = [t.prepare(b) for t, b in zip(self.terms, batches, strict=True)]
+        if self.check_batches and self.terms[0].check is not None:
+            self.terms[0].check(*batches[0])
         loss = 0.0
-        for part, b in zip(self.parts, batches, strict=True):
-            value = replay(part.step_loss, part.elbo, b)  # −ELBO summed over the batch, as in fit
-            self._add(f"train/{part.name}", batch_sum(value, len(b[0]), part.full), len(b[0]))
-            loss = loss + part.weight * value
+        for term, b in zip(self.terms, batches, strict=True):
+            value = replay(term.step_loss, term.elbo_module, b)  # −ELBO summed, as in fit
+            term.add(value, len(b[0]))
+            loss = loss + term.weight * value
         self.guard.finite(batch_idx, loss)  # the first bad step, kept on the device
         # The first epoch runs eagerly, so that every batch shape has run Pyro's handlers once
         # and a parameter made after the first batch is caught here; later epochs replay.
@@ -248,50 +206,33 @@ class PairModule(L.LightningModule):
             self._example = batches
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        main = self.parts[0]
-        batch = main.batch(batch, train=False)
-        loss = _epoch_loss(main.step_loss, batch, len(batch[0]), main.full)
-        self._add("val", loss, len(batch[0]))
-
-    def _per_datapoint(self, key: str) -> float | None:
-        # Σ over ranks of the summed ELBO, over Σ over ranks of the datapoints.
-        total = self._sums.get(key, torch.zeros(2, dtype=torch.float64, device=self.device))
-        total = self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
-        return -float(total[0] / total[1]) if float(total[1]) > 0 else None
-
-    def on_validation_epoch_start(self) -> None:
-        if "train_seconds" not in self._sums:  # the epoch's training time, as fit reports it
-            self._sums["train_seconds"] = torch.tensor(time.perf_counter() - self._started)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._sums["val_elbo"] = torch.tensor(self._per_datapoint("val") or math.nan)
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        # Σ over ranks of a [Σ, datapoints] pair
+        return self.trainer.strategy.reduce(sums.to(self.device).clone(), reduce_op="sum")
 
     def epoch_record(self) -> dict:
-        """The finished epoch's record, as :func:`pyrovae.fit` gives its callback: ``epoch``
-        (1-based), ``train_elbo`` and ``val_elbo`` per datapoint over the whole split (every
-        rank), ``seconds`` (of training, without validation), ``parts`` (with several
-        objectives, each one's ELBO per datapoint, ``{name: value}``; else ``None``). Computed
-        once per epoch; call it on every rank. It also brings :attr:`state` (a
-        :class:`~pyrovae.TrainState`) to the end of the epoch, so a callback can save it.
+        """The finished epoch's record, as :func:`pyrovae.fit` gives its callback
+        (:func:`pyrovae.pair.epoch_record`): the train ELBO per datapoint over the whole split
+        (every rank), the validation ELBO (:func:`pyrovae.pair.validation_elbo`), ``seconds``
+        of training. Computed once per epoch; call it on every rank. It also brings
+        :attr:`state` (a :class:`~pyrovae.TrainState`) to the end of the epoch, so a callback
+        can save it.
 
         :raises NonFiniteLossError: on every rank, if a step's loss on any rank (or the epoch's
             ELBO) was not finite, after restoring the parameters to the end of the last good
             epoch, as :func:`pyrovae.fit` does."""
         if self._record is None:
-            val, now = self._sums.get("val_elbo"), time.perf_counter()
-            parts = {p.name: self._per_datapoint(f"train/{p.name}") for p in self.parts}
-            self._record = {
-                "epoch": self.offset + self.current_epoch + 1,
-                "train_elbo": parts[self.parts[0].name],
-                "val_elbo": None if val is None else float(val),
-                "seconds": float(self._sums.get("train_seconds", now - self._started)),
-                "parts": parts if len(self.parts) > 1 else None,
-            }
-            self._check_finite(self._record)
-            # where the run stands, as pyrovae.fit keeps it
-            record(self.state, self._record["epoch"], self.optimizers().optimizer, self.device)
+            seconds = time.perf_counter() - self._started
+            epoch = self.offset + self.current_epoch + 1
+            record = epoch_record(epoch, self.terms, seconds, None, self._reduce)
+            self._check_finite(record)
+            data = self.trainer.datamodule
+            val = data.validation(self.device) if data is not None else None
+            if val is not None:
+                main, seed = self.terms[0], self.val_seed
+                record["val_elbo"] = validation_elbo(main, val, seed, self._reduce)
+            record_state(self.state, epoch, self.optimizers().optimizer, self.device)
+            self._record = record
         return self._record
 
     def on_train_epoch_end(self) -> None:
@@ -315,8 +256,8 @@ class ShardedData(L.LightningDataModule):
     epoch by Lightning's ``set_epoch``); with several training sets (one per objective), one
     sampler each, combined by Lightning's ``CombinedLoader`` in ``max_size_cycle`` mode: an
     epoch is a pass over the largest, the others cycle, as in :func:`pyrovae.fit`.
-    Validation: rank r scores images r, r + W, r + 2W, … (disjoint, unpadded). Use with
-    ``Trainer(use_distributed_sampler=False)``.
+    Validation (:meth:`validation`): scored by the module after every epoch, each block by
+    one rank. Use with ``Trainer(use_distributed_sampler=False)``.
 
     Data in memory are collated once into tensors and batched by index. A map-style Dataset
     that streams (:func:`pyrovae.batches.should_stream`: ``stream=True``, or larger than
@@ -344,7 +285,7 @@ class ShardedData(L.LightningDataModule):
         what = ["training data"] + [f"the data of objective {i + 1}" for i in range(1, len(sets))]
         self.sets = [_held(d, w, stream) for d, w in zip(sets, what, strict=True)]
         self.train = self.sets if several else self.sets[0]
-        self.valid = None if valid is None else _held(valid, "validation data", stream)
+        self.valid = None if valid is None else _held(valid, "validation data", stream, True)
         self.sizes = [count("batch_size", b) for b in sizes]
         self.batch_size, self.seed = self.sizes[0], int(seed)
         self.num_workers = int(num_workers)
@@ -378,12 +319,19 @@ class ShardedData(L.LightningDataModule):
 
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def val_dataloader(self):
+    def validation(self, device):
+        """The validation data as :func:`pyrovae.pair.validation_elbo` takes them: every
+        tensor on ``device`` (each rank holds them all; the scoring shares the blocks out), or,
+        streamed, this rank's batches (images r, r + W, r + 2W, …: disjoint, unpadded);
+        ``None`` without validation data."""
         if self.valid is None:
-            return []
+            return None
+        if not self.streamed(self.valid):
+            return tuple(t.to(device) for t in self.valid.tensors)
         world, rank = self._ranks()
         shard = range(rank, len(self.valid), world)
-        return self._batches(self.valid, shard, max(self.batch_size, 256))
+        batches = self._batches(self.valid, shard, max(self.batch_size, 256))
+        return (tuple(t.to(device) for t in as_tensors(b, "validation data")) for b in batches)
 
     def _batches(self, data, sampler, batch_size: int) -> DataLoader:
         if self.streamed(data):  # items read and collated by the loader (and its workers)
@@ -395,9 +343,10 @@ class ShardedData(L.LightningDataModule):
                           batch_size=None)  # fmt: skip
 
 
-def _held(data, what: str, stream: bool | None):
+def _held(data, what: str, stream: bool | None, validation: bool = False):
     # A set as ShardedData holds it: its tensors, or a map-style Dataset to stream.
-    if not should_stream(data, stream):
+    streams = validation_streams(data, stream) if validation else should_stream(data, stream)
+    if not streams:
         return TensorDataset(*as_tensors(data, what))
     if not (isinstance(data, Dataset) and hasattr(data, "__getitem__")):
         raise DataError(
@@ -557,24 +506,19 @@ def fit(
         ``strategy``, ``accelerator``, ``precision``, ``logger``, …).
     :returns: the trainer (``trainer.lightning_module`` is the trained :class:`PairModule`).
     """
-    count("epochs", epochs)
-    count("batch_size", batch_size)
-    objectives = _objectives(model, guide, data, loss, batch_size)
     done = 0 if state is None else int(state.epoch)
-    if done >= int(epochs):
-        raise ValueError(f"the run has trained {done} epochs already; epochs must be > {done}")
+    check_fit_args(epochs, batch_size, lr, done)
+    objectives = as_objectives(model, guide, data, loss)
     sizes = [int(o.batch_size if o.batch_size is not None else batch_size) for o in objectives]
     data_module = ShardedData([o.data for o in objectives], val_data, sizes, seed + done, stream,
                               num_workers)  # fmt: skip
     pyro.set_rng_seed(seed)
     examples = [data_module.example(i) for i in range(len(objectives))]
     module = PairModule(objectives, None, examples, None, lr, optimizer, optim_args, None, fast,
-                        state)  # fmt: skip
+                        state, seed)  # fmt: skip
     _check_data(module, data_module)
     args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, **trainer_args}  # fmt: skip
-    if val_data is None:
-        args["limit_val_batches"] = 0
     trainer = L.Trainer(max_epochs=int(epochs) - done, callbacks=list(callbacks or []),
                         use_distributed_sampler=False, **args)  # fmt: skip
     seed_ranks = _SeedRanks(seed + 7919 * done)
@@ -584,18 +528,15 @@ def fit(
 
 
 def _check_data(module: PairModule, data: ShardedData) -> None:
-    # As fit does: a pyrovae VAE checks data in memory once (shapes, support), since replayed
-    # steps check nothing; streamed data are checked batch by batch (PairModule).
-    if not is_validation_enabled():
-        return
-    for part, held in zip(module.parts, data.sets, strict=True):
-        if part.check is not None and data.streamed(held):
-            part.check_batches = True
-        elif part.check is not None:
-            part.check(*part.batch(held.tensors, train=True))
-    main, valid = module.parts[0], data.valid
-    if main.check is not None and valid is not None and not data.streamed(valid):
-        main.check(*valid.tensors)
+    # As fit does (pyrovae.pair.check_data): data in memory once, streamed training batches
+    # as they come (PairModule.check_batches).
+    for i, (term, held) in enumerate(zip(module.terms, data.sets, strict=True)):
+        streamed = data.streamed(held)
+        module.check_batches |= i == 0 and streamed
+        check_data(term, None if streamed else held.tensors)
+    valid = data.valid
+    if valid is not None and not data.streamed(valid):
+        check_data(module.terms[0], None, valid.tensors)
 
 
 class _SeedRanks(L.Callback):

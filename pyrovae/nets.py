@@ -25,6 +25,7 @@ __all__ = [
     "ACTIVATIONS",
     "GatedDense",
     "MLP",
+    "GaussianHead",
     "MLPEncoder",
     "MLPDecoder",
     "ConvEncoder",
@@ -103,8 +104,14 @@ class MLP(nn.Sequential):
         self.out_features = in_features
 
 
-class _GaussianHead(nn.Module):
-    # features (..., F) -> loc, scale (..., z_dim); softplus keeps the scale positive and smooth.
+class GaussianHead(nn.Module):
+    """Features ``(..., F)`` to the ``loc`` and ``scale`` ``(..., z_dim)`` of a diagonal
+    Gaussian; a softplus keeps the scale positive and smooth.
+
+    :param int in_features: F.
+    :param int z_dim: the Gaussian's size.
+    """
+
     def __init__(self, in_features: int, z_dim: int):
         super().__init__()
         self.loc = nn.Linear(in_features, z_dim)
@@ -135,7 +142,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         self.x_shape = tuple(int(s) for s in x_shape)
         self.trunk = MLP(math.prod(self.x_shape), hidden, activation, gated)
-        self.head = _GaussianHead(self.trunk.out_features, z_dim)
+        self.head = GaussianHead(self.trunk.out_features, z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x.flatten(-len(self.x_shape)))  # (..., D) -> (..., H)
@@ -213,7 +220,7 @@ class ConvEncoder(nn.Module):
             nn.Linear(2 * channels * (h // 4) * (w // 4), hidden),
             _activation(activation),
         )
-        self.head = _GaussianHead(hidden, z_dim)
+        self.head = GaussianHead(hidden, z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[:-3]
@@ -373,7 +380,7 @@ class ResConvEncoder(nn.Module):
             nn.Linear(widths[-1] * math.prod(sizes[-1]), int(hidden)),
             _activation(activation),
         )
-        self.head = _GaussianHead(int(hidden), z_dim)
+        self.head = GaussianHead(int(hidden), z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[:-3]

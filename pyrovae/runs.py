@@ -12,9 +12,12 @@ dispatches here.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 from .errors import CheckpointError
 from .launch import launched_rank
@@ -34,8 +37,19 @@ from .rundir import (
     update_manifest,
 )
 from .rundir import METRICS as METRICS_FILE
+from .runpair import PAIR_FILE, RunPair
+
+log = logging.getLogger("pyrovae")
 
 __all__ = [
+    "Run",
+    "open_run",
+    "record_epoch",
+    "finish_run",
+    "done",
+    "fit_run",
+    "make_loss",
+    "draw_history",
     "run_training",
     "load_split",
     "draw_plots",
@@ -83,12 +97,19 @@ def _echo(config) -> None:
     print("config: " + (" ".join(changed) if changed else "the defaults"))
 
 
-def _training_data(config):
-    """The training split: an ImageDataset in memory, or for a folder that streams (--stream) a
-    FolderDataset whose images DataLoader workers decode while the model trains."""
+def _training_data(config, arrays: str | None = None):
+    """The training split: an ImageDataset in memory (or the arrays of an ``.npz`` file), or for
+    a folder that streams (--stream) a FolderDataset whose images DataLoader workers decode
+    while the model trains."""
     from .batches import should_stream
     from .data import FolderDataset
 
+    if arrays is not None:
+        data = _split(config, "train", arrays)
+        if config.train_limit is not None:
+            data.tensors = tuple(t[: config.train_limit] for t in data.tensors)
+            data.images = data.tensors[0]
+        return data
     if config.dataset != "folder" or config.stream == "no" or config.data_dir is None:
         if config.stream == "yes":
             raise ValueError(f"--stream yes: only --dataset folder streams, not {config.dataset}")
@@ -180,64 +201,160 @@ SAMPLE_TITLES = {
 
 #: The train options that are not part of the model's Config; a continued run keeps them.
 OPTIONS = ("test_every", "test_samples", "test_limit")
+#: Those options for a run that asks for none (pyrovae.fit(run_dir=...)).
+NO_OPTIONS = {"test_every": 0, "test_samples": 1, "test_limit": 1}
 
 
 def _check_extra(extra: dict, path: Path) -> dict:
-    # the CLI's bookkeeping in a saved state, type-checked
+    # the run's bookkeeping in a saved state, type-checked
     options, stopper = extra.get("options"), extra.get("stopper")
     ok = (
         isinstance(options, dict)
         and all(type(options.get(k)) is int and options[k] >= 0 for k in OPTIONS)
         and type(extra.get("train_seconds")) in (int, float)
-        and isinstance(stopper, dict)
-        and type(stopper.get("wait")) is int
-        and type(stopper.get("best_value")) in (int, float)
-        and all(type(stopper.get(k)) in (int, type(None)) for k in ("best_epoch", "stopped_epoch"))
+        and (
+            stopper is None
+            or isinstance(stopper, dict)
+            and type(stopper.get("wait")) is int
+            and type(stopper.get("best_value")) in (int, float)
+            and all(
+                type(stopper.get(k)) in (int, type(None)) for k in ("best_epoch", "stopped_epoch")
+            )  # noqa: E501
+        )
     )
     if not ok:
         raise CheckpointError(
-            f"{path} lacks the CLI's bookkeeping (options, stopper, train_seconds) or it is "
-            "ill-typed: it was not saved by pyrovae train; the run cannot be continued"
+            f"{path} lacks a run's bookkeeping (options, stopper, train_seconds) or it is "
+            "ill-typed: it was not saved by pyrovae train or pyrovae.fit(run_dir=...); the run "
+            "cannot be continued"
         )
     return extra
 
 
-def _continue(run_dir: Path, config, vae, device, stopper):
-    # the run saved in run_dir, loaded into vae and stopper: (state, records, options, seconds)
-    from .checkpoint import load_state, load_weights
-    from .config import build_vae
+@dataclass
+class Run:
+    """A training run in a run directory, whichever engine trains it and whatever the pair: its
+    data, where it stands (the state, the metrics so far) and the per-epoch bookkeeping (KL
+    warm-up for the built-in VAE, the best epoch by validation ELBO, the ELBO's parts, test
+    log p(x)). Made by :func:`open_run`, advanced by :func:`record_epoch` after every epoch,
+    closed by :func:`finish_run`."""
+
+    run_dir: Path
+    pair: RunPair
+    train: object  # what the engine trains on (tensors or a Dataset)
+    valid: object | None  # data with .tensors, scored after every epoch
+    epochs: int  # the epoch to train up to
+    device: object
+    writer: bool  # this process writes the run (rank 0)
+    options: dict
+    state: object = field(default_factory=lambda: _state())  # a TrainState
+    records: list = field(default_factory=list)
+    before: float = 0.0  # seconds trained by earlier calls
+    stopper: object = None  # EarlyStopping over the validation ELBO, if there is validation data
+    schedule: object = None  # KLSchedule of the built-in VAE
+    metrics_x: tuple | None = None  # validation tensors for the ELBO's parts
+    test_x: tuple | None = None  # test tensors for log p(x) every --test-every epochs
+    load_test: Callable | None = None  # the test split, for --test-every
+    best: dict = field(default_factory=dict)  # the best checkpoint, committed with its epoch
+    start: float = field(default_factory=time.perf_counter)
+    progress: bool = False
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of training, this call's and the earlier ones'."""
+        return self.before + time.perf_counter() - self.start
+
+
+def _state():
     from .state import TrainState
 
-    manifest = read_manifest(run_dir)
+    return TrainState()
+
+
+def _world(launch) -> int:
+    return launch.devices * launch.num_nodes
+
+
+def open_run(run: Run, files: dict, patience: int | None = None, warmup: int = 0,
+             beta: float = 1.0, fresh: bool = True) -> Run:  # fmt: skip
+    """Start ``run`` (``fresh``) or continue the one saved in its directory (its weights,
+    optimizer, generators, warm-up, early stopping and metrics as at the end of its last
+    epoch), then commit ``files`` (config.json, pair.json) before its first epoch.
+
+    :raises ValueError: if a continued run has trained its epochs already.
+    """
+    from .data import spread
+    from .metrics import METRICS_IMAGES
+    from .schedules import KLSchedule
+    from .selection import EarlyStopping
+
+    module, device = run.pair.module, run.device
+    if run.valid is not None:
+        val = tuple(t.to(device) for t in run.valid.tensors)
+        keep = lambda record: run.best.update({WEIGHTS: _weights(module, record)})  # noqa: E731
+        run.stopper = EarlyStopping(module, val, patience, warmup, on_improve=keep)
+        run.metrics_x = tuple(t[spread(len(val[0]), METRICS_IMAGES)] for t in val)
+    if not fresh:
+        _continue(run)
+    if run.options["test_every"] and run.load_test is not None:
+        test = run.load_test().tensors
+        pick = spread(len(test[0]), run.options["test_limit"])
+        run.test_x = tuple(t[pick].to(device) for t in test)
+    if run.pair.vae is not None:
+        run.schedule = KLSchedule(run.pair.vae, warmup, beta)
+        run.schedule.set_epoch(run.state.epoch + 1)
+    if run.writer:
+        _commit_start(run.run_dir, files, run.state.epoch, run.options)
+    return run
+
+
+def _weights(module, record: dict) -> bytes:
+    from .checkpoint import weights_bytes
+
+    return weights_bytes(module, {"epoch": str(record["epoch"])})
+
+
+def _continue(run: Run) -> None:
+    # the run saved in its directory, loaded into the run's module and stopper
+    import copy
+
+    from .checkpoint import load_state, load_weights
+
+    run_dir, manifest = run.run_dir, read_manifest(run.run_dir)
     if manifest is not None and manifest["epoch"] == 0:  # cut off before its first epoch
-        extra = {"options": manifest.get("options"), "train_seconds": 0.0,
-                 "stopper": stopper.state_dict() | {"best_value": 0.0}}  # fmt: skip
-        _check_extra(extra, run_dir / MANIFEST)
-        return TrainState(), [], extra["options"], 0.0
-    state, extra = load_state(run_dir, vae, device)
+        run.options = _check_extra({"options": manifest.get("options"), "train_seconds": 0.0},
+                                   run_dir / MANIFEST)["options"]  # fmt: skip
+        return
+    state, extra = load_state(run_dir, run.pair.module, run.device)
     extra = _check_extra(extra, run_dir / STATE)
-    if manifest is not None:
-        done = manifest["stage"] == "done"
-    else:  # a run of an older pyrovae: its train.json may be an earlier call's
-        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
-        done = type(summary.get("epochs_run")) is int and summary["epochs_run"] >= state.epoch
-    if state.epoch > config.epochs or (state.epoch == config.epochs and done):
+    done = _finished(run_dir, manifest, state)
+    if state.epoch > run.epochs or (state.epoch == run.epochs and done):
         raise ValueError(
             f"{run_dir} has trained {state.epoch} epochs already; give --epochs N with "
             f"N > {state.epoch} to train longer"
         )
-    best = load_weights(build_vae(config), committed(run_dir, WEIGHTS))
-    stopper.load_state_dict(
-        extra["stopper"], {k: v.to(device) for k, v in best.state_dict().items()}
-    )
-    records = read_metrics(run_dir, state.epoch)
-    return state, records, extra["options"], float(extra["train_seconds"])
+    if run.stopper is not None and extra.get("stopper") is not None:
+        best = load_weights(copy.deepcopy(run.pair.module), committed(run_dir, WEIGHTS))
+        weights = {k: v.to(run.device) for k, v in best.state_dict().items()}
+        run.stopper.load_state_dict(extra["stopper"], weights)
+        if run.stopper.stopped_epoch is not None:  # stopped early, then cut off before the end
+            run.epochs = state.epoch  # nothing to train: only finish the run
+    run.state, run.options = state, extra["options"]
+    run.records, run.before = read_metrics(run_dir, state.epoch), float(extra["train_seconds"])
 
 
-def _commit_start(run_dir: Path, config, epoch: int, options: dict) -> None:
+def _finished(run_dir: Path, manifest: dict | None, state) -> bool:
+    if manifest is not None:
+        return manifest["stage"] == "done"
+    # a run of an older pyrovae: its train.json may be an earlier call's
+    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+    return type(summary.get("epochs_run")) is int and summary["epochs_run"] >= state.epoch
+
+
+def _commit_start(run_dir: Path, files: dict, epoch: int, options: dict) -> None:
     # the config this call trains with, committed before its first epoch; a run of an older
     # pyrovae (no manifest) has its files adopted into one
-    files = {CONFIG: config.to_json().encode()}
+    files = dict(files)
     if read_manifest(run_dir) is None:
         for name in (WEIGHTS, LAST, STATE, METRICS_FILE):
             if (run_dir / name).is_file():
@@ -245,156 +362,342 @@ def _commit_start(run_dir: Path, config, epoch: int, options: dict) -> None:
     commit(run_dir, files, epoch=epoch, stage="training", options=options)
 
 
-def run_training(run_dir: Path, config, options: dict | None, progress: bool,
-                  launch=None) -> int:  # fmt: skip
-    """Train ``config``'s model in ``run_dir``: a new run when ``options`` are given, else the
-    continuation of the run saved there (its weights, optimizer, generators, warm-up, early
-    stopping and metrics as at the end of its last epoch). ``launch``: the parsed launch
-    options to train with the Lightning engine (:mod:`pyrovae.launch`), else ``fit`` trains; a
-    run of one engine can be continued by the other. Under Lightning every rank runs this, and
-    rank 0 alone writes."""
-    import pyro
+def record_epoch(run: Run, record: dict) -> bool:
+    """After every epoch, whichever engine trains (under Lightning on every rank, the
+    validation ELBO already summed over ranks in the record): the epoch's β, selection and the
+    best checkpoint, the ELBO's parts and test log p(x) in the record, then the state that
+    ``pyrovae resume`` continues from, committed. Returns whether to stop early."""
+    from .checkpoint import save_state
 
-    from .checkpoint import save_state, weights_bytes
-    from .config import build_vae
-    from .data import ImageDataset, spread
-    from .errors import NonFiniteLossError
+    if run.schedule is not None:
+        run.schedule(record)  # records the epoch's β, sets the next one
+    stop = run.stopper(record) if run.stopper is not None else False
+    if run.stopper is None:  # no validation data: the last epoch's weights are the run's
+        run.best[WEIGHTS] = _weights(run.pair.module, record)
+    record.update(_scores(run, record))  # before saving
+    run.records.append(record)
+    extra = {"stopper": run.stopper.state_dict() if run.stopper is not None else None,
+             "options": run.options, "train_seconds": run.seconds}  # fmt: skip
+    files = {METRICS_FILE: metrics_bytes(run.records, METRICS), **run.best}
+    if run.writer:  # what `pyrovae resume` continues from
+        save_state(run.run_dir, run.pair.module, run.state, extra, files)
+    run.best.clear()
+    return stop
+
+
+def _scores(run: Run, record: dict) -> dict:
+    # the ELBO's parts on validation data (where the pair's sites allow them) and, every
+    # --test-every epochs, test log p(x)
+    import torch
+
     from .evaluation import log_likelihood
-    from .metrics import METRICS_IMAGES, epoch_metrics
-    from .objectives import make_loss
-    from .schedules import KLSchedule
-    from .selection import EarlyStopping
-    from .state import TrainState
-    from .training import fit
+    from .metrics import epoch_metrics
+
+    out, pair = {}, run.pair
+    on = next(iter(run.pair.module.parameters()), torch.empty(0)).device
+    if run.metrics_x is not None and len(run.metrics_x) == 1:  # a pair of one tensor, x
+        try:
+            out.update(epoch_metrics(pair.model, pair.guide, run.metrics_x[0].to(on)))
+        except (ValueError, RuntimeError, NotImplementedError, KeyError) as e:
+            log.debug("pyrovae: no ELBO parts for this pair: %s", e)  # its sites do not allow it
+    if run.test_x is not None and record["epoch"] % run.options["test_every"] == 0:
+        test = tuple(t.to(on) for t in run.test_x)
+        k = run.options["test_samples"]
+        ll = log_likelihood(pair.model, pair.guide, test, num_samples=k, progress=run.progress)
+        out["test_ll"] = float(ll.mean())
+    return out
+
+
+def finish_run(run: Run, summary: dict) -> dict:
+    """The run's end: the best weights back in the module (as committed in model.safetensors),
+    ``train.json`` (the summary, with ``summary``'s entries), then stage "done" once the plots
+    are drawn by the caller (:func:`done`).
+
+    :raises ValueError: if no epoch had a finite validation ELBO (nothing was saved).
+    """
+    stopper = run.stopper
+    if stopper is not None and stopper.best_epoch is None:
+        raise ValueError(
+            f"no epoch had a finite validation ELBO; nothing was saved in {run.run_dir}"
+        )
+    if stopper is not None:
+        stopper.restore()
+    if run.pair.vae is not None and run.schedule is not None:
+        run.pair.vae.beta = run.schedule.beta
+    summary = {
+        "best_epoch": stopper.best_epoch if stopper is not None else len(run.records),
+        "best_val_elbo": stopper.best_value if stopper is not None else None,
+        "epochs_run": len(run.records),
+        "stopped_early": stopper is not None and stopper.stopped_epoch is not None,
+        "train_seconds": run.seconds,
+        **summary,
+    }
+    commit(run.run_dir, {SUMMARY: json.dumps(summary, indent=2).encode()}, stage="finishing")
+    return summary
+
+
+def done(run_dir: Path) -> None:
+    """Mark a finished run as complete (after its plots)."""
+    update_manifest(run_dir, stage="done")
+
+
+def run_training(
+    run_dir: Path,
+    config,
+    options: dict | None,
+    progress: bool,
+    launch=None,
+    pair_spec: str | None = None,
+    arrays: str | None = None,
+) -> int:
+    """Train ``config``'s model, or a user's pair (``pair_spec``, ``FILE.py:NAME``, on
+    ``config``'s dataset or on the arrays of an ``.npz`` file), in ``run_dir``: a new run when
+    ``options`` are given, else the continuation of the run saved there (its pair re-created
+    from its ``config.json`` or ``pair.json``). ``launch``: the parsed launch options to train
+    with the Lightning engine (:mod:`pyrovae.launch`), else ``fit`` trains; a run of one engine
+    can be continued by the other. Under Lightning every rank runs this, and rank 0 alone
+    writes."""
+    import pyro
 
     # a fresh model: no parameter of an earlier run in this process may shadow its own (a
     # PyroModule registers its parameters in the global store by name)
     pyro.clear_param_store()
-    writer = launch is None or launched_rank() == 0
-    device = run_device(config.device if launch is None else "cpu")  # Lightning moves the model
-    config.binarize = _resolve_binarize(config)
-    train, valid = _training_data(config), load_split(config, "valid")
-    streamed = not isinstance(train, ImageDataset)
-    config.x_shape = train.x_shape
-    pyro.set_rng_seed(config.seed)  # the seed also fixes the initial weights
-    vae = build_vae(config)
-    if not streamed:  # (fit checks streamed batches as they come)
-        transform = train.batch_transform
-        vae.check_data(train.images if transform is None else transform(train.tensors)[0])
-    state, records, before = TrainState(), [], 0.0  # before: seconds trained in earlier calls
-    last_epoch = config.epochs  # the epoch to train up to
-    best = {}  # the best checkpoint, committed with its epoch
-
-    def keep_best(record: dict) -> None:
-        best[WEIGHTS] = weights_bytes(vae, {"epoch": str(record["epoch"])})
-
-    stopper = EarlyStopping(
-        vae, valid.images.to(device), config.patience, config.warmup, on_improve=keep_best
-    )
-    if options is None:  # continue the run saved in run_dir
-        state, records, options, before = _continue(run_dir, config, vae, device, stopper)
-        if stopper.stopped_epoch is not None:  # stopped early, then cut off before the summary
-            last_epoch = state.epoch  # nothing to train: only finish the run
-    options = {k: v for k, v in options.items() if k in OPTIONS}  # this call's own processes:
+    run, files = _prepare(run_dir, config, options, launch, pair_spec, arrays)
+    run.progress = progress
+    open_run(run, files, config.patience, config.warmup, config.beta, fresh=options is not None)
     if launch is not None:
-        options.update(devices=launch.devices, num_nodes=launch.num_nodes)
-    if writer:
-        _commit_start(run_dir, config, state.epoch, options)
-    # the plain ELBO is fit's default objective (which fit knows how to run fastest)
-    default = (config.loss, config.particles) == ("elbo", 1)
-    loss = None if default else make_loss(config.loss, config.particles)
-    test_x = None
-    if options["test_every"]:
-        test = load_split(config, "test")
-        test_x = test.images[spread(len(test), options["test_limit"])].to(device)
-    metrics_x = valid.images[spread(len(valid), METRICS_IMAGES)].to(device)
-    vae.to(device)
-    schedule = KLSchedule(vae, config.warmup, config.beta)
-    schedule.set_epoch(state.epoch + 1)
-    start = time.perf_counter()
-
-    def callback(record: dict) -> bool:
-        # after every epoch, whichever engine trains (under Lightning: on every rank, with the
-        # validation ELBO summed over ranks already in the record)
-        schedule(record)  # records the epoch's β, sets the next one
-        stop = stopper(record)  # records the validation ELBO, keeps the best weights
-        on = next(vae.parameters()).device
-        record.update(epoch_metrics(vae.model, vae.guide, metrics_x.to(on)))  # before saving
-        if test_x is not None and record["epoch"] % options["test_every"] == 0:
-            ll = log_likelihood(vae.model, vae.guide, test_x.to(on),
-                                num_samples=options["test_samples"], progress=progress)  # fmt: skip
-            record["test_ll"] = float(ll.mean())
-        records.append(record)
-        seconds = before + time.perf_counter() - start
-        extra = {"stopper": stopper.state_dict(), "options": options, "train_seconds": seconds}
-        files = {METRICS_FILE: metrics_bytes(records, METRICS), **best}
-        if writer:  # what `pyrovae resume` continues from
-            save_state(run_dir, vae, state, extra, files)
-        best.clear()
-        return stop
-
-    what = "training" if state.epoch == 0 else f"continuing from epoch {state.epoch}"
-    skipped = len(getattr(train, "skipped", ())) + len(valid.skipped)
-    note = f", {skipped} unreadable files skipped" if skipped else ""
-    where = device if launch is None else f"Lightning, {launch.devices * launch.num_nodes} proc."
-    if writer:
-        _echo(config)
-        print(f"{what} on {config.dataset} ({len(train)} images{note}, {where}); run directory "
-              f"{run_dir}")  # fmt: skip
-    common = {"epochs": last_epoch, "batch_size": config.batch_size, "lr": config.lr,
-              "loss": loss, "seed": config.seed, "state": state, "stream": streamed,
-              "num_workers": config.workers}  # fmt: skip
-    try:
-        if launch is None:
-            fit(vae.model, vae.guide, train, device=device, callback=callback, progress=progress,
-                **common)  # fmt: skip
-        elif last_epoch > state.epoch:
-            _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common)
-    except NonFiniteLossError as e:
-        kept = (
-            f"the checkpoint of epoch {stopper.best_epoch} is kept in {run_dir} (the best "
-            "validation ELBO so far)"
-            if stopper.best_epoch is not None
-            else "no checkpoint was written"
-        )
-        raise ValueError(f"{e}; {kept}") from e
-    seconds = before + time.perf_counter() - start
-    if not writer:
+        run.options.update(devices=launch.devices, num_nodes=launch.num_nodes)
+    _say_start(run, config, launch)
+    _train(run, config, launch, progress)
+    if not run.writer:
         return 0
-    if stopper.best_epoch is None:
-        raise ValueError(f"no epoch had a finite validation ELBO; nothing was saved in {run_dir}")
-    stopper.restore()  # the best weights, as committed in model.safetensors
-    vae.beta = config.beta
-    if launch is not None:
-        vae.cpu()
-    summary = {
-        "best_epoch": stopper.best_epoch,
-        "best_val_elbo": stopper.best_value,
-        "epochs_run": len(records),
-        "stopped_early": stopper.stopped_epoch is not None,
-        "train_seconds": seconds,
-        "device": str(device) if launch is None else launch.accelerator,
-        "skipped_files": skipped,
-        "engine": "fit" if launch is None else "lightning",
-        "world_size": 1 if launch is None else launch.devices * launch.num_nodes,
-    }
-    files = {CONFIG: config.to_json().encode(), SUMMARY: json.dumps(summary, indent=2).encode()}
-    commit(run_dir, files, stage="finishing")  # a run cut off from here is only finished
-    draw_plots(run_dir, vae, records, valid, config.seed)
-    update_manifest(run_dir, stage="done")
-    stop = f"stopped early at epoch {len(records)}; " if summary["stopped_early"] else ""
-    print(
-        f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
-        f"image at epoch {stopper.best_epoch}, kept in {run_dir}"
-    )
-    print(f"figures and metrics.csv are in {run_dir}; score the test split with: "
-          f"pyrovae evaluate {run_dir} --split test")  # fmt: skip
+    summary = finish_run(run, _engine_summary(run, launch))
+    _draw(run, config)
+    done(run_dir)
+    _say_done(run, summary, options is None)
     return 0
 
 
-def _train_lightning(vae, train, valid, callback, launch, progress, run_dir, common) -> None:
-    # The Lightning engine's part of run_training: the same callback after every epoch, the
-    # run's TensorBoard logger if asked for.
+def _prepare(run_dir, config, options, launch, pair_spec, arrays) -> tuple[Run, dict]:
+    # the run's pair, data and files, before any epoch
+    writer = launch is None or launched_rank() == 0
+    device = run_device(config.device if launch is None else "cpu")  # Lightning moves the model
+    source = None if options is not None else _source(run_dir)
+    spec = pair_spec or (f"{source['file']}:{source['name']}" if source else None)
+    arrays = arrays or (source.get("data") if source else None)
+    config.binarize = "none" if arrays is not None else _resolve_binarize(config)
+    train, valid = _training_data(config, arrays), _split(config, "valid", arrays)
+    config.x_shape = train.x_shape
+    pair = _run_pair(config, spec, arrays, train, device)
+    if pair.vae is not None and hasattr(train, "tensors"):  # (fit checks streamed batches)
+        transform = train.batch_transform
+        pair.vae.check_data(train.images if transform is None else transform(train.tensors)[0])
+    options = dict(options or NO_OPTIONS)
+    options = {k: v for k, v in options.items() if k in OPTIONS}  # this call's own processes
+    run = Run(run_dir, pair, train, valid, config.epochs, device, writer, options)
+    run.load_test = lambda: _split(config, "test", arrays)
+    files = {CONFIG: config.to_json().encode()}
+    if pair.source is not None:
+        files[PAIR_FILE] = json.dumps(pair.source, indent=2).encode()
+    return run, files
+
+
+def _source(run_dir: Path) -> dict | None:
+    # the recorded pair of a run being continued, its file (and arrays) unchanged
+    from .runpair import check_source, read_source
+
+    source = read_source(run_dir)
+    if source is not None:
+        check_source(source, run_dir)
+    return source
+
+
+def _split(config, split: str, arrays: str | None):
+    # a split of the run's data: config's dataset, or the arrays of an .npz file
+    if arrays is None:
+        return load_split(config, split)
+    from .runpair import load_arrays
+
+    return load_arrays(arrays, split, config.valid_fraction, config.test_fraction, config.seed)
+
+
+def _run_pair(config, spec: str | None, arrays: str | None, train, device) -> RunPair:
+    # the built-in VAE of config (its initial weights fixed by config.seed), or the user's pair
+    # (made after seeding with config.seed), its parameters found on a first batch
+    import pyro
+
+    from .pair import modules_of
+    from .runpair import load_pair, pair_source
+
+    pyro.set_rng_seed(config.seed)
+    if spec is None:
+        from .config import build_vae
+
+        return RunPair.of_vae(build_vae(config).to(device))
+    pair = load_pair(spec, config.seed)
+    if arrays is not None:
+        pair.source = pair_source(Path(pair.source["file"]), pair.source["name"], Path(arrays))
+    for m in modules_of(pair.model, pair.guide):
+        m.to(device)
+    pair.bind(_first_batch(train, config.batch_size, device), make_loss(config))
+    return pair
+
+
+def make_loss(config):
+    """The loss of a run's config: ``None`` for the plain ELBO (fit's default, which fit knows
+    how to run fastest), else :func:`pyrovae.objectives.make_loss`'s."""
+    from .objectives import make_loss as make
+
+    default = (config.loss, config.particles) == ("elbo", 1)
+    return None if default else make(config.loss, config.particles)
+
+
+def _first_batch(data, batch_size: int, device) -> tuple:
+    # the first rows of the training data, as the pair sees them (batch transform applied)
+    from torch.utils.data import default_collate
+
+    from .data import as_tensors
+
+    if hasattr(data, "tensors"):
+        batch = tuple(t[:batch_size] for t in data.tensors)
+    else:  # a streamed Dataset: its first items, collated
+        items = [data[i] for i in range(min(len(data), batch_size))]
+        batch = as_tensors(default_collate(items), "the training data")
+    batch = tuple(t.to(device) for t in batch)
+    transform = getattr(data, "batch_transform", None)
+    return tuple(transform(batch)) if transform is not None else batch
+
+
+def _train(run: Run, config, launch, progress: bool) -> None:
+    # the engine's epochs, record_epoch after each
+    from .errors import NonFiniteLossError
+    from .training import fit
+
+    common = {"epochs": run.epochs, "batch_size": config.batch_size, "lr": config.lr,
+              "loss": make_loss(config), "seed": config.seed, "state": run.state,
+              "stream": not hasattr(run.train, "tensors"), "num_workers": config.workers,
+              "val_data": run.valid.tensors if run.valid is not None else None}  # fmt: skip
+    model, guide = run.pair.model, run.pair.guide
+    callback = lambda record: record_epoch(run, record)  # noqa: E731
+    try:
+        if launch is None:
+            fit(model, guide, run.train, device=run.device, callback=callback, progress=progress,
+                **common)  # fmt: skip
+        elif run.epochs > run.state.epoch:
+            _train_lightning(run, callback, launch, progress, common)
+    except NonFiniteLossError as e:
+        best = run.stopper.best_epoch if run.stopper is not None else None
+        kept = (f"the checkpoint of epoch {best} is kept in {run.run_dir} (the best validation "
+                "ELBO so far)" if best is not None else "no checkpoint was written")  # fmt: skip
+        raise ValueError(f"{e}; {kept}") from e
+
+
+def _engine_summary(run: Run, launch) -> dict:
+    skipped = len(getattr(run.train, "skipped", ())) + len(getattr(run.valid, "skipped", ()))
+    return {
+        "device": str(run.device) if launch is None else launch.accelerator,
+        "skipped_files": skipped,
+        "engine": "fit" if launch is None else "lightning",
+        "world_size": 1 if launch is None else _world(launch),
+    }
+
+
+def _say_start(run: Run, config, launch) -> None:
+    if not run.writer:
+        return
+    what = "training" if run.state.epoch == 0 else f"continuing from epoch {run.state.epoch}"
+    skipped = _engine_summary(run, launch)["skipped_files"]
+    note = f", {skipped} unreadable files skipped" if skipped else ""
+    where = run.device if launch is None else f"Lightning, {_world(launch)} proc."
+    source = run.pair.source
+    pair = "" if source is None else f"{source['name']} from {source['file']} "
+    data = config.dataset if source is None or "data" not in source else source["data"]
+    _echo(config)
+    print(f"{what} {pair}on {data} ({len(run.train)} datapoints{note}, {where}); run "
+          f"directory {run.run_dir}")  # fmt: skip
+
+
+def _draw(run: Run, config) -> None:
+    # the figures: elbo.png for any pair; the image plots of the built-in VAE
+    if run.pair.vae is not None and run.pair.vae is run.pair.module:
+        if run.state.epoch == 0 and not run.records:
+            return
+        draw_plots(run.run_dir, run.pair.vae, run.records, run.valid, config.seed)
+    else:
+        draw_history(run.run_dir, run.records)
+
+
+def _say_done(run: Run, summary: dict, continued: bool) -> None:
+    stop = f"stopped early at epoch {len(run.records)}; " if summary["stopped_early"] else ""
+    best = (f"best validation ELBO {summary['best_val_elbo']:.3f} nats per datapoint at epoch "
+            f"{summary['best_epoch']}" if summary["best_val_elbo"] is not None
+            else f"{len(run.records)} epochs")  # fmt: skip
+    print(f"done in {summary['train_seconds']:.1f} s: {stop}{best}, kept in {run.run_dir}")
+    print(f"figures and metrics.csv are in {run.run_dir}; score the test split with: "
+          f"pyrovae evaluate {run.run_dir} --split test")  # fmt: skip
+
+
+def fit_run(run_dir: Path, model, guide, data, *, epochs: int, callback=None,
+            progress: bool = True, state=None, **args):  # fmt: skip
+    """:func:`pyrovae.fit` with ``run_dir``: train the pair in a crash-consistent run directory
+    (its module weights as model.safetensors, the best epoch's by validation ELBO when
+    ``val_data`` is given, else the last's; last.safetensors and state.safetensors for
+    continuing; metrics.csv with the ELBO's parts where the pair allows them; elbo.png;
+    manifest.json), or continue the run saved there, exactly where it stopped (call it again
+    with the same pair, data and arguments). Returns the :class:`~pyrovae.History` of the
+    epochs this call trained.
+
+    :raises ValueError: with ``state`` too (the run directory keeps its own), or when the run
+        has trained ``epochs`` already.
+    """
+    from .rundir import RunLock, recover
+    from .training import Trainer, resolve_device, train_epochs
+
+    if state is not None:
+        raise ValueError("pass state or run_dir, not both: a run directory keeps its own state")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, "pyrovae.fit"):
+        fresh = recover(run_dir) is None
+        device = resolve_device(args["device"])
+        pair = RunPair(model, guide)
+        pair.bind(_first_batch(_as_data(data), args["batch_size"], device), args["loss"])
+        valid = None if args["val_data"] is None else _as_data(args["val_data"])
+        run = Run(run_dir, pair, data, valid, int(epochs), device, True, dict(NO_OPTIONS))
+        open_run(run, {}, fresh=fresh)
+        trainer = Trainer(model, guide, data, state=run.state, **args)
+
+        def after(record: dict) -> bool:
+            stop = callback is not None and callback(record)  # before the state is saved
+            return record_epoch(run, record) or bool(stop)
+
+        history = train_epochs(trainer, run.epochs, after, progress)
+        finish_run(run, {"device": str(device), "engine": "fit", "world_size": 1})
+        draw_history(run_dir, run.records)
+        done(run_dir)
+    return history
+
+
+def _as_data(data):
+    # data with .tensors: tensors, a tuple of them or a Dataset (collated once)
+    from .data import as_tensors
+
+    return SimpleNamespace(tensors=as_tensors(data, "training data"), skipped=())
+
+
+def draw_history(run_dir: Path, records: list[dict]) -> None:
+    """elbo.png of a run (any pair), registered as drawn from the run's best weights."""
+    from . import plots
+    from .checkpoint import weights_id
+    from .rundir import register_derived, staging_dir
+
+    with staging_dir(run_dir) as tmp:
+        plots.plot_history(records, tmp / "elbo.png", title=run_dir.name)
+    register_derived(run_dir, ["elbo.png"], weights_id(run_dir / WEIGHTS)["sha256"])
+
+
+def _train_lightning(run: Run, callback, launch, progress: bool, common: dict) -> None:
+    # The Lightning engine's part of a run: the same callback after every epoch, the run's
+    # TensorBoard logger if asked for (with image grids for the built-in VAE).
     from . import lightning as engine
     from .data import spread
     from .launch import quiet_lightning, trainer_args
@@ -405,12 +708,17 @@ def _train_lightning(vae, train, valid, callback, launch, progress, run_dir, com
     if launch.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        logger = TensorBoardLogger(run_dir, name="tensorboard", version="")
-        shown = valid.images[spread(len(valid), 16)]
-        callbacks.append(engine.LogEpoch(vae, shown, launch.log_images_every))
-    engine.fit(vae.model, vae.guide, train, val_data=valid, callbacks=callbacks, logger=logger,
+        logger = TensorBoardLogger(run.run_dir, name="tensorboard", version="")
+        if run.pair.vae is not None:
+            shown = run.valid.images[spread(len(run.valid), 16)]
+            callbacks.append(engine.LogEpoch(run.pair.vae, shown, launch.log_images_every))
+        else:
+            callbacks.append(engine.LogEpoch())
+    engine.fit(run.pair.model, run.pair.guide, run.train, callbacks=callbacks, logger=logger,
                enable_progress_bar=progress and launched_rank() == 0, **trainer_args(launch),
                **common)  # fmt: skip
+    if run.writer:
+        run.pair.module.cpu()
 
 
 def run_device(name: str | None):
@@ -421,3 +729,39 @@ def run_device(name: str | None):
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"--device {name}: pyrovae runs on cpu or cuda, not {device.type}")
     return device
+
+
+def load_run_pair(run_dir: Path, device, data_dir: str | None = None):
+    """Re-create a finished (or saved) run's pair with its best weights, for ``evaluate``,
+    ``plot`` and ``sample``: the built-in VAE from config.json, or a user's pair from
+    pair.json (its file, and arrays, unchanged since the run was made).
+
+    :returns: ``(pair, config)``, the weights in eval mode on ``device``.
+    :raises ValueError: (or CheckpointError) in one line, for a changed or missing pair file.
+    """
+    import pyro
+
+    from .checkpoint import load_config, load_run, load_weights
+
+    source = _source(run_dir)
+    if source is None:
+        vae, config = load_run(run_dir, device)
+        if data_dir is not None:
+            config.data_dir = data_dir
+        return RunPair.of_vae(vae), config
+    config = load_config(run_dir)
+    if data_dir is not None:
+        config.data_dir = data_dir
+    pyro.clear_param_store()
+    arrays = source.get("data")
+    train = _training_data(config, arrays)
+    pair = _run_pair(config, f"{source['file']}:{source['name']}", arrays, train, device)
+    load_weights(pair.module, committed(run_dir, WEIGHTS), str(device))
+    pair.module.eval()
+    return pair, config
+
+
+def scoring_split(config, split: str, pair: RunPair):
+    """The split of a run's data that ``evaluate`` scores (its ``.tensors``)."""
+    arrays = pair.source.get("data") if pair.source is not None else None
+    return _split(config, split, arrays)

@@ -24,8 +24,9 @@ from typing import Protocol
 
 import torch
 
-from .capture import CaptureError, CudaGraphStep, capture
+from .capture import CaptureError, CudaGraphStep
 from .nonfinite import NonFiniteGuard
+from .pair import capture_terms
 
 __all__ = [
     "StepEngine",
@@ -35,7 +36,6 @@ __all__ = [
     "build",
     "make_optimizer",
     "replay",
-    "batch_sum",
 ]
 
 log = logging.getLogger("pyrovae")
@@ -74,19 +74,6 @@ def replay(step_loss: Callable, elbo_module: Callable, batch) -> torch.Tensor:
         return elbo_module(*batch)
 
 
-def batch_sum(loss: torch.Tensor, rows: int, full: int | None) -> torch.Tensor:
-    """A batch's loss as the sum over its ``rows`` datapoints, for the per-datapoint ELBO:
-    ``loss`` itself; or, for a pair whose plate scales the batch up to ``full`` datapoints
-    (``pyro.plate(name, full, subsample_size=rows)``, Pyro's minibatch idiom for global
-    latents, whose loss estimates the whole data's), ``loss × rows / full``.
-
-    :param loss: the batch's loss (−ELBO).
-    :param int rows: datapoints in the batch.
-    :param full: the plate's full size, or ``None`` for a plate over the batch itself.
-    """
-    return loss if full is None else loss * (rows / full)
-
-
 class Eager:
     """Pyro's ``ELBOModule`` of each objective on every step, then backward and the update.
 
@@ -123,8 +110,7 @@ class Eager:
             loss.backward()
         self.optimizer.step()
         for t, v, b in zip(self.terms, losses, batches, strict=True):
-            t.total += batch_sum(v.detach(), len(b[0]), t.full)  # () on the device: no host read
-            t.seen += len(b[0])
+            t.add(v, len(b[0]))  # () on the device: no host read
         return 1
 
     def end_epoch(self) -> int:
@@ -233,17 +219,6 @@ def make_optimizer(params, lr: float, optimizer=None, optim_args: dict | None = 
     raise ValueError(f"cannot build the optimizer {optimizer!r} with {args}: {error}")
 
 
-def _capture(term, modules, free, batch) -> bool:
-    # The term's captured loss, or the eager one with the reason said once.
-    try:
-        term.step_loss = capture(term.elbo_module, modules, batch, free=free)
-    except CaptureError as e:
-        log.warning("pyrovae.fit: %s trains eagerly, its loss cannot be replayed: %s", term.name, e)
-        return False
-    log.info("pyrovae.fit: replaying the captured loss")
-    return True
-
-
 def build(terms: list, batches: list, modules, free: dict, *, fast: bool, device: torch.device,
           optimizer: Callable[[bool], tuple], guard: NonFiniteGuard) -> StepEngine:  # fmt: skip
     """The engine for a run, after its first eager step: :class:`CudaGraph` for one captured
@@ -256,8 +231,8 @@ def build(terms: list, batches: list, modules, free: dict, *, fast: bool, device
     :param bool fast: try to capture the losses.
     :param optimizer: builds the optimizer: ``optimizer(capturable) -> (optimizer, capturable)``.
     """
-    pairs = zip(terms, batches, strict=True)
-    captured = [_capture(t, modules, free, b) for t, b in pairs] if fast else [False]
+    say = lambda reason: log.warning("pyrovae.fit: %s", reason)  # noqa: E731
+    captured = capture_terms(terms, modules, batches, free, say) if fast else [False]
     graph = all(captured) and device.type == "cuda" and len(terms) == 1
     graph = graph and terms[0].stream is None and terms[0].full is None
     opt, capturable = optimizer(graph)

@@ -1,13 +1,19 @@
-"""Training any model/guide pair with stochastic variational inference.
+"""Training any model/guide pair with stochastic variational inference, on one device.
 
-:func:`fit` builds Pyro's ``ELBOModule`` (``loss(model, guide)``, :class:`~pyro.infer.Trace_ELBO`
-by default) and optimizes it with a torch optimizer over every parameter the pair touches: those
-of the :class:`torch.nn.Module` s it is bound to, and every ``pyro.param``/``pyro.module`` site.
-The data live on the training device and batches are taken by index; the loss is accumulated on
-the device, so on CUDA the loop reads nothing back from the GPU until the epoch ends.
+:class:`Trainer` is the object you advance, an epoch at a time (as Pyro's ``SVI`` has
+``step``): it builds Pyro's ``ELBOModule`` (``loss(model, guide)``,
+:class:`~pyro.infer.Trace_ELBO` by default) and optimizes it with a torch optimizer over every
+parameter the pair touches: those of the :class:`torch.nn.Module` s it is bound to, and every
+``pyro.param``/``pyro.module`` site. The data live on the training device and batches are taken
+by index; the loss is accumulated on the device, so on CUDA the loop reads nothing back from the
+GPU until the epoch ends. :func:`fit` is a short loop over it, with a progress bar, a callback
+and (``run_dir``) a crash-consistent run directory.
 
-A :class:`TrainState` passed to :func:`fit` is kept up to date at the end of every epoch (epochs
-done, the optimizer's moments, the random generators), so a run can be saved
+What the Lightning engine shares with it (objectives at run time, parameter discovery, loss
+capture, data checks, the validation score, the epoch record) is in :mod:`pyrovae.pair`.
+
+The trainer's :class:`TrainState` is kept up to date at the end of every epoch (epochs done,
+the optimizer's moments, the random generators), so a run can be saved
 (:func:`pyrovae.checkpoint.save_state`) and continued later where it stopped.
 """
 
@@ -18,29 +24,36 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, TraceEnum_ELBO
+from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.subsample_messenger import _Subsample
-from torch import nn
-from torch.distributions import constraints
 
 from . import steps
-from .batches import Stream, should_stream
-from .capture import NoSyncTrace_ELBO, no_sync, recording_modules
+from .batches import Stream, should_stream, validation_streams
 from .data import as_tensors
 from .errors import count
 from .nonfinite import NonFiniteGuard
+from .pair import (
+    Objective,
+    Term,
+    as_objectives,
+    check_data,
+    check_fit_args,
+    discover,
+    epoch_record,
+    modules_of,
+    validation_elbo,
+)
 from .progress import TrainingBar
 from .state import TrainState, load_moments, restore_generators
 from .state import record as record_state
 
-__all__ = ["fit", "Objective", "History", "resolve_device"]
+__all__ = ["fit", "Trainer", "Objective", "History", "resolve_device"]
 
 log = logging.getLogger("pyrovae")
 
@@ -98,85 +111,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _modules_of(*fns: Callable) -> list[nn.Module]:
-    # The modules a model/guide is, or is a bound method of.
-    mods: list[nn.Module] = []
-    for fn in fns:
-        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-        if isinstance(owner, nn.Module) and all(owner is not m for m in mods):
-            mods.append(owner)
-    return mods
-
-
-def _params(param_trace, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
-    # The modules' parameters, plus the unconstrained leaves of the pyro.param sites seen (as
-    # pyro.infer.SVI collects them) that the first backward pass reached: a same-named tensor
-    # that Pyro's global param store still holds from another model gets no gradient and is
-    # left out.
-    seen: dict[int, torch.Tensor] = {}
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
-    for site in param_trace.nodes.values():
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad is not None:
-            seen.setdefault(id(leaf), leaf)
-    return list(seen.values())
-
-
-def _epoch_loss(elbo_module, tensors, batch_size, full: int | None = None) -> torch.Tensor:
-    # Sum of the loss over all of ``tensors`` without gradients, on the device (``full``: the
-    # plate's full size for a pair that scales its batches up, see steps.batch_sum).
-    # TraceEnum_ELBO refuses to run without gradients: it gets them, and they are dropped.
-    grads = isinstance(getattr(elbo_module, "elbo", None), TraceEnum_ELBO)
-    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-    with torch.set_grad_enabled(grads):
-        for i in range(0, len(tensors[0]), batch_size):
-            batch = tuple(t[i : i + batch_size] for t in tensors)
-            total += steps.batch_sum(elbo_module(*batch).detach(), len(batch[0]), full)
-    return total
-
-
-@dataclass
-class Objective:
-    """One term of what :func:`fit` minimizes: a model/guide pair, its loss, and its own data.
-
-    Several objectives train together with one optimizer (e.g. Kingma et al.'s M2: the ELBO
-    on unlabelled images, the ELBO on labelled ones, and a classifier loss): every step takes
-    one batch from each objective's data and steps on Σ weight × loss.
-
-    :param model: Pyro model, called as ``model(*batch)``.
-    :param guide: Pyro guide, called as ``guide(*batch)``.
-    :param data: a tensor ``(N, ...)``, a tuple of tensors, or a torch Dataset.
-    :param loss: a Pyro ELBO (default :class:`~pyro.infer.Trace_ELBO`).
-    :param int batch_size: datapoints per step (default: :func:`fit`'s ``batch_size``).
-    :param float weight: the term's weight in the summed loss.
-    :param str name: the term's name in metrics (default ``objective1``, ``objective2``, ...).
-    """
-
-    model: Callable
-    guide: Callable
-    data: object
-    loss: ELBO | None = None
-    batch_size: int | None = None
-    weight: float = 1.0
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ValueError(
-                f"an objective's weight must be a finite number > 0, got {self.weight}"
-            )
-
-
-class _Term:
-    # One objective at run time: its batches (device-resident tensors indexed by a permutation,
-    # or a stream from a DataLoader), its ELBOModule, the loss each step runs (eager, or
-    # captured once it is), and the epoch's running sums.
+class _Fed(Term):
+    # A term with fit's own data feed: device-resident tensors indexed by a permutation, or a
+    # stream from a DataLoader.
     def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform,
                  stream: bool | None = None, num_workers: int = 0):  # fmt: skip
+        super().__init__(obj, i, batch_transform)
         what = "training data" if i == 0 else f"the data of objective {i + 1}"
         size = count("batch_size", obj.batch_size if obj.batch_size is not None else batch_size)
         self.stream: Stream | None = None
@@ -188,29 +128,15 @@ class _Term:
             self.n = len(self.tensors[0])
             self.batch_size = min(size, self.n)
             self.steps = -(-self.n // self.batch_size)
-        self.weight = float(obj.weight)
-        self.name = obj.name or f"objective{i + 1}"
-        self.model, self.guide = obj.model, obj.guide
-        loss = no_sync(obj.loss) if obj.loss is not None else NoSyncTrace_ELBO()
-        self.elbo_module = loss(obj.model, obj.guide)
-        self.step_loss: Callable = self.elbo_module  # replaced by the captured loss
-        self.full: int | None = None  # the full size a plate scales batches up to (first step)
-        self.transform = (
-            batch_transform if i == 0 and batch_transform is not None
-            else getattr(obj.data, "batch_transform", None)
-        )  # fmt: skip
-        check = getattr(getattr(obj.model, "__self__", None), "check_data", None)
-        self.check = check if callable(check) else None
         self.device = device
 
-    def start_epoch(self) -> None:
+    def start_epoch(self, device=None) -> None:
         if self.stream is not None:
             self.stream.start_epoch()
         else:
             self.perm = torch.randperm(self.n, device=self.device)
             self.pos = 0
-        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.seen = 0
+        super().start_epoch(self.device)
 
     def next_index(self):
         # The next batch of this epoch's permutation (an index tensor), or the stream's next
@@ -228,198 +154,97 @@ class _Term:
         # The batch the pair sees: indexed (or streamed, then checked here since a stream's data
         # were not checked up front), with the batch transform applied.
         if self.stream is None:
-            batch = tuple(t[item] for t in self.tensors)
-        else:
-            batch = item
-            if self.check is not None and is_validation_enabled():
-                self.check(*(self.transform(batch) if self.transform is not None else batch))
-        return tuple(self.transform(batch)) if self.transform is not None else batch
+            return self.prepare(tuple(t[item] for t in self.tensors))
+        batch = self.prepare(item)
+        if self.check is not None and is_validation_enabled():
+            self.check(*batch)
+        return batch
 
 
-def _objectives(model, guide, data, loss, batch_size) -> list[Objective]:
-    if isinstance(model, Objective) or (
-        isinstance(model, (list, tuple)) and model and isinstance(model[0], Objective)
-    ):
-        objectives = [model] if isinstance(model, Objective) else list(model)
-        if guide is not None or data is not None or loss is not None:
-            raise ValueError("pass either objectives, or model, guide and data (and loss)")
-        if not all(isinstance(o, Objective) for o in objectives):
-            raise ValueError("every objective must be a pyrovae.Objective")
-        return objectives
-    if guide is None or data is None:
-        raise ValueError("fit needs a model, a guide and data (or a list of pyrovae.Objective)")
-    return [Objective(model, guide, data, loss)]
+class Trainer:
+    """SVI for a model/guide pair (or several objectives), advanced an epoch at a time: the
+    counterpart of Pyro's :class:`~pyro.infer.SVI` (which has ``step``) for whole epochs, with
+    pyrovae's fast path. :func:`fit` is a loop over :meth:`epoch`.
 
+    The first step runs eagerly, under Pyro's validation as set, and finds the parameters
+    (:func:`pyrovae.pair.discover`); then each loss is captured once and replayed on every
+    later step (on CUDA the whole step as a CUDA graph), or trains eagerly with the reason
+    logged once (:mod:`pyrovae.steps`).
 
-def _check_args(epochs, batch_size, lr) -> None:
-    count("epochs", epochs)
-    count("batch_size", batch_size)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    :param model: a Pyro model, called as ``model(*batch)``; or a list of :class:`Objective`
+        (then pass no ``guide``, ``data`` or ``loss``).
+    :param guide: the matching guide.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors, a torch Dataset, or a DataLoader
+        (any iterable of batches), which is streamed (:mod:`pyrovae.batches`).
+    :param val_data: optional held-out data, scored after each epoch with the (first)
+        objective's pair: :func:`pyrovae.pair.validation_elbo`, the unscaled ELBO per datapoint.
+    :param state: a :class:`TrainState` to continue from (the modules' weights must be those of
+        ``state.epoch``); updated in place after every epoch.
+    :param seed: seeds Pyro, torch, numpy and random first (see :func:`fit`).
 
+    The other parameters are :func:`fit`'s. Use::
 
-def _check_data(term: _Term, val) -> None:
-    # A pyrovae VAE checks its data once (shapes, support), since replayed steps check nothing;
-    # streamed data are checked batch by batch instead.
-    if term.check is None or not is_validation_enabled():
-        return
-    if term.tensors is not None:
-        tensors = term.tensors
-        term.check(*(term.transform(tensors) if term.transform is not None else tensors))
-    if val is not None and not isinstance(val, Stream):
-        term.check(*val)
+        trainer = Trainer(vae.model, vae.guide, x, val_data=x_val, seed=0)
+        for _ in range(10):
+            record = trainer.epoch()  # {"epoch": 1, "train_elbo": ..., "val_elbo": ..., ...}
+        save_state(run_dir, vae, trainer.state)
+    """
 
-
-def _check_amortized(guide: Callable, rows: int) -> None:
-    # An AutoGuide with latent sites in the plate over the batch is not amortized (refused);
-    # one over global latents only (as in Pyro's examples/svi_lightning.py) is fine.
-    from pyro.infer.autoguide import AutoGuide
-
-    owner = guide if isinstance(guide, nn.Module) else getattr(guide, "__self__", None)
-    trace = getattr(owner, "prototype_trace", None) if isinstance(owner, AutoGuide) else None
-    if trace is None:
-        return
-    local = [
-        name
-        for name, site in trace.iter_stochastic_nodes()
-        if not isinstance(site["fn"], _Subsample)
-        and any(f.size == rows for f in site["cond_indep_stack"])
-    ]
-    if local:
-        raise ValueError(
-            f"the guide is a {type(owner).__name__}, which holds one set of parameters per "
-            f"datapoint of the plate it first saw (sites {', '.join(local)}): it is not "
-            "amortized, so it cannot be trained on shuffled batches or score new data. A VAE's "
-            "guide maps x to q(z|x) with a network (an encoder): use pyrovae.VAE, or write "
-            "guide(x) that calls an encoder"
-        )
-
-
-class _SubsampleWatch(poutine.messenger.Messenger):
-    # Watches a pair's plates on its first run on a batch of ``rows`` datapoints. A plate that
-    # subsamples exactly the batch it is given, pyro.plate(name, N, subsample_size=len(x)) (Pyro's
-    # minibatch idiom for global latents, as in examples/svi_lightning.py), scales the batch's
-    # log-likelihood by N / rows: its loss estimates the whole data's, and ``full`` = N. A plate
-    # that subsamples anything else is refused: fit hands the pair its batches.
-    def __init__(self, rows: int):
-        super().__init__()
-        self.rows, self.full = rows, None
-
-    def _process_message(self, msg) -> None:
-        fn = msg.get("fn")
-        if msg["type"] == "sample" and isinstance(fn, _Subsample):
-            if fn.subsample_size is not None and 0 < fn.subsample_size < fn.size:
-                if fn.subsample_size != self.rows:
-                    raise ValueError(_subsample_advice(msg["name"], fn.size, fn.subsample_size))
-                self.full = fn.size
-
-
-def _watched(elbo_module: Callable, batch: tuple) -> tuple[torch.Tensor, int | None]:
-    """A pair's loss on its first batch, with its plates watched (:class:`_SubsampleWatch`):
-    the loss, and the full size its plate scales the batch up to (``None`` if it does not)."""
-    try:
-        with _SubsampleWatch(len(batch[0])) as watch:
-            loss = elbo_module(*batch)
-    except ValueError as e:  # Pyro appends the trace's shapes: keep the first line
-        first = (str(e).splitlines() or [""])[0]
-        if "pyrovae.fit hands the pair" in first:
-            raise ValueError(first) from None
-        if "subsample_size" in first:
-            raise ValueError(f"{first}; {_subsample_advice('data', 'N', 'B')}") from e
-        raise
-    return loss, watch.full
-
-
-def _subsample_advice(name, size, subsample_size) -> str:
-    return (
-        f"the pair subsamples its plate {name!r} itself (size {size}, subsample_size "
-        f"{subsample_size}); pyrovae.fit hands the pair shuffled batches and covers every "
-        f"datapoint once per epoch: write pyro.plate({name!r}, x.shape[0]) over the batch the "
-        f"model is given, and pass batch_size={subsample_size} to fit"
-    )
-
-
-def _free_params(param_trace, modules) -> dict:
-    # Plain pyro.param sites the loss reached, outside every module: {name: (leaf, constraint)}.
-    owned = {id(p) for m in modules for p in m.parameters()}
-    store = pyro.get_param_store()
-    free = {}
-    for name, site in param_trace.nodes.items():
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if isinstance(leaf, torch.Tensor) and leaf.grad is not None and id(leaf) not in owned:
-            free[name] = (leaf, store._constraints.get(name, constraints.real))
-    return free
-
-
-def _first_step(terms: list[_Term], batches) -> tuple[torch.Tensor, object, list[nn.Module]]:
-    # Eager, under Pyro's validation as set: the weighted loss with its gradients in place, the
-    # param sites it read, and the modules it registered with pyro.module.
-    found: list[nn.Module] = []
-    losses = []
-    with poutine.trace(param_only=True) as param_capture, recording_modules(found):
-        for term, b in zip(terms, batches, strict=True):
-            loss, term.full = _watched(term.elbo_module, b)
-            _check_amortized(term.guide, len(b[0]))
-            losses.append(loss)
-    for site in param_capture.trace.nodes.values():  # count this loss's gradients only
-        leaf = getattr(site["value"], "unconstrained", lambda: None)()
-        if isinstance(leaf, torch.Tensor):
-            leaf.grad = None
-    modules = _modules_of(*(f for t in terms for f in (t.model, t.guide)), *found)
-    for m in modules:
-        m.zero_grad(set_to_none=True)
-    loss = sum(t.weight * v for t, v in zip(terms, losses, strict=True))
-    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        raise ValueError(
-            "the loss has nothing to train: the model and guide have no sample sites that depend "
-            "on parameters (no pyro.sample inside, or no pyro.param/pyro.module/PyroModule)"
-        )
-    loss.backward()
-    return losses, param_capture.trace, modules
-
-
-class _Trainer:
-    # What fit's epoch loop carries: the terms, the step engine (chosen on the first step), the
-    # non-finite guard and the run's state.
-    def __init__(self, terms, device, lr, optimizer, optim_args, fast: bool, state: TrainState):
-        self.terms, self.device, self.state = terms, device, state
+    def __init__(self, model, guide: Callable | None = None, data=None, *, batch_size: int = 128,
+                 lr: float = 1e-3, loss: ELBO | None = None, device=None, val_data=None,
+                 seed: int | None = None, batch_transform: Callable | None = None,
+                 fast: bool = True, state: TrainState | None = None, optimizer=None,
+                 optim_args: dict | None = None, stream: bool | None = None,
+                 num_workers: int = 0):  # fmt: skip
+        check_fit_args(1, batch_size, lr)
+        self.device = device = resolve_device(device)
+        objectives = as_objectives(model, guide, data, loss)
+        self.terms = [_Fed(o, i, device, batch_size, batch_transform, stream, num_workers)
+                      for i, o in enumerate(objectives)]  # fmt: skip
+        self.val = _validation(val_data, batch_size, stream, num_workers, device)
+        in_memory = self.val if isinstance(self.val, tuple) else None
+        check_data(self.terms[0], self.terms[0].tensors, in_memory)
+        self.state = state if state is not None else TrainState()
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        self.val_seed = 0 if seed is None else int(seed)
+        restore_generators(self.state, device)
+        for m in modules_of(*(f for t in self.terms for f in (t.model, t.guide))):
+            m.to(device)
         self.lr, self.optimizer_cls, self.optim_args, self.fast = lr, optimizer, optim_args, fast
         self.engine: steps.StepEngine | None = None
+        self.modules: list = []  # the modules holding the parameters (after the first step)
         self.guard = NonFiniteGuard(device)
-        lengths = [t.steps for t in terms]
-        if None in lengths and len(terms) > 1:
-            raise ValueError(
-                "with several objectives every stream needs a length (a DataLoader has one)"
-            )
-        self.steps = None if None in lengths else max(lengths)
+        self.history = History()
+        self.steps = _steps_per_epoch(self.terms)
 
-    def start(self, step: int, items: list) -> int:
-        # The first step, eager: find the parameters, choose the engine (capturing the losses),
-        # build the optimizer, then update with the first step's gradients.
-        batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
-        losses, param_trace, modules = _first_step(self.terms, batches)
-        params = _params(param_trace, modules)
-        if not params:
-            raise ValueError("the model and guide have no trainable parameters")
-        free = _free_params(param_trace, modules) if self.fast else {}
-        self.engine = steps.build(
-            self.terms, batches, modules, free, fast=self.fast, device=self.device,
-            guard=self.guard, optimizer=lambda capturable: self.optimizer(params, capturable),
-        )  # fmt: skip
-        self.engine.start_epoch()
-        self.guard.keep(params)
-        return self.engine.update(step, batches, losses, backward=False)
+    def epoch(self, on_step: Callable[[int], None] | None = None) -> dict:
+        """Train one epoch, score the validation data, and bring :attr:`state` to its end.
 
-    def optimizer(self, params, capturable: bool):
-        # The run's optimizer, with Adam's moments where a resumed run left them.
-        made = steps.make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args,
-                                    capturable)  # fmt: skip
-        if self.state.optimizer is not None:
-            load_moments(made[0], self.state.optimizer, params)
-        return made
+        :param on_step: called with the number of steps done after each (a progress bar).
+        :returns: the epoch's record (:func:`pyrovae.pair.epoch_record`), also appended to
+            :attr:`history`.
+        :raises NonFiniteLossError: if a loss was NaN/Inf, after restoring the parameters to
+            the end of the last good epoch.
+        """
+        epoch, start = int(self.state.epoch) + 1, time.perf_counter()
+        self._steps(on_step or (lambda n: None))
+        streamed = [t.stream for t in self.terms if t.stream is not None]
+        waited = sum(s.wait for s in streamed) if streamed else None
+        record = epoch_record(epoch, self.terms, time.perf_counter() - start, None, None, waited)
+        self.guard.end_epoch(epoch, record["train_elbo"], (self.steps or 1) - 1, self.history)
+        if self.val is not None:
+            record["val_elbo"] = validation_elbo(self.terms[0], self._val_batches(), self.val_seed)
+        record_state(self.state, epoch, self.engine.optimizer, self.device)
+        record["seconds"] = time.perf_counter() - start
+        self.history.append(record)
+        return record
 
-    def epoch(self, bar) -> None:
+    def running_elbo(self) -> float | None:
+        """The epoch's train ELBO per datapoint so far (a host read, for a progress bar)."""
+        return self.engine.running_elbo() if self.engine is not None else None
+
+    def _steps(self, on_step: Callable[[int], None]) -> None:
         # One epoch of steps; the guard holds the first bad step.
         for t in self.terms:
             t.start_epoch()
@@ -430,48 +255,61 @@ class _Trainer:
             items = [t.next_index() for t in self.terms]
             if items[0] is None:  # the end of a stream of unknown length
                 break
-            run = self.engine.step if self.engine is not None else self.start
-            bar.update(run(step, items))
+            run = self.engine.step if self.engine is not None else self._start
+            on_step(run(step, items))
             if self.guard.stopped:
                 break
         if self.engine is None:
             raise ValueError("the training data gave no batches")
-        bar.update(self.engine.end_epoch())
+        on_step(self.engine.end_epoch())
 
-    def running_elbo(self) -> float | None:
-        # The epoch's train ELBO per datapoint so far, for the progress bar.
-        return self.engine.running_elbo() if self.engine is not None else None
+    def _start(self, step: int, items: list) -> int:
+        # The first step, eager: find the parameters, choose the engine (capturing the losses),
+        # build the optimizer, then update with the first step's gradients.
+        batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
+        found = discover(self.terms, batches)
+        self.modules = found.modules
+        self.engine = steps.build(
+            self.terms, batches, found.modules, found.free if self.fast else {}, fast=self.fast,
+            device=self.device, guard=self.guard,
+            optimizer=lambda capturable: self._optimizer(found.params, capturable),
+        )  # fmt: skip
+        self.engine.start_epoch()
+        self.guard.keep(found.params)
+        return self.engine.update(step, batches, found.losses, backward=False)
+
+    def _optimizer(self, params, capturable: bool):
+        # The run's optimizer, with Adam's moments where a continued run left them.
+        made = steps.make_optimizer(params, self.lr, self.optimizer_cls, self.optim_args,
+                                    capturable)  # fmt: skip
+        if self.state.optimizer is not None:
+            load_moments(made[0], self.state.optimizer, params)
+        return made
+
+    def _val_batches(self):
+        # The validation data as validation_elbo takes them: tensors, or streamed batches.
+        if not isinstance(self.val, Stream):
+            return self.val
+        self.val.start_epoch()
+        return iter(lambda: self.val.next(cycle=False), None)
 
 
-def _record(trainer: _Trainer, epoch: int, start: float) -> dict:
-    # The epoch's training metrics, per datapoint (one host sync).
-    main = trainer.terms[0]
-    parts = {t.name: -float(t.total) / max(t.seen, 1) for t in trainer.terms}
-    record = {
-        "epoch": epoch,
-        "train_elbo": parts[main.name],
-        "val_elbo": None,
-        "seconds": time.perf_counter() - start,
-        "parts": parts if len(trainer.terms) > 1 else None,
-        "data_seconds": (
-            sum(t.stream.wait for t in trainer.terms if t.stream is not None)
-            if any(t.stream is not None for t in trainer.terms)
-            else None
-        ),
-    }
-    return record
+def _validation(val_data, batch_size: int, stream, num_workers: int, device):
+    # fit's validation data: tensors on the device, or a Stream of batches (large data).
+    if val_data is None:
+        return None
+    if validation_streams(val_data, stream):
+        return Stream(val_data, int(batch_size), num_workers, device, "validation data")
+    return tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
 
 
-def _val_elbo(trainer: _Trainer, val) -> float:
-    main = trainer.terms[0]
-    if not isinstance(val, Stream):
-        return -float(_epoch_loss(main.step_loss, val, main.batch_size, main.full)) / len(val[0])
-    total, n = 0.0, 0
-    val.start_epoch()
-    while (batch := val.next(cycle=False)) is not None:
-        total += float(_epoch_loss(main.step_loss, batch, len(batch[0]), main.full))
-        n += len(batch[0])
-    return -total / n
+def _steps_per_epoch(terms) -> int | None:
+    lengths = [t.steps for t in terms]
+    if None in lengths and len(terms) > 1:
+        raise ValueError(
+            "with several objectives every stream needs a length (a DataLoader has one)"
+        )
+    return None if None in lengths else max(lengths)
 
 
 def fit(
@@ -495,6 +333,7 @@ def fit(
     optim_args: dict | None = None,
     stream: bool | None = None,
     num_workers: int = 0,
+    run_dir: str | os.PathLike | None = None,
 ) -> History:
     """Fit a model/guide pair (or several objectives) with SVI.
 
@@ -552,50 +391,39 @@ def fit(
         collating it onto the device; ``None`` (default) streams DataLoaders, iterables and
         Datasets larger than :data:`pyrovae.batches.STREAM_BYTES`.
     :param int num_workers: DataLoader worker processes when a Dataset is streamed.
+    :param run_dir: write a crash-consistent run directory there, as ``pyrovae train`` does
+        (the pair's module weights, its training state, metrics.csv, elbo.png, manifest.json;
+        see :func:`pyrovae.runs.fit_run`), and continue the run saved there if there is one.
     :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint (the epochs
         trained by this call).
     :raises ValueError: for bad arguments, data or pairs (checked before the first update).
     :raises NonFiniteLossError: if a loss is NaN/Inf; the parameters are restored to the end of
         the last good epoch first.
     """
-    _check_args(epochs, batch_size, lr)
-    device = resolve_device(device)
-    objectives = _objectives(model, guide, data, loss, batch_size)
-    terms = [_Term(o, i, device, batch_size, batch_transform, stream, num_workers)
-             for i, o in enumerate(objectives)]  # fmt: skip
-    val = None
-    if val_data is not None and should_stream(val_data, stream):
-        val = Stream(val_data, int(batch_size), num_workers, device, "validation data")
-    elif val_data is not None:
-        val = tuple(t.to(device) for t in as_tensors(val_data, "validation data"))
-    _check_data(terms[0], val)
-    state = state if state is not None else TrainState()
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    restore_generators(state, device)
-    for m in _modules_of(*(f for t in terms for f in (t.model, t.guide))):
-        m.to(device)
-    trainer = _Trainer(terms, device, lr, optimizer, optim_args, fast, state)
-    return _epochs(trainer, int(state.epoch) + 1, int(epochs), val, callback, progress)
+    check_fit_args(epochs, batch_size, lr)
+    args = {"batch_size": batch_size, "lr": lr, "loss": loss, "device": device,
+            "val_data": val_data, "seed": seed, "batch_transform": batch_transform, "fast": fast,
+            "optimizer": optimizer, "optim_args": optim_args, "stream": stream,
+            "num_workers": num_workers}  # fmt: skip
+    if run_dir is not None:
+        from .runs import fit_run
+
+        return fit_run(Path(run_dir), model, guide, data, epochs=epochs, callback=callback,
+                       progress=progress, state=state, **args)  # fmt: skip
+    trainer = Trainer(model, guide, data, state=state, **args)
+    return train_epochs(trainer, int(epochs), callback, progress)
 
 
-def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -> History:
-    history, state, device = History(), trainer.state, trainer.device
+def train_epochs(trainer: Trainer, last: int, callback=None, progress: bool = True) -> History:
+    """Advance ``trainer`` to epoch ``last`` with a progress bar, calling ``callback(record)``
+    after every epoch (``True`` stops); returns the :class:`History` of the epochs trained."""
+    first = int(trainer.state.epoch) + 1
     bar = TrainingBar(first, last, trainer.steps, trainer.running_elbo, enabled=progress)
     best = None  # the best validation ELBO so far, for the bar
     try:
         for epoch in range(first, last + 1):
             bar.start_epoch(epoch)
-            start = time.perf_counter()
-            trainer.epoch(bar)
-            record = _record(trainer, epoch, start)
-            last_step = (trainer.steps or 1) - 1
-            trainer.guard.end_epoch(epoch, record["train_elbo"], last_step, history)
-            record_state(state, epoch, trainer.engine.optimizer, device)
-            if val is not None:
-                record["val_elbo"] = _val_elbo(trainer, val)
-            record["seconds"] = time.perf_counter() - start
-            history.append(record)
+            record = trainer.epoch(bar.update)
             # the callback may add to the record (a validation ELBO of its own): show it after
             stop = callback is not None and callback(record)
             if record.get("val_elbo") is not None and math.isfinite(record["val_elbo"]):
@@ -606,4 +434,4 @@ def _epochs(trainer: _Trainer, first: int, last: int, val, callback, progress) -
                 break
     finally:
         bar.close()
-    return history
+    return trainer.history

@@ -42,7 +42,7 @@ steps = {float(s["step"]) for s in module.state.optimizer["state"].values()}
 result = {
     "sha256": hashlib.sha256(weights).hexdigest(),
     "records": records,
-    "replayed": [type(p.step_loss).__name__ == "CapturedLoss" for p in module.parts],
+    "replayed": [type(p.step_loss).__name__ == "CapturedLoss" for p in module.terms],
     "adam_steps": sorted(steps),
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

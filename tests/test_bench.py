@@ -11,7 +11,6 @@ from pyrovae import cli
 from pyrovae.bench import (
     GRAPH,
     HandwrittenGraph,
-    _FitEpochs,
     _log_weights,
     bench_training,
     handwritten_epoch,
@@ -161,27 +160,22 @@ def test_plain_function_pair_trains_in_the_bench(digits_vae):
     pyrovae.fit(vae.model, vae.guide, x, epochs=1, batch_size=32, progress=False)
     trained = [p.detach().clone() for p in vae.parameters()]
     model, guide = plain_function_pair(enc, dec, vae.z_dim, prefix="plain_")
-    run = _FitEpochs(model, guide, x, 6, batch_size=32, lr=1e-2, progress=False)
-    try:
-        seconds = [run.epoch() for _ in range(6)]
-        with pytest.raises(RuntimeError, match="no epochs left"):
-            run.epoch()
-    finally:
-        run.close()
-    assert all(s > 0 for s in seconds)
-    elbos = [r["train_elbo"] for r in run.records]
+    run = pyrovae.Trainer(model, guide, x, batch_size=32, lr=1e-2)
+    records = [run.epoch() for _ in range(6)]
+    assert [r["epoch"] for r in records] == list(range(1, 7)) and run.state.epoch == 6
+    assert all(r["seconds"] > 0 for r in records)
+    elbos = run.history.train_elbo
     assert elbos[-1] > elbos[0] + 1, elbos
     assert all(torch.equal(a, b) for a, b in zip(trained, vae.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(before, trained, strict=True))
 
 
-def test_fit_epochs_hands_errors_back_and_closes_unused():
+def test_trainer_refuses_bad_arguments_before_any_step():
     x, _ = _tiny()
-    run = _FitEpochs(lambda x: None, lambda x: None, x, 2, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        run.epoch()
-    run.close()
-    _FitEpochs(lambda x: None, lambda x: None, x, 2, progress=False).close()  # no hang
+        pyrovae.Trainer(lambda x: None, lambda x: None, x, batch_size=0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        pyrovae.Trainer(lambda x: None, lambda x: None, x, lr=0)
 
 
 def test_cuda_graph_loop_needs_cuda():

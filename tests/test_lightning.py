@@ -269,7 +269,7 @@ def test_pyros_svi_lightning_model_global_latents_in_a_scaled_plate():
     trainer = fit(model, guide, (x, y), val_data=(x, y), epochs=30, batch_size=100, lr=0.05,
                   accelerator="cpu", devices=1, enable_progress_bar=False,
                   callbacks=[pyrovae.lightning.EpochCallback(records.append)])  # fmt: skip
-    assert trainer.lightning_module.parts[0].full == len(x)
+    assert trainer.lightning_module.terms[0].full == len(x)
     median = guide.median()
     for name, truth in (("coeff", 2.0), ("bias", 0.5), ("scale", 0.3)):
         assert abs(float(median[name]) - truth) < 0.1, (name, float(median[name]))
