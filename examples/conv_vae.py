@@ -39,26 +39,31 @@ __all__ = ["build_parser", "main", "build_conv_vae"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
-    p.add_argument(
-        "--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian-learned"]
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS),
+                   help="the images to train on")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
+    p.add_argument("--likelihood", default="bernoulli", help="p(x|z) of a pixel",
+                   choices=["bernoulli", "gaussian", "gaussian-learned"])  # fmt: skip
     p.add_argument("--variance", type=float, default=0.05, help="c of N(f(z), c·I)")
     p.add_argument("--channels", type=int, default=32, help="channels of the first conv layer")
     p.add_argument("--hidden", type=int, default=256, help="dense layer of the encoder")
-    p.add_argument("--z-dim", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--z-dim", type=int, default=16, help="latent size")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on the first N images only (None: all)")  # fmt: skip
     p.add_argument("--eval-n", type=int, default=500, help="test images scored (spread evenly)")
     p.add_argument("--num-samples", type=int, default=1000, help="K importance samples")
     p.add_argument("--out", default="conv-vae-out", help="folder for the figures")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

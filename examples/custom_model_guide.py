@@ -41,19 +41,26 @@ __all__ = ["build_parser", "main", "make_pair", "exact_log_likelihood", "ppca_ml
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", choices=list(pyrovae.data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--dataset", default="digits", choices=list(pyrovae.data.DATASETS),
+                   help="the images to fit")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
     p.add_argument("--z-dim", type=int, default=8, help="k, the number of latent factors")
-    p.add_argument("--prior", choices=["normal", "student-t"], default="normal")
+    p.add_argument("--prior", choices=["normal", "student-t"], default="normal",
+                   help="prior on the latent factors")  # fmt: skip
     p.add_argument("--df", type=float, default=3.0, help="degrees of freedom of the Student-t")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--epochs", type=int, default=300, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use the first N training images (None: all)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=5000, help="K importance samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

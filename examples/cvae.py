@@ -50,23 +50,31 @@ __all__ = ["build_parser", "main", "CVAE", "Baseline", "quadrant_mask", "make_ta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="binarized-mnist", choices=list(pyrovae.data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
-    p.add_argument("--task", choices=["quadrants", "class"], default="quadrants")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--dataset", default="binarized-mnist", choices=list(pyrovae.data.DATASETS),
+                   help="the images to train on")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
+    p.add_argument("--task", choices=["quadrants", "class"], default="quadrants",
+                   help="complete images from quadrants, or draw images of a class")  # fmt: skip
     p.add_argument("--visible", type=int, default=1, choices=[1, 2, 3], help="quadrants shown")
-    p.add_argument("--label", type=int, default=None, help="class to generate (--task class)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[500])
-    p.add_argument("--z-dim", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--label", type=int, default=None,
+                   help="class to generate (--task class; None: every class)")  # fmt: skip
+    p.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden sizes")
+    p.add_argument("--z-dim", type=int, default=16, help="latent size")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on the first N images only (None: all)")  # fmt: skip
     p.add_argument("--eval-n", type=int, default=1000, help="test images scored (spread evenly)")
     p.add_argument("--num-samples", type=int, default=1000, help="K importance samples")
     p.add_argument("--out", default="cvae-out", help="folder for the figures")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -44,28 +44,33 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--data-dir", default=None,
-                   help="image folder (default: the embedded colour patches)")  # fmt: skip
+                   help="image folder (None: the embedded colour patches)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=32, help="resize and centre-crop to S×S")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                   help="convert images to grey (1) or RGB (3)")  # fmt: skip
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable files")
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="conv block channels")
     p.add_argument("--hidden", type=int, default=256, help="dense layer of encoder and decoder")
-    p.add_argument("--z-dim", type=int, default=32)
+    p.add_argument("--z-dim", type=int, default=32, help="latent size")
     p.add_argument("--mixtures", type=int, default=5, help="logistic components per pixel")
     p.add_argument("--epochs", type=int, default=40,
                    help="passes over the data (fewer leave colours washed out)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     p.add_argument("--workers", type=int, default=0,
                    help="decode images in N DataLoader workers (0: in memory)")  # fmt: skip
     p.add_argument("--eval-n", type=int, default=100, help="test images scored (spread evenly)")
     p.add_argument("--num-samples", type=int, default=1000, help="K importance samples")
     p.add_argument("--out", default="own-images-out", help="folder for the figures")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

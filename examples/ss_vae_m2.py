@@ -50,26 +50,33 @@ NUM_CLASSES = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS),
+                   help="the images to train on")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
     p.add_argument("--labels", type=int, default=3000, help="labelled training images")
-    p.add_argument("--unlabelled", type=int, default=None, help="use N unlabelled images only")
+    p.add_argument("--unlabelled", type=int, default=None,
+                   help="use N unlabelled images only (None: all the others)")  # fmt: skip
     p.add_argument("--alpha", type=float, default=46.0, help="weight of α·log q(y|x)")
     p.add_argument(
         "--label-repeat", type=int, default=1, help="show each labelled image R times an epoch"
     )
-    p.add_argument("--hidden", type=int, nargs="+", default=[500])
-    p.add_argument("--z-dim", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden sizes")
+    p.add_argument("--z-dim", type=int, default=50, help="latent size (z, beside the class y)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=200, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     p.add_argument(
         "--baseline", action="store_true", help="also train the classifier on the labels alone"
     )
     p.add_argument("--out", default="m2-out", help="folder for the figures")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

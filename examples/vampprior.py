@@ -85,28 +85,36 @@ SOURCES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
     p.add_argument("--dataset", default="binarized-mnist", help="binarized-mnist, or digits")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="rows")
     p.add_argument("--out", default="vampprior-runs", help="folder for the runs and results")
     p.add_argument("--epochs", type=int, default=2000, help="most epochs per run")
     p.add_argument("--warmup", type=int, default=100, help="KL warm-up epochs")
     p.add_argument("--patience", type=int, default=50, help="early-stopping patience")
-    p.add_argument("--train-limit", type=int, default=None, help="train on N images only")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="train on N images only (None: all)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=5000, help="K for the final test NLL")
-    p.add_argument("--test-limit", type=int, default=None, help="score N test images only")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="score N test images only (None: all)")  # fmt: skip
     p.add_argument("--curve-every", type=int, default=10, help="test-NLL curve: every N epochs")
     p.add_argument("--curve-samples", type=int, default=100, help="K for the curve")
     p.add_argument("--curve-limit", type=int, default=1000, help="test images for the curve")
-    p.add_argument("--hidden", type=int, nargs="+", default=[300, 300])
-    p.add_argument("--z-dim", type=int, default=40)
+    p.add_argument("--hidden", type=int, nargs="+", default=[300, 300],
+                   help="hidden sizes (GatedDense layers)")  # fmt: skip
+    p.add_argument("--z-dim", type=int, default=40, help="latent size (z1 and z2 of the HVAE)")
     p.add_argument("--components", type=int, default=500, help="pseudo-inputs / MoG components")
     p.add_argument("--flows", type=int, default=2, help="transforms of the flow prior")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam's learning rate")
+    p.add_argument("--batch-size", type=int, default=100, help="images per step")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
     p.add_argument(
         "--resume",
         action="store_true",

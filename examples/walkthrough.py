@@ -78,27 +78,33 @@ VARIANTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[256])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=list(pyrovae.data.DATASETS),
+                   help="the images to train on")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="data root (None: $PYROVAE_DATA, else ~/.cache/pyrovae)")  # fmt: skip
+    p.add_argument("--hidden", type=int, nargs="+", default=[256],
+                   help="hidden sizes of the encoder and decoder")  # fmt: skip
     p.add_argument("--variance", type=float, default=0.05, help="c of N(f(z), c·I) in (a)–(d)")
     p.add_argument(
         "--variances", type=float, nargs="*", default=[0.005, 0.05, 0.5],
         help="values of c for the VAE's variance study (none: skip it)",
     )  # fmt: skip
     p.add_argument("--noise", type=float, default=0.3, help="the fixed guide scale s of (c)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     p.add_argument("--limit", type=int, default=10000, help="train on the first N images")
     p.add_argument("--eval-n", type=int, default=2000, help="test images measured and drawn")
     p.add_argument("--lines", type=int, default=200, help="straight lines for continuity")
     p.add_argument("--grid", type=int, default=12, help="decoded grid size per side")
     p.add_argument("--judge-steps", type=int, default=1500, help="training steps of the judge")
     p.add_argument("--out", default="walkthrough-out", help="folder for figures and tables")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every draw")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -44,7 +44,7 @@ _FROM = {
     "WriteError": "errors",
 }
 _SUBMODULES = ("data", "likelihoods", "nets", "priors", "guides", "objectives", "schedules",
-               "selection", "plots", "metrics")  # fmt: skip
+               "selection", "plots", "metrics", "choices")  # fmt: skip
 
 __all__ = [*_FROM, *_SUBMODULES]
 
@@ -66,6 +66,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eagerly
     from . import (  # noqa: F401
+        choices,
         data,
         guides,
         likelihoods,

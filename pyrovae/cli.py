@@ -1,4 +1,5 @@
-"""The ``pyrovae`` command: ``train``, ``resume``, ``evaluate``, ``sample`` and ``bench``.
+"""The ``pyrovae`` command: ``train``, ``resume``, ``evaluate``, ``sample``, ``plot``, ``bench``
+and ``completion``.
 
 ``pyrovae train`` with no options trains a small VAE on scikit-learn's bundled 8×8 digits, offline,
 and leaves a run directory with the config, a checkpoint, per-epoch metrics and PNG plots.
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+from .choices import DATASETS, SPLITS
 from .errors import CheckpointError
 from .launch import add_launch_args, check_launch, distributed, launched_rank
 from .launch import start as start_processes
@@ -75,7 +77,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False  # a flag (0 is a default to show)
+            or default == argparse.SUPPRESS
             or not action.option_strings
         ):
             return text
@@ -101,154 +105,113 @@ def add_pair_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import LOSSES, MODELS, STREAM, Config
-    from .data import BINARIZE, DATASETS
-    from .guides import GUIDES
-    from .likelihoods import LIKELIHOODS
-    from .nets import ACTIVATIONS, NETS
-    from .priors import PRIORS
-
-    d = Config()
+    """The ``pyrovae`` command's parser; importing what it needs loads neither torch nor Pyro,
+    so ``--help``, ``--version`` and ``completion`` answer at once."""
     from . import __version__
 
-    parser = _Parser(prog="pyrovae", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="pyrovae", description="Variational autoencoders as Pyro model/guide "
+                     "pairs: train one into a run directory, then score, sample and plot it.",
+                     epilog="Each command's options: pyrovae COMMAND --help")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                title="commands", metavar="COMMAND")  # fmt: skip
+    for add in (_train_parser, _resume_parser, _evaluate_parser, _sample_parser, _plot_parser,
+                _bench_parser, _completion_parser):  # fmt: skip
+        add(sub)
+    for name, command in sub.choices.items():
+        if name != "completion":  # which runs no torch
+            command.add_argument("--threads", type=int, default=None, help=_THREADS)
+    return parser
 
-    t = sub.add_parser("train", help="train a VAE and write a run directory")
+
+_THREADS = ("torch's CPU threads (default: one per core, waiting passively; 1 is fastest beside "
+            "other busy processes)")  # fmt: skip
+
+
+#: Python types of Config's field annotations, as argparse converts them.
+_TYPES = {"int": int, "float": float, "str": str, "tuple[int, ...]": int}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    # one option per Config field (--z-dim for z_dim): default, choices and help from the field
+    from .config import Config
+
+    group = parser.add_argument_group("settings", "saved in the run's config.json; --config FILE "
+                                      "reads them from a file")  # fmt: skip
+    for f in fields(Config):
+        setting = f.metadata.get("setting")
+        if setting is None:  # x_shape: the data decide it
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), f.type.removesuffix(" | None")
+        if kind == "bool":
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(flag, action=action, help=setting.help)
+            continue
+        unset = f" (default: {setting.unset})" if f.default is None and setting.unset else ""
+        group.add_argument(flag, type=_TYPES[kind], choices=list(setting.choices) or None,
+                           nargs="+" if kind.startswith("tuple") else None,
+                           default=list(f.default) if isinstance(f.default, tuple) else f.default,
+                           help=setting.help + unset)  # fmt: skip
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a VAE (or your own pair) and write a run directory")
+    _add_config_options(t)
+    # the run's own options (not settings of the model: not in config.json)
     add_pair_args(t)
-    t.add_argument("--dataset", choices=list(DATASETS), default=d.dataset,
-                   help="the images to train on (folder: your own, in --data-dir)")  # fmt: skip
-    t.add_argument(
-        "--data-dir",
-        default=d.data_dir,
-        help="data root (default $PYROVAE_DATA, else ~/.cache/pyrovae)",
-    )
-    t.add_argument(
-        "--binarize",
-        choices=["auto", *BINARIZE],
-        default=d.binarize,
-        help="auto: for a Bernoulli likelihood, threshold digits and binarize (M)NIST dynamically",
-    )
-    t.add_argument(
-        "--download", action="store_true", help="let torchvision download mnist/fashion-mnist"
-    )
-    t.add_argument("--image-size", type=int, default=d.image_size,
-                   help="folder: resize (shorter side) and centre-crop to S×S")  # fmt: skip
-    t.add_argument("--channels", type=int, choices=[1, 3], default=d.channels,
-                   help="folder: convert images to grey (1) or RGB (3)")  # fmt: skip
-    t.add_argument("--skip-bad-files", action="store_true",
-                   help="folder: skip unreadable files (counted in train.json)")  # fmt: skip
-    t.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
-                   help="folder without train/valid/test subfolders: validation share")  # fmt: skip
-    t.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                   help="folder without train/valid/test subfolders: test share")  # fmt: skip
-    t.add_argument("--stream", choices=list(STREAM), default=d.stream,
-                   help="folder: decode training images in DataLoader workers while training "
-                   "(auto: when they would take more than 2 GiB decoded)")  # fmt: skip
-    t.add_argument("--workers", type=int, default=d.workers,
-                   help="folder, streamed: DataLoader worker processes")  # fmt: skip
-    t.add_argument("--net", choices=list(NETS), default=d.net, help="encoder and decoder")
-    t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="hidden sizes")
-    t.add_argument("--widths", type=int, nargs="+", default=list(d.widths),
-                   help="conv: channels of the residual blocks (one halving each)")  # fmt: skip
-    t.add_argument("--gated", action="store_true", help="GatedDense layers (VampPrior paper)")
-    t.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation,
-                   help="the hidden layers' nonlinearity")  # fmt: skip
-    t.add_argument("--z-dim", type=int, default=d.z_dim, help="latent size (top layer of hvae)")
-    t.add_argument(
-        "--model", choices=list(MODELS), default=d.model, help="hvae: two layers z2 -> z1 -> x"
-    )
-    t.add_argument("--prior", choices=list(PRIORS), default=d.prior, help="prior on z (z2 in hvae)")
-    t.add_argument(
-        "--components",
-        type=int,
-        default=d.components,
-        help="K: mixture components (mog) or pseudo-inputs (vampprior)",
-    )
-    t.add_argument(
-        "--guide", choices=list(GUIDES), default=d.guide, help="flow: IAF on the encoder's Gaussian"
-    )
-    t.add_argument(
-        "--flows", type=int, default=d.flows, help="transforms of the flow prior / flow guide"
-    )
-    t.add_argument("--likelihood", choices=list(LIKELIHOODS), default=d.likelihood,
-                   help="p(x|z) of a pixel (discretized-*: 8-bit images)")  # fmt: skip
-    t.add_argument(
-        "--variance", type=float, default=d.variance, help="c of the Gaussian N(f(z), c·I)"
-    )
-    t.add_argument("--allow-non-binary", action="store_true", help="Bernoulli on grey values")
-    t.add_argument("--mixtures", type=int, default=d.mixtures,
-                   help="logistic components per pixel (discretized-logistic)")  # fmt: skip
-    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    t.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate")
-    t.add_argument("--loss", choices=list(LOSSES), default=d.loss,
-                   help="elbo (Trace_ELBO), meanfield (closed-form KL), iwae")  # fmt: skip
-    t.add_argument(
-        "--particles", type=int, default=d.particles, help="samples per datapoint (iwae's k)"
-    )
-    t.add_argument("--beta", type=float, default=d.beta, help="KL weight (β-VAE when != 1)")
-    t.add_argument(
-        "--warmup", type=int, default=d.warmup, help="KL warm-up epochs: β rises linearly to --beta"
-    )
-    t.add_argument(
-        "--patience",
-        type=int,
-        default=d.patience,
-        help="stop after N epochs (after warm-up) without a better validation ELBO",
-    )
-    t.add_argument(
-        "--train-limit", type=int, default=d.train_limit, help="train on the first N images"
-    )
-    t.add_argument(
-        "--test-every",
-        type=int,
-        default=0,
-        help="every N epochs, record log p(x) on test images in metrics.csv (0: never)",
-    )
+    t.add_argument("--test-every", type=int, default=0,
+                   help="every N epochs, record log p(x) on test images in metrics.csv "
+                   "(0: never)")  # fmt: skip
     t.add_argument("--test-samples", type=int, default=100, help="K for --test-every")
     t.add_argument("--test-limit", type=int, default=1000, help="test images for --test-every")
-    t.add_argument("--seed", type=int, default=d.seed,
-                   help="fixes the initial weights, the batches and every draw")  # fmt: skip
-    t.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--out", default=None, help="run directory (default runs/DATASET-TIMESTAMP)")
     t.add_argument("--config", default=None, metavar="FILE",
                    help="settings from a JSON or TOML file with config.json's keys; flags given "
-                   "on the command line override them")  # fmt: skip
+                   "on the command line override them (default: none)")  # fmt: skip
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (default: refuse it)")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_launch_args(t, train=True)
 
+
+def _run_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (what train wrote, its --out)")
+
+
+def _resume_parser(sub) -> None:
     r = sub.add_parser("resume", help="continue an interrupted run where its last epoch ended")
-    r.add_argument("run_dir")
-    r.add_argument(
-        "--epochs", type=int, default=None, help="train up to N epochs in all (default: the run's)"
-    )
+    _run_dir(r)
+    r.add_argument("--epochs", type=int, default=None,
+                   help="train up to N epochs in all (default: the run's)")  # fmt: skip
     r.add_argument("--device", default=None, help="train on another device (default: the run's)")
-    r.add_argument("--data-dir", default=None, help="override the run's data root")
+    r.add_argument("--data-dir", default=None,
+                   help="override the run's data root (default: the run's)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_launch_args(r, train=True)
 
+
+def _evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
-    e.add_argument("run_dir")
+    _run_dir(e)
     e.add_argument("--num-samples", type=int, default=5000, help="K importance samples")
-    e.add_argument("--split", choices=["train", "valid", "test"], default="test",
-                   help="the split to score")  # fmt: skip
-    e.add_argument(
-        "--limit", type=int, default=None, help="score N datapoints spread over the split"
-    )
-    e.add_argument("--batch-size", type=int, default=None, help="datapoints per chunk")
-    e.add_argument("--data-dir", default=None, help="override the run's data root")
+    e.add_argument("--split", choices=list(SPLITS), default="test", help="the split to score")
+    e.add_argument("--limit", type=int, default=None,
+                   help="score N datapoints spread over the split (default: all)")  # fmt: skip
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="datapoints per chunk (default: as many as the device's chunk bound "
+                   "holds with K samples each)")  # fmt: skip
+    e.add_argument("--data-dir", default=None,
+                   help="override the run's data root (default: the run's)")  # fmt: skip
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_launch_args(e, train=False)
 
+
+def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="a grid of images from the prior: decoder means or draws")
-    s.add_argument("run_dir")
-    s.add_argument("--out", required=True, help="PNG file to write")
+    _run_dir(s)
+    s.add_argument("--out", required=True, help="PNG file to write (required)")
     s.add_argument("-n", "--num", type=int, default=64, help="number of images")
     s.add_argument("--seed", type=int, default=0, help="seeds the prior draws")
     what = s.add_mutually_exclusive_group()
@@ -257,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--draw", dest="draw", action="store_true",
                       help="draw x ~ p(x|z) (binary pixels for a Bernoulli)")  # fmt: skip
 
-    p = sub.add_parser("plot", help="redraw a run's plots from its weights and metrics")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", default=None, help="override the run's data root")
 
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="redraw a run's plots from its weights and metrics")
+    _run_dir(p)
+    p.add_argument("--data-dir", default=None,
+                   help="override the run's data root (default: the run's)")  # fmt: skip
+
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="images/s of fit and log p(x) against hand-written PyTorch")
     b.add_argument("--dataset", choices=list(DATASETS), default="digits", help="training images")
     b.add_argument("--data-dir", default=None, help="data root (default $PYROVAE_DATA)")
@@ -268,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlp: 784-400-50; vampprior: GatedDense(300) x 2, z=40")  # fmt: skip
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[256], help="batch sizes timed")
     b.add_argument("--rounds", type=int, default=3, help="timed repeats per method")
-    b.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    b.add_argument("--limit", type=int, default=None,
+                   help="use the first N training images (default: all)")  # fmt: skip
     b.add_argument("--num-samples", type=int, nargs="*", default=[5000],
                    help="K values for log p(x) (none: skip)")  # fmt: skip
     b.add_argument("--eval-n", type=int, default=100, help="test images scored")
@@ -285,14 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time training alone, beside one busy process (a shared machine), "
                    "or both")  # fmt: skip
     b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
+
+
+def _completion_parser(sub) -> None:
     c = sub.add_parser("completion", help="print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh"],
                    help="source its output, e.g. eval \"$(pyrovae completion bash)\"")  # fmt: skip
-    for command in sub.choices.values():
-        command.add_argument("--threads", type=int, default=None,
-                             help="torch's CPU threads (default: one per core, waiting "
-                             "passively; 1 is fastest beside other busy processes)")  # fmt: skip
-    return parser
+    c.set_defaults(threads=None)  # no torch here: no --threads
 
 
 def _with_config_file(parser, path: str, argv):

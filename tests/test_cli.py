@@ -492,3 +492,67 @@ def test_a_folder_of_six_images_trains_and_draws_every_plot(tmp_path):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert rows[-1]["active_units"] == ""  # a variance over one validation image is undefined
+
+
+def _subparsers():
+    import argparse
+
+    parser = cli.build_parser()
+    return parser, next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def test_train_options_are_configs_fields_with_their_defaults_and_choices():
+    from dataclasses import fields
+
+    from pyrovae.config import Config
+
+    _, sub = _subparsers()
+    train = sub.choices["train"]
+    flags = {a.dest: a for a in train._actions if a.option_strings}
+    for f in fields(Config):
+        if f.name == "x_shape":  # the data decide it
+            assert f.name not in flags
+            continue
+        setting, action = f.metadata["setting"], flags[f.name]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")]
+        assert action.help.startswith(setting.help), f.name
+        assert tuple(action.choices or ()) == setting.choices, f.name
+    args = vars(train.parse_args([]))
+    assert Config.from_dict({f.name: args[f.name] for f in fields(Config) if f.name in args}) \
+        == Config()  # fmt: skip
+
+
+def test_help_version_and_completion_import_neither_torch_nor_pyro():
+    # they answer at once (issue 26): no torch, no Pyro, whatever they print
+    code = """
+import contextlib, io, sys
+from pyrovae import cli
+for argv in (["--version"], ["--help"], ["train", "--help"], ["evaluate", "--help"],
+             ["completion", "bash"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        cli.main(argv)
+print(sorted(m for m in ("torch", "pyro", "numpy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+    version = subprocess.run([sys.executable, "-m", "pyrovae", "--version"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    assert version.stdout.startswith("pyrovae ")
+
+
+def test_help_lists_every_command_and_every_option_says_its_default():
+    parser, sub = _subparsers()
+    text = parser.format_help()
+    assert "`" not in text and all(name in text for name in cli.COMMANDS), text
+    assert set(sub.choices) == set(cli.COMMANDS)
+    formatter = cli._DefaultsFormatter("pyrovae")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)  # run_dir too
+            takes_value = action.option_strings and action.nargs != 0
+            if takes_value and not action.required:
+                assert "default" in formatter._get_help_string(action), (name, action.dest)
+    assert "--threads" not in sub.choices["completion"].format_help()
+    assert "(default: 0)" in " ".join(sub.choices["evaluate"].format_help().split())

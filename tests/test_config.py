@@ -46,3 +46,60 @@ def test_the_config_seed_fixes_the_initial_weights():
     c = build_vae(Config(x_shape=(1, 8, 8), hidden=(16,), z_dim=2, seed=4)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_each_fields_choices_are_its_registrys_keys():
+    from dataclasses import fields
+
+    from pyrovae import data, guides, likelihoods, nets, objectives, priors
+    from pyrovae.config import MODELS
+
+    declared = {f.name: f.metadata["setting"].choices for f in fields(Config) if f.metadata}
+    registries = {"dataset": data.DATASETS, "net": nets.NETS, "activation": nets.ACTIVATIONS,
+                  "model": MODELS, "prior": priors.PRIORS, "guide": guides.GUIDES,
+                  "likelihood": likelihoods.LIKELIHOODS, "loss": objectives.LOSSES}  # fmt: skip
+    for name, registry in registries.items():
+        assert declared[name] == tuple(registry), name
+    assert declared["binarize"] == ("auto", *data.BINARIZE)
+
+
+def _outside(setting, integer: bool) -> list:
+    # values just outside a Setting's choices and bounds
+    step = 1 if integer else 0.5
+    values = ["no-such-name"] if setting.choices else []
+    if setting.low is not None:
+        values.append(setting.low if setting.low_open else setting.low - step)
+    if setting.high is not None:
+        values.append(setting.high if setting.high_open else setting.high + step)
+    return values
+
+
+def test_validate_refuses_what_each_fields_setting_declares_naming_the_field():
+    from dataclasses import fields, replace
+
+    Config().validate()  # the defaults are inside every declaration
+    checked = 0
+    for f in fields(Config):
+        if not f.metadata:
+            continue
+        integer = "int" in f.type
+        for value in _outside(f.metadata["setting"], integer):
+            value = (value,) if f.type.startswith("tuple") else value
+            with pytest.raises(ValueError) as info:
+                replace(Config(), **{f.name: value}).validate()
+            message = str(info.value)
+            assert message.startswith((f.name, f"unknown {f.name} ")), message
+            assert "\n" not in message
+            checked += 1
+    assert checked >= 40  # every choice and bound declared today was tried
+
+
+def test_config_loads_without_torch_and_builds_with_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pyrovae.config import Config, build_vae; Config().validate(); "
+            "print(sorted(m for m in ('torch', 'pyro') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert type(build_vae(Config(x_shape=(1, 8, 8), hidden=(8,), z_dim=2))).__name__ == "VAE"

@@ -202,3 +202,17 @@ def test_own_images(tmp_path, capsys):
     _run("own_images", args, "--num-samples", "10", "--out", str(tmp_path), *QUIET)
     assert "bits/dim" in capsys.readouterr().out
     _pngs(tmp_path, "samples.png", "reconstructions.png", "interpolations.png", "elbo.png")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.py")))
+def test_every_option_of_an_example_has_help_and_shows_its_default(name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: no words broken at hyphens
+    parser = _load(name).build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "``" not in text
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, (name, action.option_strings)
+        default = action.default if not isinstance(action.default, list) else str(action.default)
+        assert f"(default: {' '.join(str(default).split())})" in text, (name, action.dest)
