@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 from .launch import launched_rank
@@ -37,7 +38,9 @@ from .rundir import (
     update_manifest,
 )
 from .rundir import METRICS as METRICS_FILE
-from .runpair import PAIR_FILE, RunPair
+
+if TYPE_CHECKING:
+    from .runpair import RunPair
 
 log = logging.getLogger("pyrovae")
 
@@ -480,6 +483,8 @@ def run_training(
 
 def _prepare(run_dir, config, options, launch, pair_spec, arrays) -> tuple[Run, dict]:
     # the run's pair, data and files, before any epoch
+    from .runpair import PAIR_FILE
+
     writer = launch is None or launched_rank() == 0
     device = run_device(config.device if launch is None else "cpu")  # Lightning moves the model
     source = None if options is not None else _source(run_dir)
@@ -527,7 +532,7 @@ def _run_pair(config, spec: str | None, arrays: str | None, train, device) -> Ru
     import pyro
 
     from .pair import modules_of
-    from .runpair import load_pair, pair_source
+    from .runpair import RunPair, load_pair, pair_source
 
     pyro.set_rng_seed(config.seed)
     if spec is None:
@@ -651,6 +656,7 @@ def fit_run(run_dir: Path, model, guide, data, *, epochs: int, callback=None,
         has trained ``epochs`` already.
     """
     from .rundir import RunLock, recover
+    from .runpair import RunPair
     from .training import Trainer, resolve_device, train_epochs
 
     if state is not None:
@@ -742,6 +748,7 @@ def load_run_pair(run_dir: Path, device, data_dir: str | None = None):
     import pyro
 
     from .checkpoint import load_config, load_run, load_weights
+    from .runpair import RunPair
 
     source = _source(run_dir)
     if source is None:
