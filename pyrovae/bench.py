@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import math
 import resource
 import statistics
@@ -38,6 +37,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 
+from . import graphs
 from .config import Config, build_vae
 from .evaluation import DEFAULT_CHUNK_ELEMENTS, default_chunk_elements, log_likelihood, plan_chunks
 from .training import Trainer
@@ -172,28 +172,10 @@ class HandwrittenGraph:
 
     def _record(self, perm) -> None:
         bs = self.batch_size
-        gc.collect()  # no autograd graph of an earlier step may survive into the recording
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(self.warm_up):
-                self.index.copy_(perm[i * bs : (i + 1) * bs])
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        device = self.x.device.index if self.x.device.index is not None else 0
-        generator = torch.cuda.default_generators[device]
-        rng = generator.clone_state()  # a failed recording leaves the generator mid-capture
-        try:
-            with torch.cuda.graph(graph):
-                self._body()
-        except RuntimeError:
-            generator.graphsafe_set_state(rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
-        self.graph = graph
+        steps = [lambda i=i: self.index.copy_(perm[i * bs : (i + 1) * bs])
+                 for i in range(self.warm_up)]  # fmt: skip
+        graphs.warm_up(steps, self._body, self.optimizer)
+        self.graph = graphs.record(self._body, self.optimizer, self.x.device)
 
     def epoch(self) -> float:
         """One epoch over all images (the first one records the graph); returns the ELBO per
