@@ -61,6 +61,7 @@ from .pair import (
     discover,
     epoch_record,
     validation_elbo,
+    validation_seed,
 )
 from .schedules import KLSchedule
 from .selection import EarlyStopping
@@ -229,7 +230,7 @@ class PairModule(L.LightningModule):
             data = self.trainer.datamodule
             val = data.validation(self.device) if data is not None else None
             if val is not None:
-                main, seed = self.terms[0], self.val_seed
+                main, seed = self.terms[0], validation_seed(self.val_seed, epoch)
                 record["val_elbo"] = validation_elbo(main, val, seed, self._reduce)
             record_state(self.state, epoch, self.optimizers().optimizer, self.device)
             self._record = record

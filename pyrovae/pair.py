@@ -46,6 +46,7 @@ __all__ = [
     "check_data",
     "batch_sum",
     "validation_elbo",
+    "validation_seed",
     "epoch_record",
     "subsample_advice",
 ]
@@ -398,8 +399,7 @@ def validation_elbo(term: Term, val, seed: int, reduce: Callable | None = None) 
     :param val: the validation tensors in memory (every rank holds them all: inside a
         ``torch.distributed`` group :func:`pyrovae.elbo` deals the blocks out over the ranks),
         or an iterable of this rank's batches (streamed).
-    :param int seed: the draws' seed (the same every epoch: epochs are compared on the same
-        noise).
+    :param int seed: the draws' seed (:func:`validation_seed`).
     :param reduce: sums a ``(2,)`` tensor ``[Σ ELBO, datapoints]`` over the ranks, for
         streamed batches (default: one process).
     :returns: nats per datapoint, or ``None`` for no data.
@@ -430,6 +430,12 @@ def _enum(term: Term) -> bool:
 
 def _cuda(tensors) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def validation_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's validation draws: fresh noise every epoch, the same for every
+    engine and number of processes."""
+    return (int(seed) * 1_000_003 + int(epoch)) % 2**63
 
 
 def epoch_record(

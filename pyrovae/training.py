@@ -48,6 +48,7 @@ from .pair import (
     epoch_record,
     modules_of,
     validation_elbo,
+    validation_seed,
 )
 from .progress import TrainingBar
 from .state import TrainState, load_moments, restore_generators
@@ -234,7 +235,8 @@ class Trainer:
         record = epoch_record(epoch, self.terms, time.perf_counter() - start, None, None, waited)
         self.guard.end_epoch(epoch, record["train_elbo"], (self.steps or 1) - 1, self.history)
         if self.val is not None:
-            record["val_elbo"] = validation_elbo(self.terms[0], self._val_batches(), self.val_seed)
+            seed = validation_seed(self.val_seed, epoch)
+            record["val_elbo"] = validation_elbo(self.terms[0], self._val_batches(), seed)
         record_state(self.state, epoch, self.engine.optimizer, self.device)
         record["seconds"] = time.perf_counter() - start
         self.history.append(record)

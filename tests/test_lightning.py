@@ -427,3 +427,24 @@ def test_a_ddp_run_killed_while_training_resumes_on_two_processes_then_on_one(tm
     assert once.returncode == 0, once.stderr
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["epochs_run"] == saved + 3 and summary["engine"] == "fit"
+
+
+def test_a_pair_of_your_own_trains_on_two_processes_with_tensorboard(tmp_path):
+    # --pair under DDP: the same run directory as one process's (the pair's modules' weights,
+    # metrics with the validation ELBO), TensorBoard scalars, and evaluate re-creates the pair.
+    pairs = HERE / "pairs.py"
+    proc = _cli(tmp_path, "train", "--pair", f"{pairs}:tutorial_vae", "--out", "run", "--epochs",
+                "2", "--devices", "2", "--accelerator", "cpu", "--logger", "tensorboard",
+                "--no-progress", "--batch-size", "32")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["engine"] == "lightning"
+    assert json.loads((run / "pair.json").read_text())["name"] == "tutorial_vae"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and (run / "elbo.png").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    proc = _cli(tmp_path, "evaluate", "run", "--num-samples", "10", "--limit", "20",
+                "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "eval.json").read_text())["n"] == 20

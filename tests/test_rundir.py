@@ -317,7 +317,7 @@ def test_ill_typed_state_metadata_is_one_line(tmp_path, capsys):
         meta = json.loads(f.metadata()["state"])
     tensors = load_file(path)
     cases = [({**meta, "moments": []}, tensors, "ill-typed metadata"),
-             ({**meta, "extra": {}}, tensors, "lacks the CLI's bookkeeping"),
+             ({**meta, "extra": {}}, tensors, "lacks a run's bookkeeping"),
              (meta, {**tensors, "rng": torch.zeros(3)}, "random generator state")]  # fmt: skip
     for bad_meta, bad_tensors, match in cases:
         save_file(bad_tensors, path, metadata={"state": json.dumps(bad_meta)})
