@@ -228,8 +228,10 @@ def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLa
     repeated-batch path), and whether the model subsamples its own plate from the full data.
     The random state is restored after, so scoring draws what Pyro's own ELBOs would.
 
+    :param tensors: the data: a tensor ``(N, ...)`` (a one-tensor batch) or a tuple of tensors.
     :raises ValueError: if neither path can score the pair, with both reasons.
     """
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
     probe = tuple(t[:2] for t in tensors)
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
