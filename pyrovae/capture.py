@@ -385,10 +385,15 @@ class _Holder(nn.Module):
 
 
 @contextlib.contextmanager
-def recording_modules(found: list[nn.Module]):
+def recording_modules(found: list[nn.Module], on_new: Callable[[nn.Module], None] | None = None):
     """Note every module passed to ``pyro.module`` while the block runs (appended to ``found``
     once each): how :func:`pyrovae.fit` finds the networks of a pair written as plain functions,
-    in the style of Pyro's tutorials."""
+    in the style of Pyro's tutorials.
+
+    :param list found: the modules noted (appended to).
+    :param on_new: called with each module when it is first noted, before Pyro registers it
+        (and so before the pair runs it).
+    """
     import pyro.primitives
 
     original = pyro.primitives.module
@@ -396,6 +401,8 @@ def recording_modules(found: list[nn.Module]):
     def module(name, nn_module, *args, **kwargs):
         if all(m is not nn_module for m in found):
             found.append(nn_module)
+            if on_new is not None:
+                on_new(nn_module)
         return original(name, nn_module, *args, **kwargs)
 
     pyro.module = pyro.primitives.module = module

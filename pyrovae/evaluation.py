@@ -23,6 +23,8 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,9 +36,11 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
 
 from .data import as_tensors
 from .errors import count
+from .plates import Subsamples, subsample_advice
 
 __all__ = [
     "elbo",
@@ -54,6 +58,8 @@ __all__ = [
 #: Default bound on particles × datapoints × (numbers per datapoint) in one chunk: about 64 MiB
 #: per float32 tensor of that size; a 784-400-50 MLP VAE peaks near 0.5 GB.
 DEFAULT_CHUNK_ELEMENTS = 2**24
+
+log = logging.getLogger("pyrovae")
 
 
 def _frames(site) -> list:
@@ -241,7 +247,8 @@ def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLa
             if "subsample_size" not in str(e):
                 raise
             probe = tensors
-            model_tr, guide_tr = _traces(model, guide, probe)
+            model_tr, guide_tr = _subsampled_traces(model, guide, probe)
+        _note_guide_observations(guide_tr)
         frame = find_data_plate(model_tr, len(probe[0]), data_plate)
         dims = [-f.dim for tr in (model_tr, guide_tr) for site in tr.nodes.values()
                 if site["type"] == "sample" for f in _frames(site)]  # fmt: skip
@@ -258,6 +265,90 @@ def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLa
         f"cannot score this pair: with particles vectorized, {type(vec).__name__}: {vec}; with "
         f"datapoints repeated in the batch, {type(rep).__name__}: {rep}"
     )
+
+
+def _subsampled_traces(model, guide, tensors):
+    # The traces of a pair whose plate subsamples the data it is given; pyrovae's message with
+    # the rewrite where Pyro cannot subsample them (fewer datapoints than the subsample size).
+    with Subsamples() as seen:
+        try:
+            return _traces(model, guide, tensors)
+        except ValueError as e:
+            if "subsample_size" not in str(e) or not seen.plates:
+                raise
+    name, size, subsample_size = seen.plates[-1]
+    raise ValueError(subsample_advice(name, size, subsample_size, "score"))
+
+
+#: Notes already given in this process (each is said once).
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def _note_guide_observations(guide_tr) -> None:
+    # A guide with observed sites (obs=, pyro.factor), as CEVAE's and scANVI's have: their
+    # log-densities are part of Trace_ELBO's loss, not of log p(x).
+    names = [n for n, site in guide_tr.nodes.items()
+             if site["type"] == "sample" and site["is_observed"]]  # fmt: skip
+    if names:
+        _say_once(
+            f"pyrovae: the guide's observed site(s) {', '.join(map(repr, names))} (obs= or "
+            "pyro.factor) are not scored: Trace_ELBO adds their log-densities to the training "
+            "loss, while pyrovae.elbo, iwae and log_likelihood score log p(x) alone (the "
+            "model's sites over the guide's latents)"
+        )
+
+
+#: Layers whose output depends on the module's mode: dropout draws masks in training mode,
+#: batch norm uses (and updates) the batch's statistics.
+_MODE_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+class _EvalMode:
+    # Puts each module it is given in eval mode where its mode matters, and restores it.
+    def __init__(self):
+        self.saved: list[tuple[nn.Module, bool]] = []
+        self.layers: set[str] = set()
+
+    def __call__(self, module: nn.Module) -> None:
+        layers = {type(m).__name__ for m in module.modules()
+                  if m.training and isinstance(m, _MODE_LAYERS)}  # fmt: skip
+        if layers:
+            self.saved += [(m, m.training) for m in module.modules()]
+            module.eval()
+            self.layers |= layers
+
+    def restore(self) -> None:
+        for m, training in reversed(self.saved):
+            m.training = training
+
+
+@contextlib.contextmanager
+def _eval_mode(model, guide):
+    # Score with the pair's modules in eval mode (those it is bound to, and those it registers
+    # with pyro.module, switched as they are registered, before they run), then restore them.
+    from .capture import recording_modules
+    from .training import _modules_of
+
+    switch = _EvalMode()
+    for module in _modules_of(model, guide):
+        switch(module)
+    try:
+        with recording_modules([], on_new=switch):
+            yield
+    finally:
+        switch.restore()
+        if switch.layers:
+            _say_once(
+                f"pyrovae: scored the pair in eval mode: its modules had "
+                f"{', '.join(sorted(switch.layers))} layers in training mode (no dropout, "
+                "batch norm's running statistics, none updated); their modes are restored"
+            )
 
 
 class _Indices(Messenger):
@@ -306,6 +397,17 @@ def _on_pair_device(model, guide, tensors):
     return tensors
 
 
+def _in_eval_mode(score: Callable) -> Callable:
+    # A scoring function run with its pair's modules in eval mode (see _eval_mode).
+    @functools.wraps(score)
+    def scored(model, guide, *args, **kwargs):
+        with _eval_mode(model, guide):
+            return score(model, guide, *args, **kwargs)
+
+    return scored
+
+
+@_in_eval_mode
 def _reduce(
     model,
     guide,

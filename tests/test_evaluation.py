@@ -1,7 +1,12 @@
 """Exact tests of the ELBO, IWAE and log p(x) estimators on a linear-Gaussian model, where
 log p(x) and p(z|x) are closed form (see linear_gaussian.py)."""
 
+import logging
 import math
+import os
+import pkgutil
+import subprocess
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -9,9 +14,10 @@ import pytest
 import torch
 from linear_gaussian import LinearGaussian
 from pyro.infer import Trace_ELBO
+from torch import nn
 
 import pyrovae
-from pyrovae.evaluation import log_weights, plan_chunks
+from pyrovae.evaluation import inspect_pair, log_weights, plan_chunks
 
 
 def test_exact_posterior_gives_constant_weights():
@@ -157,3 +163,143 @@ def test_scoring_progress_bar_states_the_work_and_rate(digits_vae, capsys):
     assert "log p(x): 40 images × K=50" in err and "img/s" in err and "40/40" in err
     pyrovae.elbo(vae.model, vae.guide, x, progress=True)
     assert "ELBO: 40 images × K=1" in capsys.readouterr().err
+
+
+# --- small things real client code hit (issue 23) -------------------------------------------
+
+
+def _fresh(code: str) -> str:
+    # Run code in a fresh interpreter that imports this checkout's pyrovae; its stdout.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def _submodules() -> list[str]:
+    return [m.name for m in pkgutil.iter_modules(pyrovae.__path__) if m.name[0] != "_"]
+
+
+def test_a_submodule_is_an_attribute_after_a_plain_import():
+    # pyrovae is a lazy package (PEP 562): pyrovae.evaluation.inspect_pair after a plain
+    # `import pyrovae`, in a fresh interpreter; every module is listed by dir(pyrovae)
+    code = (
+        "import sys, pyrovae; assert 'pyrovae.evaluation' not in sys.modules; "
+        "print(pyrovae.evaluation.inspect_pair.__name__, *dir(pyrovae))"
+    )
+    name, *listed = _fresh(code).split()
+    assert name == "inspect_pair"
+    assert {"evaluation", "capture", "training", "plates"} <= set(_submodules()) <= set(listed)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pyrovae.nothing  # noqa: B018
+
+
+@pytest.mark.slow
+def test_every_submodule_is_an_attribute_after_a_plain_import():
+    # every module, each loaded through the package's attribute (Lightning's and matplotlib's
+    # imports included: slow)
+    code = (
+        "import sys, pyrovae\n"
+        f"for name in {_submodules()!r}:\n"
+        "    assert getattr(pyrovae, name) is sys.modules['pyrovae.' + name], name\n"
+        "print('ok')"
+    )
+    assert _fresh(code) == "ok"
+
+
+def test_inspect_pair_takes_a_bare_tensor_as_a_one_tensor_batch():
+    lg = LinearGaussian()
+    x = lg.data(301)
+    assert inspect_pair(lg.model, lg.guide, x) == inspect_pair(lg.model, lg.guide, (x,))
+
+
+class _ModePair(nn.Module):
+    # A decoder with batch norm (bound: the model is its method) and an encoder with dropout
+    # (registered with pyro.module by a plain-function guide, as Pyro's tutorials do).
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 4))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z), 1.0).to_event(1), obs=x)
+
+    def guide(self):
+        def guide(x):
+            pyro.module("encoder", self.encoder)
+            loc, scale = self.encoder(x).chunk(2, -1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(loc, scale.exp()).to_event(1))
+
+        return guide
+
+
+def _said(caplog, text):
+    return [
+        r.getMessage() for r in caplog.records if r.name == "pyrovae" and text in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("score", ["elbo", "iwae", "log_likelihood"])
+def test_modules_in_training_mode_are_scored_in_eval_mode_and_restored(score, caplog):
+    pair, x = _ModePair(), LinearGaussian().data(30).float()
+    pair.train()
+    guide = pair.guide()
+    stats = pair.decoder[1].running_mean.clone()
+    run = {"elbo": lambda: pyrovae.elbo(pair.model, guide, x, num_particles=5),
+           "iwae": lambda: pyrovae.iwae(pair.model, guide, x, 5),
+           "log_likelihood": lambda: pyrovae.log_likelihood(pair.model, guide, x,
+                                                           num_samples=5)}[score]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        torch.manual_seed(0)
+        ours = run()
+        run()
+    assert all(m.training for m in pair.modules())  # restored
+    assert torch.equal(pair.decoder[1].running_mean, stats)  # batch norm's statistics untouched
+    pair.eval()
+    torch.manual_seed(0)
+    assert torch.equal(ours, run())  # what scoring in eval mode gives
+    said = _said(caplog, "in eval mode")
+    assert len(said) <= 1 and all("BatchNorm1d, Dropout layers" in m for m in said)
+
+
+def test_a_guide_with_observed_or_factor_sites_gets_a_note_and_log_px_alone(caplog):
+    lg = LinearGaussian(shift=0.3)
+    x = lg.data(7)
+
+    def guide(x):  # CEVAE / scANVI style: auxiliary terms in the guide
+        loc, scale = lg.q(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.factor("classifier_term", x.sum(-1), has_rsample=False)
+            pyro.sample("aux_observed", dist.Normal(0.0, 1.0), obs=x[:, 0],
+                        infer={"is_auxiliary": True})  # fmt: skip
+
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        torch.manual_seed(0)
+        ours = pyrovae.elbo(lg.model, guide, x, num_particles=3)
+        pyrovae.log_likelihood(lg.model, guide, x, num_samples=3)
+    torch.manual_seed(0)
+    assert torch.equal(ours, pyrovae.elbo(lg.model, lg.guide, x, num_particles=3))
+    (note,) = _said(caplog, "'classifier_term', 'aux_observed'")
+    assert "Trace_ELBO adds their log-densities" in note and "log p(x) alone" in note
+
+
+def test_a_plate_subsampling_more_than_the_data_gets_pyrovaes_message():
+    # Pyro's AIR example: pyro.plate("data", N, subsample_size=batch_size) with a fixed size
+    def model(x):
+        with pyro.plate("data", x.shape[0], subsample_size=64) as idx:
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(idx), 4]).to_event(1), obs=x[idx])
+
+    x = LinearGaussian().data(50)
+    with pytest.raises(ValueError) as info:
+        pyrovae.log_likelihood(model, model, x, num_samples=3)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "the pair subsamples its plate 'data' itself (size 50, subsample_size 64); pyrovae.elbo, "
+        "iwae and log_likelihood hand the pair batches"
+    )
+    assert message.endswith("write pyro.plate('data', x.shape[0]) over the batch the model is "
+                            "given, and pass batch_size=64 to them")  # fmt: skip
