@@ -303,3 +303,94 @@ def test_a_plate_subsampling_more_than_the_data_gets_pyrovaes_message():
     )
     assert message.endswith("write pyro.plate('data', x.shape[0]) over the batch the model is "
                             "given, and pass batch_size=64 to them")  # fmt: skip
+
+
+# --- sequences: data given as a tuple, prepared per batch, rows in the order given ----------
+
+T, F = 5, 3  # time steps, features per step
+
+
+class _Sequences(nn.Module):
+    # Variable-length binary sequences, padded to T steps: one latent per sequence, the steps
+    # past each sequence's length masked out (as Pyro's DMM masks them).
+    def __init__(self, sort: bool = False):
+        super().__init__()
+        self.decode, self.encode = nn.Linear(2, F), nn.Linear(F, 4)
+        self.sort = sort  # sort the batch by length inside the pair, as a careless DMM would
+
+    def _batch(self, x, lengths, mask):
+        if self.sort:
+            order = lengths.argsort(descending=True)
+            x, lengths, mask = x[order], lengths[order], mask[order]
+        return x, lengths, mask
+
+    def model(self, x, lengths, mask):
+        x, lengths, mask = self._batch(x, lengths, mask)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            probs = torch.sigmoid(self.decode(z)).unsqueeze(-2).expand(-1, T, F)  # (N, T, F)
+            seq = dist.Bernoulli(probs).mask(mask.unsqueeze(-1)).to_event(2)
+            pyro.sample("x", seq, obs=x)
+
+    def guide(self, x, lengths, mask):
+        x, lengths, mask = self._batch(x, lengths, mask)
+        mean = (x * mask.unsqueeze(-1)).sum(1) / lengths.unsqueeze(-1)  # (N, F)
+        loc, scale = self.encode(mean).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale.exp()).to_event(1))
+
+
+def _sequences(n=20):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(n, T, F, generator=g) < 0.3).float()  # (n, T, F)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)  # (n,)
+    return x, lengths
+
+
+def _with_mask(batch):
+    x, lengths = batch
+    return x, lengths, torch.arange(T) < lengths.unsqueeze(-1)  # mask (B, T)
+
+
+def _sorted_by_length(batch):  # Pyro's DMM get_mini_batch sorts its batch by length
+    x, lengths, mask = _with_mask(batch)
+    order = lengths.argsort(descending=True)
+    return x[order], lengths[order], mask[order]
+
+
+@pytest.mark.parametrize("score", ["elbo", "iwae", "log_likelihood"])
+def test_a_batch_transform_prepares_each_batch_as_in_training(score):
+    pair, (x, lengths) = _Sequences(), _sequences()
+    fn = {"elbo": lambda *a, **k: pyrovae.elbo(*a, num_particles=3, **k),
+          "iwae": lambda *a, **k: pyrovae.iwae(*a, 3, **k),
+          "log_likelihood": lambda *a, **k: pyrovae.log_likelihood(*a, num_samples=3,
+                                                                   **k)}[score]  # fmt: skip
+    torch.manual_seed(0)
+    ours = fn(pair.model, pair.guide, (x, lengths), batch_transform=_with_mask, batch_size=7)
+    torch.manual_seed(0)
+    prepared = fn(pair.model, pair.guide, _with_mask((x, lengths)), batch_size=7)
+    assert ours.shape == (20,) and torch.equal(ours, prepared)
+
+
+def test_a_pair_or_transform_that_reorders_its_batch_is_refused():
+    pair, (x, lengths) = _Sequences(), _sequences()
+    with pytest.raises(ValueError, match=r"reorders the datapoints of a batch .*sorted by len"):
+        pyrovae.elbo(pair.model, pair.guide, (x, lengths), batch_transform=_sorted_by_length)
+    sorting = _Sequences(sort=True)
+    with pytest.raises(ValueError, match=r"enforce_sorted=False\) sorts inside"):
+        pyrovae.log_likelihood(sorting.model, sorting.guide, _with_mask((x, lengths)),
+                               num_samples=3)  # fmt: skip
+
+    def binarized(batch):  # random: cannot be tested, and keeps the order
+        x, lengths, mask = _with_mask(batch)
+        return torch.bernoulli(x.clamp(0.1, 0.9)), lengths, mask
+
+    scores = pyrovae.elbo(pair.model, pair.guide, (x, lengths), batch_transform=binarized)
+    assert scores.shape == (20,) and torch.isfinite(scores).all()
+
+
+def test_a_tuple_holding_a_packed_sequence_says_to_build_it_per_batch():
+    pair, (x, lengths) = _Sequences(), _sequences()
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with pytest.raises(pyrovae.DataError, match=r"item 2 is a PackedSequence.*batch_transform="):
+        pyrovae.log_likelihood(pair.model, pair.guide, (x, lengths, packed), num_samples=3)
