@@ -476,6 +476,17 @@ def _explain(e: Exception, loss=None) -> str:
     return f"{name}: {text}{where}"
 
 
+def _check_tensors(batch) -> None:
+    # A recorded graph takes tensors: a batch holding anything else (a PackedSequence built per
+    # batch, whose sizes vary with the lengths) runs eagerly.
+    other = next((b for b in batch if not isinstance(b, torch.Tensor)), None)
+    if other is not None:
+        raise CaptureError(
+            f"the batch holds a {type(other).__name__}, not a tensor, which a recorded graph "
+            "cannot take as an input"
+        )
+
+
 class CapturedLoss:
     """A pair's loss recorded as an ATen graph, replayed on the current parameters.
 
@@ -560,6 +571,7 @@ class CapturedLoss:
                 slots[leaf] = value
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        _check_tensors(batch)
         key = tuple((t.shape, t.dtype, t.device) for t in batch)
         graph = self._graphs.get(key)
         if graph is None:
@@ -587,6 +599,7 @@ def capture(
     """
     if not modules and not free:
         raise CaptureError("the pair has no parameters to capture")
+    _check_tensors(batch)
     captured = CapturedLoss(_Holder(modules, loss_fn, free), {})
     devices = sorted({t.device.index or 0 for t in batch if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # capturing leaves the generators as they were
