@@ -35,7 +35,10 @@ import pyro
 import torch
 from pyro.infer import (
     ELBO,
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
     JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
     Trace_ELBO,
     TraceEnum_ELBO,
     TraceGraph_ELBO,
@@ -318,6 +321,9 @@ NO_SYNC = {
     TraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
     TraceEnum_ELBO: NoSyncTraceEnum_ELBO,
     TraceGraph_ELBO: NoSyncTraceGraph_ELBO,
+    JitTrace_ELBO: NoSyncTrace_ELBO,
+    JitTraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
+    JitTraceEnum_ELBO: NoSyncTraceEnum_ELBO,
     JitTraceGraph_ELBO: NoSyncTraceGraph_ELBO,
 }
 
@@ -435,12 +441,13 @@ def _no_twin(loss) -> str | None:
     # TraceCausalEffect_ELBO, or another class): why Pyro's host reads inside it stay.
     if not isinstance(loss, ELBO) or isinstance(loss, NoSync) or type(loss) in NO_SYNC:
         return None
-    cls, mapped = type(loss).__name__, ", ".join(c.__name__ for c in NO_SYNC)
+    cls = type(loss).__name__
+    mapped = ", ".join(c.__name__ for c in NO_SYNC if not c.__name__.startswith("Jit"))
     return (
-        f"the loss class {cls} has no no-sync twin (pyrovae.capture.no_sync maps {mapped}, not "
-        f"their subclasses), so the host reads in Pyro's loss code stay and the pair trains "
-        f"eagerly; for the fast path, if {cls}'s own code reads no values, train with "
-        f"class NoSync{cls}(pyrovae.capture.NoSync, {cls})"
+        f"the loss class {cls} has no no-sync twin (pyrovae.capture.no_sync maps {mapped} and "
+        "their Jit variants, not their subclasses), so the host reads in Pyro's loss code stay "
+        f"and the pair trains eagerly; for the fast path, if {cls}'s own code reads no values, "
+        f"train with class NoSync{cls}(pyrovae.capture.NoSync, {cls})"
     )
 
 

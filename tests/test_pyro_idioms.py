@@ -9,7 +9,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LinearGaussian
-from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.autoguide import AutoNormal
 from regression import Regression, elbo_per_datapoint, regression_data
 from torch import nn
@@ -19,6 +27,7 @@ from pyrovae.capture import (
     NoSync,
     NoSyncTrace_ELBO,
     NoSyncTraceEnum_ELBO,
+    NoSyncTraceGraph_ELBO,
     NoSyncTraceMeanField_ELBO,
     no_sync,
 )
@@ -414,6 +423,17 @@ def test_no_sync_losses_match_pyros_value_and_gradients():
         a = _loss_and_grads(stock, model_, guide_, unlabelled[:20], params)
         b = _loss_and_grads(ours, model_, guide_, unlabelled[:20], params)
         torch.testing.assert_close(a, b)
+
+
+def test_jit_variants_map_to_the_no_sync_twins():
+    # fit captures the loss itself: a Jit loss copied from Pyro's examples gets the plain twin
+    cases = [(JitTrace_ELBO(num_particles=2), NoSyncTrace_ELBO),
+             (JitTraceEnum_ELBO(max_plate_nesting=1), NoSyncTraceEnum_ELBO),
+             (JitTraceGraph_ELBO(), NoSyncTraceGraph_ELBO)]  # fmt: skip
+    for jit, twin in cases:
+        ours = no_sync(jit)
+        assert type(ours) is twin and ours.num_particles == jit.num_particles
+        assert ours.max_plate_nesting == jit.max_plate_nesting
 
 
 # --- guides that are not amortized; Predictive ----------------------------------------------
