@@ -12,9 +12,14 @@ Tracing on fake tensors is also the safety check: a pair whose Python reads tens
 (data-dependent control flow, ``.item()``, validation checks, the host syncs in Pyro's own
 ``Trace_ELBO``) cannot be traced, and :func:`capture` raises :class:`CaptureError` saying why
 (in the user's code or inside the loss); :func:`pyrovae.fit` then trains eagerly. Pyro's ELBOs
-run as their :class:`NoSync` twins, which read nothing back. Parameters are graph inputs
+run as their :class:`NoSync` twins, which read nothing back (``TraceGraph_ELBO`` as
+:class:`NoSyncTraceGraph_ELBO`, one differentiable loss with the guide's baselines); a loss with
+no ``differentiable_loss`` is refused by :func:`no_sync`. Parameters are graph inputs
 whichever way the pair holds them: the modules it is bound to (``PyroModule``), modules it
-registers with ``pyro.module``, and plain ``pyro.param`` sites.
+registers with ``pyro.module``, and plain ``pyro.param`` sites. The graph is recorded above
+autograd, so every stop-gradient (``detach``) of a score-function estimator stays one on
+replay. A batch holding anything but tensors (a ``PackedSequence`` built per batch) is not
+captured: it trains eagerly.
 
 On CUDA, :class:`CudaGraphStep` goes further and records the whole training step — batch
 gather, replayed loss, backward, optimizer step, loss accumulation — as one CUDA graph
