@@ -4,7 +4,9 @@ Train any pair with :func:`fit` (SVI), score it with :func:`log_likelihood` (imp
 log p(x) per datapoint), and build the classic VAE from swappable pieces with :class:`VAE`.
 
 The names below load on first use (PEP 562): ``import pyrovae`` imports neither torch nor
-matplotlib, so the ``pyrovae`` command can choose OpenMP's settings before torch starts.
+matplotlib, so the ``pyrovae`` command can choose OpenMP's settings before torch starts. Every
+submodule is an attribute too, loaded the same way (``pyrovae.evaluation.inspect_pair`` after a
+plain ``import pyrovae``).
 """
 
 from __future__ import annotations
@@ -49,10 +51,17 @@ _SUBMODULES = ("data", "likelihoods", "nets", "priors", "guides", "objectives", 
 __all__ = [*_FROM, *_SUBMODULES]
 
 
+def _submodules() -> set[str]:
+    # Every module of the package (pyrovae.evaluation, pyrovae.capture, ...), found on disk.
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+
+
 def __getattr__(name: str):
     if name in _FROM:
         value = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or (not name.startswith("_") and name in _submodules()):
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -61,7 +70,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted({*globals(), *__all__, *_submodules()})
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eagerly

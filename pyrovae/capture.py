@@ -12,9 +12,14 @@ Tracing on fake tensors is also the safety check: a pair whose Python reads tens
 (data-dependent control flow, ``.item()``, validation checks, the host syncs in Pyro's own
 ``Trace_ELBO``) cannot be traced, and :func:`capture` raises :class:`CaptureError` saying why
 (in the user's code or inside the loss); :func:`pyrovae.fit` then trains eagerly. Pyro's ELBOs
-run as their :class:`NoSync` twins, which read nothing back. Parameters are graph inputs
+run as their :class:`NoSync` twins, which read nothing back (``TraceGraph_ELBO`` as
+:class:`NoSyncTraceGraph_ELBO`, one differentiable loss with the guide's baselines); a loss with
+no ``differentiable_loss`` is refused by :func:`no_sync`. Parameters are graph inputs
 whichever way the pair holds them: the modules it is bound to (``PyroModule``), modules it
-registers with ``pyro.module``, and plain ``pyro.param`` sites.
+registers with ``pyro.module``, and plain ``pyro.param`` sites. The graph is recorded above
+autograd, so every stop-gradient (``detach``) of a score-function estimator stays one on
+replay. A batch holding anything but tensors (a ``PackedSequence`` built per batch) is not
+captured: it trains eagerly.
 
 On CUDA, :class:`CudaGraphStep` goes further and records the whole training step — batch
 gather, replayed loss, backward, optimizer step, loss accumulation — as one CUDA graph
@@ -26,20 +31,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 from torch import nn
+
+log = logging.getLogger("pyrovae")
 
 __all__ = [
     "NoSync",
     "NoSyncTrace_ELBO",
     "NoSyncTraceMeanField_ELBO",
     "NoSyncTraceEnum_ELBO",
+    "NoSyncTraceGraph_ELBO",
     "NO_SYNC",
     "no_sync",
     "CaptureError",
@@ -143,6 +162,20 @@ def _no_host_reads():
                 setattr(owner, name, value)
 
 
+#: Set while :class:`CapturedLoss` traces a loss on fake tensors (a loss that cannot be
+#: replayed, such as a decaying-average baseline's, refuses there).
+_tracing = threading.local()
+
+
+def _baselines(guide_trace) -> list[str]:
+    # The guide's sample sites that ask for a baseline (infer={"baseline": {...}}).
+    return [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("baseline")
+    ]
+
+
 class NoSync:
     """Mixin: a Pyro ELBO computed without reading values back to the host.
 
@@ -155,9 +188,27 @@ class NoSync:
     for NaN itself, once per epoch on CUDA. Make one with :func:`no_sync`.
     """
 
+    #: whether the loss reads the guide's ``infer={"baseline": ...}`` (TraceGraph_ELBO only)
+    uses_baselines = False
+
     def differentiable_loss(self, model, guide, *args, **kwargs):
         with _no_host_reads():
             return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Pyro's traces, and once per loss a warning for baselines this loss ignores.
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if not self.uses_baselines and not getattr(self, "_baselines_checked", False):
+            self._baselines_checked = True
+            sites = _baselines(guide_trace)
+            if sites:
+                log.warning(
+                    "pyrovae: the guide's site(s) %s set infer={'baseline': ...}, which %s "
+                    "ignores (the baselines never train nor reduce variance); train with "
+                    "loss=TraceGraph_ELBO() to use them",
+                    ", ".join(map(repr, sites)), type(self).__name__.removeprefix("NoSync"),
+                )  # fmt: skip
+        return model_trace, guide_trace
 
 
 class NoSyncTrace_ELBO(NoSync, Trace_ELBO):
@@ -172,11 +223,121 @@ class NoSyncTraceEnum_ELBO(NoSync, TraceEnum_ELBO):
     """:class:`~pyro.infer.TraceEnum_ELBO` without host syncs (see :class:`NoSync`)."""
 
 
-#: Pyro's ELBO classes and their no-sync twins.
+class NoSyncTraceGraph_ELBO(NoSync, TraceGraph_ELBO):
+    """:class:`~pyro.infer.TraceGraph_ELBO` as one differentiable loss, without host syncs.
+
+    Pyro's ``TraceGraph_ELBO`` has no ``differentiable_loss``: its ``loss_and_grads`` computes
+    the ELBO and a surrogate loss (the reparameterized terms, a score-function term per
+    non-reparameterizable site with its downstream cost less its baseline, and the neural
+    baselines' squared error) and back-propagates the surrogate. This loss is both at once:
+    its value is −ELBO and its gradient the surrogate's, ``−ELBO + (s − s.detach())``, so
+    the same value and gradients as ``loss_and_grads`` [1]. Without gradients (scoring) it is
+    −ELBO alone and no baseline is updated.
+
+    A neural baseline (``infer={"baseline": {"nn_baseline": net, ...}}``, ``net`` registered
+    with ``pyro.module`` or held by the pair's module) replays. A decaying-average baseline
+    (``use_decaying_avg_baseline``) lives in Pyro's param store, updated outside the loss's
+    graph on every step: it cannot be replayed, so such a pair trains eagerly (capture says so).
+
+    References:
+      [1] J. Schulman, N. Heess, T. Weber, P. Abbeel, "Gradient Estimation Using Stochastic
+          Computation Graphs", NeurIPS 2015.
+    """
+
+    uses_baselines = True
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        with _no_host_reads():
+            if not torch.is_grad_enabled():  # a score: −ELBO, no baseline updated
+                return -sum(m.log_prob_sum() - g.log_prob_sum()
+                            for m, g in self._get_traces(model, guide, args, kwargs)
+                            ) / self.num_particles  # fmt: skip
+            elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -torch.as_tensor(elbo).detach() + (surrogate - surrogate.detach())
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Eager: Pyro's traces, whose values carry provenance (which non-reparameterizable
+        # sites each log-density depends on), noted per site. Traced on fake tensors, where
+        # provenance tensors cannot be made: plain traces, the noted provenance used instead.
+        if not getattr(_tracing, "on", False):
+            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+            self._provenance = _provenance_of(model_trace, guide_trace)
+            return model_trace, guide_trace
+        from pyro.infer.enum import get_importance_trace
+
+        return get_importance_trace("dense", self.max_plate_nesting, model, guide, args, kwargs)
+
+    def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
+        if not getattr(_tracing, "on", False):
+            return super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
+        decaying = [
+            name
+            for name in _baselines(guide_trace)
+            if guide_trace.nodes[name]["infer"]["baseline"].get("use_decaying_avg_baseline")
+        ]
+        if decaying:
+            raise CaptureError(
+                f"the guide's site(s) {', '.join(map(repr, decaying))} use a decaying-average "
+                "baseline, which TraceGraph_ELBO updates in Pyro's param store outside the "
+                "loss's graph on every step: it cannot be replayed (a neural baseline, "
+                "nn_baseline=, can)"
+            )
+        from pyro.infer import tracegraph_elbo
+
+        noted = getattr(self, "_provenance", {})
+        found = {}  # id of a site's log_prob_sum -> its noted provenance
+        for kind, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample":
+                    if (kind, name) not in noted:
+                        raise CaptureError(f"the {kind}'s site {name!r} was not seen eagerly")
+                    found[id(site["log_prob_sum"])] = noted[kind, name]
+        with _patched(tracegraph_elbo, "get_provenance", lambda x: found.get(id(x), frozenset())):
+            return super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
+
+
+def _provenance_of(model_trace, guide_trace) -> dict:
+    # {(trace, site): the non-reparameterizable guide sites its log-density depends on}.
+    from pyro.ops.provenance import get_provenance
+
+    return {
+        (kind, name): get_provenance(site["log_prob_sum"])
+        for kind, trace in (("model", model_trace), ("guide", guide_trace))
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+    }
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    with _patch_lock:
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            setattr(owner, name, saved)
+
+
+#: Pyro's ELBO classes and their no-sync twins (a JIT-compiled variant maps to its plain
+#: class's twin: fit captures the loss itself).
 NO_SYNC = {
     Trace_ELBO: NoSyncTrace_ELBO,
     TraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
     TraceEnum_ELBO: NoSyncTraceEnum_ELBO,
+    TraceGraph_ELBO: NoSyncTraceGraph_ELBO,
+    JitTrace_ELBO: NoSyncTrace_ELBO,
+    JitTraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
+    JitTraceEnum_ELBO: NoSyncTraceEnum_ELBO,
+    JitTraceGraph_ELBO: NoSyncTraceGraph_ELBO,
+}
+
+#: What to train with instead of a Pyro loss that has no ``differentiable_loss``.
+_INSTEAD = {
+    "RenyiELBO": "pyrovae.IWAE(k) (the importance-weighted bound, RenyiELBO's alpha=0, per "
+    "datapoint) or Trace_ELBO()",
+    "ReweightedWakeSleep": "TraceGraph_ELBO() (score-function gradients with the guide's "
+    "baselines) or TraceEnum_ELBO() (discrete latents enumerated)",
 }
 
 
@@ -185,9 +346,20 @@ def no_sync(loss):
     plate nesting), or ``loss`` itself when it has none (already no-sync, or another class).
 
     :param loss: a Pyro ELBO instance.
+    :raises ValueError: for a loss that cannot train a pair in :func:`pyrovae.fit`: one with
+        no ``differentiable_loss`` (``RenyiELBO``, ``ReweightedWakeSleep``, ...) or that is
+        not an ELBO, naming what to use instead.
     """
     twin = NO_SYNC.get(type(loss))
     if twin is None:
+        if not (isinstance(loss, ELBO) and callable(getattr(loss, "differentiable_loss", None))):
+            cls = type(loss).__name__
+            instead = _INSTEAD.get(cls, "Trace_ELBO(), TraceMeanField_ELBO(), TraceEnum_ELBO(), "
+                                   "TraceGraph_ELBO() or pyrovae.IWAE(k)")  # fmt: skip
+            raise ValueError(
+                f"loss={cls}(...) cannot train a pair here: pyrovae back-propagates the loss "
+                f"tensor of an ELBO's differentiable_loss, which {cls} has not; use {instead}"
+            )
         return loss
     loss = copy.copy(loss)
     loss.__class__ = twin
@@ -224,10 +396,15 @@ class _Holder(nn.Module):
 
 
 @contextlib.contextmanager
-def recording_modules(found: list[nn.Module]):
+def recording_modules(found: list[nn.Module], on_new: Callable[[nn.Module], None] | None = None):
     """Note every module passed to ``pyro.module`` while the block runs (appended to ``found``
     once each): how :func:`pyrovae.fit` finds the networks of a pair written as plain functions,
-    in the style of Pyro's tutorials."""
+    in the style of Pyro's tutorials.
+
+    :param list found: the modules noted (appended to).
+    :param on_new: called with each module when it is first noted, before Pyro registers it
+        (and so before the pair runs it).
+    """
     import pyro.primitives
 
     original = pyro.primitives.module
@@ -235,6 +412,8 @@ def recording_modules(found: list[nn.Module]):
     def module(name, nn_module, *args, **kwargs):
         if all(m is not nn_module for m in found):
             found.append(nn_module)
+            if on_new is not None:
+                on_new(nn_module)
         return original(name, nn_module, *args, **kwargs)
 
     pyro.module = pyro.primitives.module = module
@@ -262,11 +441,39 @@ def _where(e: BaseException) -> str:
     return f" (in your code, {f.filename}:{f.lineno}: {f.line})"
 
 
-def _explain(e: Exception) -> str:
+def _no_twin(loss) -> str | None:
+    # For a Pyro loss that no_sync cannot map (a subclass of a mapped class, e.g. CEVAE's
+    # TraceCausalEffect_ELBO, or another class): why Pyro's host reads inside it stay.
+    if not isinstance(loss, ELBO) or isinstance(loss, NoSync) or type(loss) in NO_SYNC:
+        return None
+    cls = type(loss).__name__
+    mapped = ", ".join(c.__name__ for c in NO_SYNC if not c.__name__.startswith("Jit"))
+    return (
+        f"the loss class {cls} has no no-sync twin (pyrovae.capture.no_sync maps {mapped} and "
+        "their Jit variants, not their subclasses), so the host reads in Pyro's loss code stay "
+        f"and the pair trains eagerly; for the fast path, if {cls}'s own code reads no values, "
+        f"train with class NoSync{cls}(pyrovae.capture.NoSync, {cls})"
+    )
+
+
+def _in_pyro(e: BaseException) -> str | None:
+    # "infer/util.py:135" when the innermost frame outside torch is in Pyro's code, else None.
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if frames and "/pyro/" in frames[-1].filename:
+        return f"{frames[-1].filename.rsplit('/pyro/', 1)[-1]}:{frames[-1].lineno}"
+    return None
+
+
+def _explain(e: Exception, loss=None) -> str:
     # Why a fake-tensor trace failed, in terms of the user's model and guide or of the loss.
     name, text = type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200]
     where = _where(e)
-    if "DataDependent" in name or "data-dependent" in text:
+    read = "DataDependent" in name or "data-dependent" in text
+    if read and _no_twin(loss) and _in_pyro(e):
+        return f"{_no_twin(loss)} [{name} at {_in_pyro(e)}]"
+    if read:
         return (
             "the loss reads a tensor's value in Python (data-dependent control flow, "
             f".item(), float(t), or a validation check) [{name}]{where}; such a pair trains "
@@ -279,6 +486,17 @@ def _explain(e: Exception) -> str:
             "module (a buffer), or pass it as data"
         )
     return f"{name}: {text}{where}"
+
+
+def _check_tensors(batch) -> None:
+    # A recorded graph takes tensors: a batch holding anything else (a PackedSequence built per
+    # batch, whose sizes vary with the lengths) runs eagerly.
+    other = next((b for b in batch if not isinstance(b, torch.Tensor)), None)
+    if other is not None:
+        raise CaptureError(
+            f"the batch holds a {type(other).__name__}, not a tensor, which a recorded graph "
+            "cannot take as an input"
+        )
 
 
 class CapturedLoss:
@@ -311,16 +529,23 @@ class CapturedLoss:
         # A fresh param store while tracing: pyro.param sites (PyroModule parameters) then read
         # the module's swapped-in graph inputs, and no fake tensor leaks into the real store.
         before = self._state()
+        _tracing.on = True
         try:
             with pyro.validation_enabled(False), pyro.get_param_store().scope():
                 # tensors the pair closes over (constants such as a fixed matrix) are kept by
-                # reference; trained tensors must be graph inputs (checked below)
-                graph = make_fx(loss, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                    list(before.values()), *batch
-                )
+                # reference; trained tensors must be graph inputs (checked below). Traced above
+                # autograd (pre_dispatch): a .detach() stays a detach (below it, it is traced as
+                # an alias, and the replay would differentiate through every stop-gradient of a
+                # score-function estimator, Dice or baseline)
+                graph = make_fx(
+                    loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True
+                )(list(before.values()), *batch)
+        except CaptureError:  # a loss that knows it cannot be replayed (NoSyncTraceGraph_ELBO)
+            raise
         except Exception as e:  # any failure to trace means: do not replay this pair
-            raise CaptureError(_explain(e)) from e
+            raise CaptureError(_explain(e, getattr(self._holder.loss_fn, "elbo", None))) from e
         finally:
+            _tracing.on = False
             self._restore(before)
         trained = [
             name
@@ -340,8 +565,9 @@ class CapturedLoss:
         ]
         if reads:
             raise CaptureError(
-                f"the loss reads {len(reads)} value(s) back from the device (.item() or a Python "
-                "number made from a tensor), e.g. Pyro's stock ELBOs; use "
+                _no_twin(getattr(self._holder.loss_fn, "elbo", None))
+                or f"the loss reads {len(reads)} value(s) back from the device (.item() or a "
+                "Python number made from a tensor), e.g. Pyro's stock ELBOs; use "
                 "pyrovae.capture.no_sync(loss)"
             )
         return graph
@@ -357,6 +583,7 @@ class CapturedLoss:
                 slots[leaf] = value
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        _check_tensors(batch)
         key = tuple((t.shape, t.dtype, t.device) for t in batch)
         graph = self._graphs.get(key)
         if graph is None:
@@ -384,6 +611,7 @@ def capture(
     """
     if not modules and not free:
         raise CaptureError("the pair has no parameters to capture")
+    _check_tensors(batch)
     captured = CapturedLoss(_Holder(modules, loss_fn, free), {})
     devices = sorted({t.device.index or 0 for t in batch if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # capturing leaves the generators as they were

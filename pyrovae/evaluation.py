@@ -23,6 +23,8 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,9 +36,11 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
 
 from .data import as_tensors
-from .errors import count
+from .errors import DataError, count
+from .plates import Subsamples, subsample_advice
 
 __all__ = [
     "elbo",
@@ -47,6 +51,7 @@ __all__ = [
     "default_chunk_elements",
     "find_data_plate",
     "inspect_pair",
+    "check_order",
     "PairLayout",
     "DEFAULT_CHUNK_ELEMENTS",
 ]
@@ -54,6 +59,8 @@ __all__ = [
 #: Default bound on particles × datapoints × (numbers per datapoint) in one chunk: about 64 MiB
 #: per float32 tensor of that size; a 784-400-50 MLP VAE peaks near 0.5 GB.
 DEFAULT_CHUNK_ELEMENTS = 2**24
+
+log = logging.getLogger("pyrovae")
 
 
 def _frames(site) -> list:
@@ -222,15 +229,21 @@ def _try_weights(model, guide, args, nesting, plate, vectorized) -> Exception | 
     return None
 
 
-def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLayout:
+def inspect_pair(
+    model, guide, tensors, data_plate: str | None = None, batch_transform: Callable | None = None
+) -> PairLayout:
     """Trace a pair on two datapoints and decide how to score it: which plate holds the
     datapoints, how deep the plates nest, whether particles can be vectorized (else the
     repeated-batch path), and whether the model subsamples its own plate from the full data.
     The random state is restored after, so scoring draws what Pyro's own ELBOs would.
 
+    :param tensors: the data: a tensor ``(N, ...)`` (a one-tensor batch) or a tuple of tensors.
+    :param batch_transform: applied to each batch before the pair sees it (as in scoring).
     :raises ValueError: if neither path can score the pair, with both reasons.
     """
-    probe = tuple(t[:2] for t in tensors)
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    prepare = _preparing(batch_transform)
+    probe = prepare(tuple(t[:2] for t in tensors))
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
         try:
@@ -238,8 +251,9 @@ def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLa
         except ValueError as e:  # a plate that subsamples the full data it is given
             if "subsample_size" not in str(e):
                 raise
-            probe = tensors
-            model_tr, guide_tr = _traces(model, guide, probe)
+            probe = prepare(tensors)
+            model_tr, guide_tr = _subsampled_traces(model, guide, probe)
+        _note_guide_observations(guide_tr)
         frame = find_data_plate(model_tr, len(probe[0]), data_plate)
         dims = [-f.dim for tr in (model_tr, guide_tr) for site in tr.nodes.values()
                 if site["type"] == "sample" for f in _frames(site)]  # fmt: skip
@@ -256,6 +270,168 @@ def inspect_pair(model, guide, tensors, data_plate: str | None = None) -> PairLa
         f"cannot score this pair: with particles vectorized, {type(vec).__name__}: {vec}; with "
         f"datapoints repeated in the batch, {type(rep).__name__}: {rep}"
     )
+
+
+def _subsampled_traces(model, guide, tensors):
+    # The traces of a pair whose plate subsamples the data it is given; pyrovae's message with
+    # the rewrite where Pyro cannot subsample them (fewer datapoints than the subsample size).
+    with Subsamples() as seen:
+        try:
+            return _traces(model, guide, tensors)
+        except ValueError as e:
+            if "subsample_size" not in str(e) or not seen.plates:
+                raise
+    name, size, subsample_size = seen.plates[-1]
+    raise ValueError(subsample_advice(name, size, subsample_size, "score"))
+
+
+#: Notes already given in this process (each is said once).
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def _note_guide_observations(guide_tr) -> None:
+    # A guide with observed sites (obs=, pyro.factor), as CEVAE's and scANVI's have: their
+    # log-densities are part of Trace_ELBO's loss, not of log p(x).
+    names = [n for n, site in guide_tr.nodes.items()
+             if site["type"] == "sample" and site["is_observed"]]  # fmt: skip
+    if names:
+        _say_once(
+            f"pyrovae: the guide's observed site(s) {', '.join(map(repr, names))} (obs= or "
+            "pyro.factor) are not scored: Trace_ELBO adds their log-densities to the training "
+            "loss, while pyrovae.elbo, iwae and log_likelihood score log p(x) alone (the "
+            "model's sites over the guide's latents)"
+        )
+
+
+#: Layers whose output depends on the module's mode: dropout draws masks in training mode,
+#: batch norm uses (and updates) the batch's statistics.
+_MODE_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+class _EvalMode:
+    # Puts each module it is given in eval mode where its mode matters, and restores it.
+    def __init__(self):
+        self.saved: list[tuple[nn.Module, bool]] = []
+        self.layers: set[str] = set()
+
+    def __call__(self, module: nn.Module) -> None:
+        layers = {type(m).__name__ for m in module.modules()
+                  if m.training and isinstance(m, _MODE_LAYERS)}  # fmt: skip
+        if layers:
+            self.saved += [(m, m.training) for m in module.modules()]
+            module.eval()
+            self.layers |= layers
+
+    def restore(self) -> None:
+        for m, training in reversed(self.saved):
+            m.training = training
+
+
+@contextlib.contextmanager
+def _eval_mode(model, guide):
+    # Score with the pair's modules in eval mode (those it is bound to, and those it registers
+    # with pyro.module, switched as they are registered, before they run), then restore them.
+    from .capture import recording_modules
+    from .training import _modules_of
+
+    switch = _EvalMode()
+    for module in _modules_of(model, guide):
+        switch(module)
+    try:
+        with recording_modules([], on_new=switch):
+            yield
+    finally:
+        switch.restore()
+        if switch.layers:
+            _say_once(
+                f"pyrovae: scored the pair in eval mode: its modules had "
+                f"{', '.join(sorted(switch.layers))} layers in training mode (no dropout, "
+                "batch norm's running statistics, none updated); their modes are restored"
+            )
+
+
+def _preparing(batch_transform: Callable | None) -> Callable[[tuple], tuple]:
+    # A batch as the pair sees it: the batch_transform's output, as a tuple.
+    if batch_transform is None:
+        return tuple
+    return lambda batch: tuple(batch_transform(batch))
+
+
+def _observed(model, guide, args, plate: str) -> list[torch.Tensor]:
+    # The values of the model's observed sites in the data plate, datapoints first.
+    model_tr, _ = _traces(model, guide, args)
+    rows, out = len(args[0]), []
+    for site in model_tr.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+        value = site["value"]
+        if frame is None or not isinstance(value, torch.Tensor):
+            continue
+        dim = frame.dim - len(getattr(site["fn"], "event_shape", ()))
+        if value.dim() >= -dim and value.shape[dim] == rows:
+            out.append(value.movedim(dim, 0))  # (rows, ...)
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def check_order(model, guide, tensors, plate: str, batch_transform: Callable | None = None,
+                rows: int = 8) -> None:  # fmt: skip
+    """Refuse a pair (or a ``batch_transform``) that reorders the datapoints of its batch, e.g.
+    sorting them by length, whose scores would come back permuted. Tested on the first ``rows``
+    datapoints, given in their order and reversed: the model's observed values must follow the
+    order they were given in. A pair or transform whose observed values are random (given the
+    same datapoints twice, it observes different values) cannot be tested and passes.
+
+    :param tensors: the data, a tuple of tensors.
+    :param str plate: the plate over datapoints.
+    :raises ValueError: if the pair reorders its batch.
+    """
+    probe = tuple(t[:rows] for t in tensors)
+    n, prepare = len(probe[0]), _preparing(batch_transform)
+    if n < 2:
+        return
+    flip = torch.arange(n - 1, -1, -1, device=probe[0].device)
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
+        seen = []
+        for seed, batch in ((0, probe), (1, probe), (0, tuple(t[flip] for t in probe))):
+            torch.manual_seed(seed)
+            seen.append(_observed(model, guide, prepare(batch), plate))
+    given, again, reversed_ = seen
+    if _same(given, again) and not _same([v[flip] for v in given], reversed_):
+        raise ValueError(
+            "the pair reorders the datapoints of a batch (its batch_transform or model puts "
+            "them in another order, e.g. sorted by length), so its scores would come back "
+            "permuted; keep the batch's order (to pack sequences, pack_padded_sequence(..., "
+            "enforce_sorted=False) sorts inside the PackedSequence and keeps it)"
+        )
+
+
+def _batch_tensors(data) -> tuple[torch.Tensor, ...]:
+    # The data's tensors (as_tensors), or a one-line message for a tuple that holds something
+    # else (a PackedSequence, a list of lengths): those are built per batch by batch_transform.
+    if isinstance(data, (tuple, list)):
+        other = [(i, type(d).__name__) for i, d in enumerate(data) if not torch.is_tensor(d)]
+        if other:
+            i, kind = other[0]
+            raise DataError(
+                f"data is a {type(data).__name__} whose item {i} is a {kind}, not a tensor: pass "
+                "tensors of datapoints (e.g. padded sequences and their lengths), and build the "
+                "rest of each batch (packing, masks) with batch_transform="
+            )
+    return as_tensors(data)
 
 
 class _Indices(Messenger):
@@ -304,6 +480,17 @@ def _on_pair_device(model, guide, tensors):
     return tensors
 
 
+def _in_eval_mode(score: Callable) -> Callable:
+    # A scoring function run with its pair's modules in eval mode (see _eval_mode).
+    @functools.wraps(score)
+    def scored(model, guide, *args, **kwargs):
+        with _eval_mode(model, guide):
+            return score(model, guide, *args, **kwargs)
+
+    return scored
+
+
+@_in_eval_mode
 def _reduce(
     model,
     guide,
@@ -316,18 +503,21 @@ def _reduce(
     particles: str = "auto",
     progress: bool = False,
     seed: int | None = None,
+    batch_transform: Callable | None = None,
 ) -> torch.Tensor:
     num_particles = count("the number of particles/samples", num_particles)
     if batch_size is not None:
         batch_size = count("batch_size", batch_size)
-    tensors = _on_pair_device(model, guide, as_tensors(data))
+    tensors = _on_pair_device(model, guide, _batch_tensors(data))
     n, k_total = len(tensors[0]), int(num_particles)
     per_item = sum(t[0].numel() for t in tensors)  # numbers per datapoint
     if max_chunk_elements is None:
         max_chunk_elements = default_chunk_elements(tensors[0].device)
     if particles not in PARTICLES:
         raise ValueError(f"particles must be one of {', '.join(PARTICLES)}, got {particles!r}")
-    layout = inspect_pair(model, guide, tensors, data_plate)
+    layout = inspect_pair(model, guide, tensors, data_plate, batch_transform)
+    if layout.subsample is None:
+        check_order(model, guide, tensors, layout.plate, batch_transform)
     if particles != "auto" and layout.subsample is None:
         layout = replace(layout, vectorized=particles == "vectorized")
     if layout.subsample is not None:
@@ -342,6 +532,8 @@ def _reduce(
                 continue
             if seed is not None:  # the block's own draws, whoever scores it
                 torch.manual_seed(_block_seed(seed, block))
+            if batch_transform is not None:  # the batch as the pair sees it in training
+                args = tuple(batch_transform(args))
             acc = None
             for j in range(0, k_total, chunk):
                 k = min(chunk, k_total - j)
@@ -413,6 +605,7 @@ def elbo(
     particles: str = "auto",
     progress: bool = False,
     seed: int | None = None,
+    batch_transform: Callable | None = None,
 ) -> torch.Tensor:
     """The ELBO of each datapoint, E_q[log p(x, z) − log q(z|x)], averaged over
     ``num_particles`` samples. Returns a tensor ``(N,)`` in nats.
@@ -437,9 +630,18 @@ def elbo(
         group (e.g. ``pyrovae evaluate --devices N``) the blocks are shared out over the ranks
         and every rank returns the whole ``(N,)`` result, equal bit for bit to one process's
         with the same ``batch_size`` and device type.
+    :param batch_transform: applied to each batch (a tuple of tensors) before the pair sees it,
+        as :func:`pyrovae.fit`'s ``batch_transform``, so a pair is scored as it is trained (e.g.
+        masks or packed sequences built per batch); it may return non-tensors after the first
+        item, a tensor of the batch's datapoints. Rows come back in the order of ``data``: a
+        transform or pair that reorders a batch (sorting by length) is refused
+        (:func:`check_order`).
+    :raises DataError: for data that are not tensors (a tuple holding a ``PackedSequence``).
+    :raises ValueError: for a pair that reorders its batch or subsamples more than the data.
     """
     return _reduce(model, guide, data, num_particles, "mean", batch_size, data_plate,
-                   max_chunk_elements, particles, progress, seed)  # fmt: skip
+                   max_chunk_elements, particles, progress, seed,
+                   batch_transform=batch_transform)  # fmt: skip
 
 
 def iwae(
@@ -454,13 +656,15 @@ def iwae(
     particles: str = "auto",
     progress: bool = False,
     seed: int | None = None,
+    batch_transform: Callable | None = None,
 ) -> torch.Tensor:
     """The importance-weighted bound of each datapoint with ``k`` samples,
     log (1/k) Σ_k p(x, z_k)/q(z_k|x). ``k=1`` is the ELBO; the bound rises with ``k`` towards
     log p(x) [1]. Returns ``(N,)`` in nats. Parameters as for :func:`elbo`.
     """
     return _reduce(model, guide, data, k, "logsumexp", batch_size, data_plate,
-                   max_chunk_elements, particles, progress, seed)  # fmt: skip
+                   max_chunk_elements, particles, progress, seed,
+                   batch_transform=batch_transform)  # fmt: skip
 
 
 def log_likelihood(
@@ -475,6 +679,7 @@ def log_likelihood(
     particles: str = "auto",
     progress: bool = False,
     seed: int | None = None,
+    batch_transform: Callable | None = None,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
@@ -498,6 +703,7 @@ def log_likelihood(
     :param bool progress: show a progress bar over the images (rate and time left).
     :param int seed: per-block seeds, and scoring shared out over a ``torch.distributed``
         group's ranks (as for :func:`elbo`).
+    :param batch_transform: applied to each batch before the pair sees it (as for :func:`elbo`).
     :returns: a tensor ``(N,)`` of log-likelihoods in nats.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
@@ -512,4 +718,5 @@ def log_likelihood(
         particles=particles,
         progress=progress,
         seed=seed,
+        batch_transform=batch_transform,
     )

@@ -9,15 +9,25 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LinearGaussian
-from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.autoguide import AutoNormal
 from regression import Regression, elbo_per_datapoint, regression_data
 from torch import nn
 
 import pyrovae
 from pyrovae.capture import (
+    NoSync,
     NoSyncTrace_ELBO,
     NoSyncTraceEnum_ELBO,
+    NoSyncTraceGraph_ELBO,
     NoSyncTraceMeanField_ELBO,
     no_sync,
 )
@@ -120,6 +130,35 @@ def test_fast_and_eager_agree_for_the_tutorial_pair():
         results.append((h.train_elbo, encoder.fc1.weight.detach().clone()))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-3)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
+
+
+class CausalEffectELBO(Trace_ELBO):
+    """As CEVAE's TraceCausalEffect_ELBO: a Trace_ELBO subclass overriding ``loss``."""
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs):
+        return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+
+class NoSyncCausalEffectELBO(NoSync, CausalEffectELBO):
+    """The twin the eager-fallback message suggests."""
+
+
+def test_a_trace_elbo_subclass_trains_eagerly_saying_it_has_no_twin(caplog):
+    model, guide, *_ = tutorial_pair()
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        pyrovae.fit(model, guide, _digits(40), epochs=1, batch_size=20, loss=CausalEffectELBO(),
+                    progress=False, device="cpu")  # fmt: skip
+    replayed, eager = _fast_log(caplog)
+    assert not replayed and len(eager) == 1
+    assert "the loss class CausalEffectELBO has no no-sync twin" in eager[0]
+    assert "class NoSyncCausalEffectELBO(pyrovae.capture.NoSync, CausalEffectELBO)" in eager[0]
+    assert "remove the value read" not in eager[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pyrovae"):  # the suggested twin replays
+        pyrovae.fit(model, guide, _digits(40), epochs=1, batch_size=20, progress=False,
+                    loss=NoSyncCausalEffectELBO(), device="cpu")  # fmt: skip
+    assert _fast_log(caplog) == (True, [])
 
 
 def test_a_plate_of_another_name_is_found():
@@ -384,6 +423,17 @@ def test_no_sync_losses_match_pyros_value_and_gradients():
         a = _loss_and_grads(stock, model_, guide_, unlabelled[:20], params)
         b = _loss_and_grads(ours, model_, guide_, unlabelled[:20], params)
         torch.testing.assert_close(a, b)
+
+
+def test_jit_variants_map_to_the_no_sync_twins():
+    # fit captures the loss itself: a Jit loss copied from Pyro's examples gets the plain twin
+    cases = [(JitTrace_ELBO(num_particles=2), NoSyncTrace_ELBO),
+             (JitTraceEnum_ELBO(max_plate_nesting=1), NoSyncTraceEnum_ELBO),
+             (JitTraceGraph_ELBO(), NoSyncTraceGraph_ELBO)]  # fmt: skip
+    for jit, twin in cases:
+        ours = no_sync(jit)
+        assert type(ours) is twin and ours.num_particles == jit.num_particles
+        assert ours.max_plate_nesting == jit.max_plate_nesting
 
 
 # --- guides that are not amortized; Predictive ----------------------------------------------
