@@ -338,7 +338,7 @@ def _eval_mode(model, guide):
     # Score with the pair's modules in eval mode (those it is bound to, and those it registers
     # with pyro.module, switched as they are registered, before they run), then restore them.
     from .capture import recording_modules
-    from .training import _modules_of
+    from .pair import modules_of as _modules_of
 
     switch = _EvalMode()
     for module in _modules_of(model, guide):

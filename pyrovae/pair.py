@@ -33,6 +33,7 @@ from torch.distributions import constraints
 
 from .capture import CaptureError, NoSyncTrace_ELBO, capture, no_sync, recording_modules
 from .errors import count
+from .plates import subsample_advice
 
 __all__ = [
     "Objective",
@@ -48,7 +49,6 @@ __all__ = [
     "validation_elbo",
     "validation_seed",
     "epoch_record",
-    "subsample_advice",
 ]
 
 log = logging.getLogger("pyrovae")
@@ -259,17 +259,6 @@ def _watched(elbo_module: Callable, batch: tuple) -> tuple[torch.Tensor, int | N
             raise ValueError(f"{first}; {subsample_advice('data', 'N', 'B')}") from e
         raise
     return loss, watch.full
-
-
-def subsample_advice(name, size, subsample_size) -> str:
-    """The rewrite for a pair that subsamples its own plate (``fit`` and scoring hand the pair
-    its batches)."""
-    return (
-        f"the pair subsamples its plate {name!r} itself (size {size}, subsample_size "
-        f"{subsample_size}); pyrovae.fit hands the pair shuffled batches and covers every "
-        f"datapoint once per epoch: write pyro.plate({name!r}, x.shape[0]) over the batch the "
-        f"model is given, and pass batch_size={subsample_size} to fit"
-    )
 
 
 @dataclass
