@@ -175,7 +175,7 @@ class HandwrittenGraph:
         steps = [lambda i=i: self.index.copy_(perm[i * bs : (i + 1) * bs])
                  for i in range(self.warm_up)]  # fmt: skip
         graphs.warm_up(steps, self._body, self.optimizer)
-        self.graph = graphs.record(self._body, self.optimizer, self.x.device)
+        self.graph = graphs.record_graph(self._body, self.optimizer, self.x.device)
 
     def epoch(self) -> float:
         """One epoch over all images (the first one records the graph); returns the ELBO per

@@ -21,35 +21,34 @@ autograd, so every stop-gradient (``detach``) of a score-function estimator stay
 replay. A batch holding anything but tensors (a ``PackedSequence`` built per batch) is not
 captured: it trains eagerly.
 
-On CUDA, :class:`CudaGraphStep` goes further and records the whole training step — batch
-gather, replayed loss, backward, optimizer step, loss accumulation — as one CUDA graph
-(the recipe of PyTorch's "whole network capture").
+The no-sync losses live in :mod:`pyrovae.nosync` (re-exported here, where the fast path's
+users look for them); on CUDA, :class:`pyrovae.graphs.CudaGraphStep` goes further and records
+the whole training step as one CUDA graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import gc
 import logging
 import math
-import threading
 from collections.abc import Callable, Sequence
 
 import pyro
 import torch
-from pyro.infer import (
-    ELBO,
-    JitTrace_ELBO,
-    JitTraceEnum_ELBO,
-    JitTraceGraph_ELBO,
-    JitTraceMeanField_ELBO,
-    Trace_ELBO,
-    TraceEnum_ELBO,
-    TraceGraph_ELBO,
-    TraceMeanField_ELBO,
-)
+from pyro.infer import ELBO
 from torch import nn
+
+from .errors import CaptureError
+from .nosync import (
+    NO_SYNC,
+    NoSync,
+    NoSyncTrace_ELBO,
+    NoSyncTraceEnum_ELBO,
+    NoSyncTraceGraph_ELBO,
+    NoSyncTraceMeanField_ELBO,
+    no_sync,
+    tracing,
+)
 
 log = logging.getLogger("pyrovae")
 
@@ -65,309 +64,7 @@ __all__ = [
     "CapturedLoss",
     "capture",
     "recording_modules",
-    "CudaGraphStep",
 ]
-
-
-# Where Pyro's ELBOs read values back to the host: ``torch_item`` (a float per site or per
-# loss), ``warn_if_nan`` (a NaN check on the loss) and, in TraceEnum_ELBO's Dice estimator, a
-# test of whether every enumerated probability is positive. Inside :class:`NoSync` losses they
-# are swapped for versions that keep tensors: the same values and gradients, nothing read back.
-def _detach(x):
-    return x.detach() if isinstance(x, torch.Tensor) else x
-
-
-def _no_warn(value, *args, **kwargs):
-    return value
-
-
-def _fulldot_positive(prob: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    # Σ prob·cost over the entries with prob > 0 (a cost where prob = 0 may be infinite), with
-    # no data-dependent shapes: what Pyro's Dice computes with masked_select after mask.all().
-    positive = prob > 0
-    return (prob * torch.where(positive, cost, torch.zeros_like(cost))).sum()
-
-
-def _compute_expectation(self, costs):
-    # pyro.infer.util.Dice.compute_expectation (Pyro 1.9, Apache-2.0), its masked sum taken
-    # with _fulldot_positive instead of branching on ``mask.all()`` on the host.
-    from opt_einsum import shared_intermediates
-    from pyro.ops import packed
-    from pyro.ops.einsum.adjoint import require_backward
-    from pyro.ops.rings import MarginalRing
-
-    with shared_intermediates() as cache:
-        ring = MarginalRing(cache=cache)
-        expected_cost = 0.0
-        for ordinal, cost_terms in costs.items():
-            log_factors = self._get_log_factors(ordinal)
-            scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
-            log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
-            queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
-            for log_factor in log_factors:
-                key = frozenset(log_factor._pyro_dims)
-                if queries.get(key, False) is None:
-                    queries[key] = log_factor
-            for cost in cost_terms:
-                key = frozenset(cost._pyro_dims)
-                if queries[key] is None:
-                    query = torch.zeros_like(cost)
-                    query._pyro_dims = cost._pyro_dims
-                    log_factors.append(query)
-                    queries[key] = query
-            sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
-            for query in queries.values():
-                require_backward(query)
-            root = ring.sumproduct(log_factors, sum_dims)
-            root._pyro_backward()
-            probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
-            for cost in cost_terms:
-                key = frozenset(cost._pyro_dims)
-                prob = probs[key]
-                prob._pyro_dims = queries[key]._pyro_dims
-                cost, prob = packed.broadcast_all(cost, prob)
-                expected_cost = expected_cost + scale * _fulldot_positive(prob, cost)
-    return expected_cost
-
-
-def _patches():
-    # (owner, attribute, replacement) for every host read in Pyro's ELBOs.
-    from pyro.infer import elbo, trace_elbo, trace_mean_field_elbo, traceenum_elbo, util
-
-    return [
-        (trace_elbo, "torch_item", _detach),
-        (trace_elbo, "warn_if_nan", _no_warn),
-        (trace_mean_field_elbo, "torch_item", _detach),
-        (trace_mean_field_elbo, "warn_if_nan", _no_warn),
-        (traceenum_elbo, "warn_if_nan", _no_warn),
-        (elbo, "warn_if_nan", _no_warn) if hasattr(elbo, "warn_if_nan") else None,
-        (util.Dice, "compute_expectation", _compute_expectation),
-    ]
-
-
-_patch_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def _no_host_reads():
-    # Swap the host-reading helpers in Pyro's ELBO modules while a NoSync loss runs.
-    with _patch_lock:
-        saved = [(o, n, getattr(o, n)) for o, n, _ in filter(None, _patches())]
-        for owner, name, value in filter(None, _patches()):
-            setattr(owner, name, value)
-        try:
-            yield
-        finally:
-            for owner, name, value in reversed(saved):
-                setattr(owner, name, value)
-
-
-#: Set while :class:`CapturedLoss` traces a loss on fake tensors (a loss that cannot be
-#: replayed, such as a decaying-average baseline's, refuses there).
-_tracing = threading.local()
-
-
-def _baselines(guide_trace) -> list[str]:
-    # The guide's sample sites that ask for a baseline (infer={"baseline": {...}}).
-    return [
-        name
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and site["infer"].get("baseline")
-    ]
-
-
-class NoSync:
-    """Mixin: a Pyro ELBO computed without reading values back to the host.
-
-    Pyro's ``Trace_ELBO`` sums each site's log-density into a Python float (``torch_item``, one
-    host sync per site) and checks the loss for NaN (``warn_if_nan``); ``TraceMeanField_ELBO``
-    and ``TraceEnum_ELBO`` check it too. A ``NoSync`` loss runs Pyro's own estimator with those
-    two helpers keeping tensors: the same value and the same gradient estimator (score-function
-    terms, closed-form KL and enumeration included), with nothing read back, so the loss can be
-    captured (:func:`capture`) and recorded in a CUDA graph. :func:`pyrovae.fit` checks the loss
-    for NaN itself, once per epoch on CUDA. Make one with :func:`no_sync`.
-    """
-
-    #: whether the loss reads the guide's ``infer={"baseline": ...}`` (TraceGraph_ELBO only)
-    uses_baselines = False
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        with _no_host_reads():
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-
-    def _get_trace(self, model, guide, args, kwargs):
-        # Pyro's traces, and once per loss a warning for baselines this loss ignores.
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if not self.uses_baselines and not getattr(self, "_baselines_checked", False):
-            self._baselines_checked = True
-            sites = _baselines(guide_trace)
-            if sites:
-                log.warning(
-                    "pyrovae: the guide's site(s) %s set infer={'baseline': ...}, which %s "
-                    "ignores (the baselines never train nor reduce variance); train with "
-                    "loss=TraceGraph_ELBO() to use them",
-                    ", ".join(map(repr, sites)), type(self).__name__.removeprefix("NoSync"),
-                )  # fmt: skip
-        return model_trace, guide_trace
-
-
-class NoSyncTrace_ELBO(NoSync, Trace_ELBO):
-    """:class:`~pyro.infer.Trace_ELBO` without host syncs (see :class:`NoSync`)."""
-
-
-class NoSyncTraceMeanField_ELBO(NoSync, TraceMeanField_ELBO):
-    """:class:`~pyro.infer.TraceMeanField_ELBO` without host syncs (see :class:`NoSync`)."""
-
-
-class NoSyncTraceEnum_ELBO(NoSync, TraceEnum_ELBO):
-    """:class:`~pyro.infer.TraceEnum_ELBO` without host syncs (see :class:`NoSync`)."""
-
-
-class NoSyncTraceGraph_ELBO(NoSync, TraceGraph_ELBO):
-    """:class:`~pyro.infer.TraceGraph_ELBO` as one differentiable loss, without host syncs.
-
-    Pyro's ``TraceGraph_ELBO`` has no ``differentiable_loss``: its ``loss_and_grads`` computes
-    the ELBO and a surrogate loss (the reparameterized terms, a score-function term per
-    non-reparameterizable site with its downstream cost less its baseline, and the neural
-    baselines' squared error) and back-propagates the surrogate. This loss is both at once:
-    its value is −ELBO and its gradient the surrogate's, ``−ELBO + (s − s.detach())``, so
-    the same value and gradients as ``loss_and_grads`` [1]. Without gradients (scoring) it is
-    −ELBO alone and no baseline is updated.
-
-    A neural baseline (``infer={"baseline": {"nn_baseline": net, ...}}``, ``net`` registered
-    with ``pyro.module`` or held by the pair's module) replays. A decaying-average baseline
-    (``use_decaying_avg_baseline``) lives in Pyro's param store, updated outside the loss's
-    graph on every step: it cannot be replayed, so such a pair trains eagerly (capture says so).
-
-    References:
-      [1] J. Schulman, N. Heess, T. Weber, P. Abbeel, "Gradient Estimation Using Stochastic
-          Computation Graphs", NeurIPS 2015.
-    """
-
-    uses_baselines = True
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        with _no_host_reads():
-            if not torch.is_grad_enabled():  # a score: −ELBO, no baseline updated
-                return -sum(m.log_prob_sum() - g.log_prob_sum()
-                            for m, g in self._get_traces(model, guide, args, kwargs)
-                            ) / self.num_particles  # fmt: skip
-            elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
-        return -torch.as_tensor(elbo).detach() + (surrogate - surrogate.detach())
-
-    def _get_trace(self, model, guide, args, kwargs):
-        # Eager: Pyro's traces, whose values carry provenance (which non-reparameterizable
-        # sites each log-density depends on), noted per site. Traced on fake tensors, where
-        # provenance tensors cannot be made: plain traces, the noted provenance used instead.
-        if not getattr(_tracing, "on", False):
-            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-            self._provenance = _provenance_of(model_trace, guide_trace)
-            return model_trace, guide_trace
-        from pyro.infer.enum import get_importance_trace
-
-        return get_importance_trace("dense", self.max_plate_nesting, model, guide, args, kwargs)
-
-    def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
-        if not getattr(_tracing, "on", False):
-            return super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
-        decaying = [
-            name
-            for name in _baselines(guide_trace)
-            if guide_trace.nodes[name]["infer"]["baseline"].get("use_decaying_avg_baseline")
-        ]
-        if decaying:
-            raise CaptureError(
-                f"the guide's site(s) {', '.join(map(repr, decaying))} use a decaying-average "
-                "baseline, which TraceGraph_ELBO updates in Pyro's param store outside the "
-                "loss's graph on every step: it cannot be replayed (a neural baseline, "
-                "nn_baseline=, can)"
-            )
-        from pyro.infer import tracegraph_elbo
-
-        noted = getattr(self, "_provenance", {})
-        found = {}  # id of a site's log_prob_sum -> its noted provenance
-        for kind, trace in (("model", model_trace), ("guide", guide_trace)):
-            for name, site in trace.nodes.items():
-                if site["type"] == "sample":
-                    if (kind, name) not in noted:
-                        raise CaptureError(f"the {kind}'s site {name!r} was not seen eagerly")
-                    found[id(site["log_prob_sum"])] = noted[kind, name]
-        with _patched(tracegraph_elbo, "get_provenance", lambda x: found.get(id(x), frozenset())):
-            return super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
-
-
-def _provenance_of(model_trace, guide_trace) -> dict:
-    # {(trace, site): the non-reparameterizable guide sites its log-density depends on}.
-    from pyro.ops.provenance import get_provenance
-
-    return {
-        (kind, name): get_provenance(site["log_prob_sum"])
-        for kind, trace in (("model", model_trace), ("guide", guide_trace))
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-    }
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    with _patch_lock:
-        saved = getattr(owner, name)
-        setattr(owner, name, value)
-        try:
-            yield
-        finally:
-            setattr(owner, name, saved)
-
-
-#: Pyro's ELBO classes and their no-sync twins (a JIT-compiled variant maps to its plain
-#: class's twin: fit captures the loss itself).
-NO_SYNC = {
-    Trace_ELBO: NoSyncTrace_ELBO,
-    TraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
-    TraceEnum_ELBO: NoSyncTraceEnum_ELBO,
-    TraceGraph_ELBO: NoSyncTraceGraph_ELBO,
-    JitTrace_ELBO: NoSyncTrace_ELBO,
-    JitTraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
-    JitTraceEnum_ELBO: NoSyncTraceEnum_ELBO,
-    JitTraceGraph_ELBO: NoSyncTraceGraph_ELBO,
-}
-
-#: What to train with instead of a Pyro loss that has no ``differentiable_loss``.
-_INSTEAD = {
-    "RenyiELBO": "pyrovae.IWAE(k) (the importance-weighted bound, RenyiELBO's alpha=0, per "
-    "datapoint) or Trace_ELBO()",
-    "ReweightedWakeSleep": "TraceGraph_ELBO() (score-function gradients with the guide's "
-    "baselines) or TraceEnum_ELBO() (discrete latents enumerated)",
-}
-
-
-def no_sync(loss):
-    """The no-sync twin of a Pyro ELBO instance (same settings: particles, vectorization,
-    plate nesting), or ``loss`` itself when it has none (already no-sync, or another class).
-
-    :param loss: a Pyro ELBO instance.
-    :raises ValueError: for a loss that cannot train a pair in :func:`pyrovae.fit`: one with
-        no ``differentiable_loss`` (``RenyiELBO``, ``ReweightedWakeSleep``, ...) or that is
-        not an ELBO, naming what to use instead.
-    """
-    twin = NO_SYNC.get(type(loss))
-    if twin is None:
-        if not (isinstance(loss, ELBO) and callable(getattr(loss, "differentiable_loss", None))):
-            cls = type(loss).__name__
-            instead = _INSTEAD.get(cls, "Trace_ELBO(), TraceMeanField_ELBO(), TraceEnum_ELBO(), "
-                                   "TraceGraph_ELBO() or pyrovae.IWAE(k)")  # fmt: skip
-            raise ValueError(
-                f"loss={cls}(...) cannot train a pair here: pyrovae back-propagates the loss "
-                f"tensor of an ELBO's differentiable_loss, which {cls} has not; use {instead}"
-            )
-        return loss
-    loss = copy.copy(loss)
-    loss.__class__ = twin
-    return loss
-
-
-class CaptureError(RuntimeError):
-    """The pair's loss cannot be captured and replayed safely; the message says why."""
 
 
 class _Holder(nn.Module):
@@ -529,7 +226,7 @@ class CapturedLoss:
         # A fresh param store while tracing: pyro.param sites (PyroModule parameters) then read
         # the module's swapped-in graph inputs, and no fake tensor leaks into the real store.
         before = self._state()
-        _tracing.on = True
+        tracing.on = True
         try:
             with pyro.validation_enabled(False), pyro.get_param_store().scope():
                 # tensors the pair closes over (constants such as a fixed matrix) are kept by
@@ -545,7 +242,7 @@ class CapturedLoss:
         except Exception as e:  # any failure to trace means: do not replay this pair
             raise CaptureError(_explain(e, getattr(self._holder.loss_fn, "elbo", None))) from e
         finally:
-            _tracing.on = False
+            tracing.on = False
             self._restore(before)
         trained = [
             name
@@ -631,90 +328,3 @@ def capture(
         ):
             raise CaptureError(f"the replayed loss {a:.6g} differs from the eager loss {b:.6g}")
     return captured
-
-
-class CudaGraphStep:
-    """One whole training step recorded as a CUDA graph and replayed.
-
-    Records, for a fixed batch size: gathering the batch from the device-resident ``tensors`` at
-    the indices in :attr:`index`, the optional ``transform``, the replayed loss, backward, the
-    optimizer step (which must be ``capturable``), and the accumulation of the loss and of the
-    first non-finite step into device tensors. Three eager warm-up steps on a side stream come
-    first, as CUDA graph capture requires; they are real training steps.
-
-    :param loss: a :class:`CapturedLoss` (or any capturable loss callable).
-    :param optimizer: a torch optimizer built with ``capturable=True``.
-    :param tensors: the training tensors, on the GPU.
-    :param int batch_size: the batch size recorded.
-    :param transform: optional per-batch transform (it must be capturable).
-    """
-
-    def __init__(self, loss, optimizer, tensors, batch_size: int, transform=None):
-        device = tensors[0].device
-        self.optimizer = optimizer
-        self.index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.total = torch.zeros((), device=device)  # sum of losses since reset()
-        self.step = torch.zeros((), dtype=torch.long, device=device)  # steps since reset()
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self._loss = loss
-        self._tensors, self._transform = tensors, transform
-        self._graph = None
-        self.failed = False  # recording the graph failed: callers go on without it
-
-    @property
-    def ready(self) -> bool:
-        """Whether the graph has been recorded (after :meth:`warm_up`)."""
-        return self._graph is not None
-
-    def _body(self):
-        batch = tuple(t.index_select(0, self.index) for t in self._tensors)
-        if self._transform is not None:
-            batch = tuple(self._transform(batch))
-        loss = self._loss(*batch)
-        loss.backward()
-        self.optimizer.step()
-        finite = torch.isfinite(loss)
-        self.bad_step.copy_(torch.where(~finite & (self.bad_step < 0), self.step, self.bad_step))
-        self.total.add_(loss.detach())
-        self.step.add_(1)
-
-    def warm_up(self, indices: Sequence[torch.Tensor], record: bool = True) -> None:
-        """Run eager steps on a side stream (one per index tensor given), then record."""
-        gc.collect()  # an earlier step's autograd graph must not survive into these
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for idx in indices:
-                self.index.copy_(idx)
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream().wait_stream(stream)
-        if not record:
-            return
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        step = self.step.clone()
-        generator = torch.cuda.default_generators[self.index.device.index or 0]
-        rng = generator.clone_state()  # a failed recording leaves the generator mid-capture
-        try:
-            with torch.cuda.graph(graph):
-                self._body()
-        except RuntimeError as e:
-            self.failed = True
-            generator.graphsafe_set_state(rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step.copy_(step)  # recording ran nothing, but it counted
-            raise CaptureError(f"CUDA graph capture failed: {e}") from e
-        self.step.copy_(step)
-        self._graph = graph
-
-    def __call__(self, idx: torch.Tensor) -> None:
-        """One training step on the datapoints at ``idx`` (of the recorded batch size)."""
-        self.index.copy_(idx)
-        self._graph.replay()
-
-    def reset(self) -> None:
-        """Zero the accumulated loss and step counters (at the start of an epoch)."""
-        self.total.zero_()
-        self.step.zero_()
-        self.bad_step.fill_(-1)

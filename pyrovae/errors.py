@@ -1,5 +1,7 @@
-"""The errors pyrovae raises. All are :class:`ValueError` s, so one ``except ValueError`` catches
-every bad-input error, and each message names the problem."""
+"""The errors pyrovae raises. The bad-input errors are :class:`ValueError` s, so one
+``except ValueError`` catches every one, and each message names the problem;
+:class:`CaptureError` (a loss the fast path cannot replay) is a :class:`RuntimeError`, caught
+by ``fit``, which then trains eagerly."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ __all__ = [
     "RunInUseError",
     "WriteError",
     "NonFiniteLossError",
+    "CaptureError",
     "count",
 ]
 
@@ -32,6 +35,10 @@ class RunInUseError(CheckpointError):
 class WriteError(CheckpointError):
     """A file of a run directory that could not be written (disk full, no permission, ...); the
     file it would have replaced is left as it was."""
+
+
+class CaptureError(RuntimeError):
+    """The pair's loss cannot be captured and replayed safely; the message says why."""
 
 
 class NonFiniteLossError(ValueError):

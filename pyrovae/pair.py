@@ -31,8 +31,9 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.distributions import constraints
 
-from .capture import CaptureError, NoSyncTrace_ELBO, capture, no_sync, recording_modules
-from .errors import count
+from .capture import capture, recording_modules
+from .errors import CaptureError, count
+from .nosync import NoSyncTrace_ELBO, no_sync
 from .plates import subsample_advice
 
 __all__ = [

@@ -10,7 +10,7 @@ to the objectives' sums for the epoch's ELBO.
 - :class:`Captured` replays each objective's captured loss (:func:`pyrovae.capture.capture`),
   and runs the eager loss for a batch the capture cannot take (another shape).
 - :class:`CudaGraph` replays the whole step as a CUDA graph
-  (:class:`~pyrovae.capture.CudaGraphStep`) for full batches, and steps as :class:`Captured`
+  (:class:`~pyrovae.graphs.CudaGraphStep`) for full batches, and steps as :class:`Captured`
   for the rest (the first step, a last partial batch, or all of them if recording failed).
 
 :func:`build` chooses one after the first (eager) step has found the parameters.
@@ -24,7 +24,8 @@ from typing import Protocol
 
 import torch
 
-from .capture import CaptureError, CudaGraphStep
+from .errors import CaptureError
+from .graphs import CudaGraphStep
 from .nonfinite import NonFiniteGuard
 from .pair import capture_terms
 
@@ -140,7 +141,7 @@ class CudaGraph(Captured):
     an epoch too short to record runs its queued steps eagerly. The graph keeps its own sums and
     first bad step on the device, which join the epoch's in :meth:`end_epoch`.
 
-    :param graph: the :class:`~pyrovae.capture.CudaGraphStep` (optimizer built capturable).
+    :param graph: the :class:`~pyrovae.graphs.CudaGraphStep` (optimizer built capturable).
     """
 
     name = "cuda-graph"

@@ -2,7 +2,7 @@
 
 The CUDA graph engine's bookkeeping (warm-up queue, steps numbered like the epoch's, the graph's
 sums and first bad step joining the epoch's, a last partial batch stepped off the graph) is
-tested on the CPU here: :class:`_CpuGraph` runs :class:`~pyrovae.capture.CudaGraphStep`'s own
+tested on the CPU here: :class:`_CpuGraph` runs :class:`~pyrovae.graphs.CudaGraphStep`'s own
 step body at every replay instead of recording it. The recording itself is tested by the CUDA
 tests in test_training.py.
 """
@@ -15,8 +15,8 @@ import torch
 
 import pyrovae
 from pyrovae import steps
-from pyrovae.capture import CudaGraphStep
 from pyrovae.errors import NonFiniteLossError
+from pyrovae.graphs import CudaGraphStep
 from pyrovae.nonfinite import NonFiniteGuard
 
 
