@@ -94,13 +94,15 @@ def add_pair_args(parser: argparse.ArgumentParser) -> None:
         "--pair",
         metavar="FILE.py:NAME",
         help="train your own pair: NAME() returns an nn.Module with model and guide methods, or "
-        "a (model, guide) tuple; on --dataset's images, or on --data (default: the built-in VAE)",
+        "a (model, guide) tuple; on --dataset's images, or on --data (default: none, the "
+        "built-in VAE)",
     )
     parser.add_argument(
         "--data",
         metavar="FILE.npz",
         help="with --pair: train on the arrays of an .npz file, in the file's order as the "
-        "pair's positional tensors, split by --valid-fraction/--test-fraction and --seed",
+        "pair's positional tensors, split by --valid-fraction/--test-fraction and --seed "
+        "(default: none, --dataset's images)",
     )
 
 
