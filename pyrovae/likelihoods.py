@@ -266,14 +266,42 @@ def _clamped_logistic_mean(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return 1 - scale * (F.softplus((1 - loc) / scale) - F.softplus(-loc / scale))
 
 
-def _logistic_log_mass(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # log P(x) of a logistic(loc, scale) discretized to the bins [x − h, x + h]:
-    # log(σ(a) − σ(b)) = −softplus(−a) − softplus(b) + log(1 − exp(−(a − b))), a − b = 2h/s
-    a = (x - loc + _HALF_BIN) / scale
-    b = (x - loc - _HALF_BIN) / scale
+def _bin_masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # for 8-bit values x: (sign, inside, end), sign +1 at 0 (its bin reaches −∞), −1 at 1
+    # (reaches +∞), 0 between; inside 1 for the values between, end 1 for 0 and 1 (floats:
+    # exact masks by multiplication, cheaper than torch.where)
     low, high = _edges(x)
-    interior = -F.softplus(-a) - F.softplus(b) + _log1mexp(2 * _HALF_BIN / scale)
-    return torch.where(low, -F.softplus(-a), torch.where(high, -F.softplus(b), interior))
+    end = low | high
+    return low.to(x.dtype) - high.to(x.dtype), (~end).to(x.dtype), end.to(x.dtype)
+
+
+def _logistic_mass_parts(
+    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, masks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log P(x) = A + log R of a logistic(loc, scale) discretized to x's bin, with A ≤ 0 and R
+    in (0, 1] of moderate size: a mixture sums e^A·R over its components and takes one
+    logarithm per pixel, not one per component (logarithms are the costly part of scoring).
+
+    Inside, with t = (x − loc)/s and h = 1/(2·255·s), the bin's mass is
+    σ(t + h) − σ(t − h) = sinh h / (cosh t + cosh h) = e^(−relu(d)) (1 − e^(−2h)) /
+    ((1 + e^(−|d|)) (1 + e^(−|t|−h))), d = |t| − h: every exponent ≤ 0, both factors below in
+    [1, 2]. The end bins: σ(y) = e^(min(y, 0)) σ(|y|), y = t + h at 0 and h − t at 1. ``masks``
+    are :func:`_bin_masks` of x. Shapes broadcast; all (..., C, S) here.
+    """
+    sign, inside, end = masks
+    inv = scale.reciprocal()
+    t = (x - loc) * inv
+    h = _HALF_BIN * inv
+    at = t.abs()
+    d = at - h
+    a_inside = -F.relu(d)
+    r_inside = -torch.expm1(-2 * h) / ((1 + (-d.abs()).exp()) * (1 + (-(at + h)).exp()))
+    y = torch.addcmul(h, sign, t)  # the end bins' argument
+    a_end = y.clamp(max=0)
+    r_end = torch.sigmoid(y.abs())
+    return torch.addcmul(a_inside * inside, a_end, end), torch.addcmul(
+        r_inside * inside, r_end, end
+    )
 
 
 def _normal_log_mass(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -369,17 +397,30 @@ class DiscretizedLogisticMixtureDistribution(dist.TorchDistribution):
         c = self.locs.shape[-2]
         return value.reshape(*value.shape[: value.dim() - len(self.event_shape)], 1, c, -1)
 
-    def _coupled(self, locs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        # locations of channels 1.. shifted by coeff · (the previous channel's value)
-        shift = self.coeffs * prev  # (..., K, C - 1, S)
-        return locs + F.pad(shift, (0, 0, 1, 0))  # channel 0 unshifted: (..., K, C, S)
-
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        x = self._split(value)  # (..., 1, C, S)
-        locs = self._coupled(self.locs, x[..., :-1, :])  # (..., K, C, S)
-        per_channel = _logistic_log_mass(x, locs, self.scales)  # (..., K, C, S)
-        joint = per_channel.sum(-2) + self.logits.log_softmax(-2)  # (..., K, S)
-        return joint.logsumexp(-2).sum(-1)  # (...)
+        # log Σ_k π_k P_k(x) per pixel, one component at a time (temporaries (..., C, S), no
+        # tensor with a mixture axis), as a running log-sum-exp of e^(logit_k + A_k) R_k
+        # (_logistic_mass_parts): the exponentials are cheap, and the one logarithm per pixel
+        # comes at the end; then − logsumexp_k(logit_k) normalizes the weights.
+        x = self._split(value)[..., 0, :, :]  # (..., C, S)
+        masks = _bin_masks(x)  # (..., C, S) each
+        top, total = self._component(x, 0, masks)  # (..., S): the running max and sum
+        for i in range(1, self.locs.shape[-3]):
+            a, r = self._component(x, i, masks)
+            new_top = torch.maximum(top, a)
+            total = total * (top - new_top).exp() + r * (a - new_top).exp()
+            top = new_top
+        return (top + total.log() - self.logits.logsumexp(-2)).sum(-1)  # (...)
+
+    def _component(self, x: torch.Tensor, i: int, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        # component i's logit_i + log P_i(x) as (A, R) with the channels' parts combined: (..., S)
+        loc = self.locs[..., i, :, :]  # (..., C, S)
+        if loc.shape[-2] > 1:  # channel c's location moves with the value of channel c − 1
+            loc = loc + F.pad(self.coeffs[..., i, :, :] * x[..., :-1, :], (0, 0, 1, 0))
+        a, r = _logistic_mass_parts(x, loc, self.scales[..., i, :, :], masks)  # (..., C, S)
+        if a.shape[-2] == 1:  # one channel: nothing to combine
+            return a[..., 0, :] + self.logits[..., i, :], r[..., 0, :]
+        return a.sum(-2) + self.logits[..., i, :], r.prod(-2)
 
     @property
     def mean(self) -> torch.Tensor:
