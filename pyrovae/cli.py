@@ -467,7 +467,7 @@ def _evaluate_locked(args, fabric=None) -> int:
 
     from .checkpoint import load_run, weights_id
     from .data import spread
-    from .evaluation import elbo, log_likelihood
+    from .evaluation import elbo, log_likelihood, scoring_estimate
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
 
@@ -483,6 +483,8 @@ def _evaluate_locked(args, fabric=None) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         x = x[spread(len(x), args.limit)]
     x = x.to(device)
+    if fabric is None or fabric.global_rank == 0:  # the cost, said before it is spent
+        print(scoring_estimate(vae.model, vae.guide, x, args.num_samples, seed=args.seed)[1])
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     # per-block seeds: the same numbers from one process or from several (blocks shared out)

@@ -157,3 +157,22 @@ def test_scoring_progress_bar_states_the_work_and_rate(digits_vae, capsys):
     assert "log p(x): 40 images × K=50" in err and "img/s" in err and "40/40" in err
     pyrovae.elbo(vae.model, vae.guide, x, progress=True)
     assert "ELBO: 40 images × K=1" in capsys.readouterr().err
+
+
+def test_scoring_estimate_extrapolates_and_names_a_k_that_fits(monkeypatch):
+    # the time is extrapolated from one timed chunk; over budget, it names the K that fits
+    from pyrovae import evaluation
+
+    lg = LinearGaussian()
+    x = lg.data(40)
+    ticks = iter([0.0, 2.0])  # the timed chunk (4 datapoints × 100 particles) takes 2 s
+    monkeypatch.setattr("time.perf_counter", lambda: next(ticks))
+    state = torch.get_rng_state()
+    seconds, note = evaluation.scoring_estimate(
+        lg.model, lg.exact_guide, x, 1000, budget=60.0, probe=(4, 100)
+    )
+    assert torch.equal(torch.get_rng_state(), state)  # seeded: the caller's draws are untouched
+    assert seconds == pytest.approx(2.0 / (4 * 100) * 40 * 1000)  # 200 s
+    assert note == (
+        "scoring 40 images × K=1,000: about 3.3 min (timed on 4 × K=100); K=200 would fit in 60 s"
+    )
