@@ -35,6 +35,7 @@ from .rundir import (
 from .runs import (
     OPTIONS,
     SAMPLE_TITLES,
+    data_dir_for,
     draw_plots,
     load_split,
     run_device,
@@ -428,8 +429,7 @@ def _resume_locked(run_dir: Path, args, launch=None) -> int:
         config.epochs = args.epochs
     if args.device is not None:
         config.device = args.device
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
+    config.data_dir = data_dir_for(run_dir, config, args.data_dir)
     return run_training(run_dir, config, None, not args.no_progress and writer, launch)
 
 
@@ -474,8 +474,7 @@ def _evaluate_locked(args, fabric=None) -> int:
     device = run_device(args.device) if fabric is None else fabric.device
     vae, config = load_run(args.run_dir, device)
     ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
+    config.data_dir = data_dir_for(args.run_dir, config, args.data_dir)
     data = load_split(config, args.split)
     x = data.images
     if args.limit is not None:  # evenly spread: a split may be ordered by class
@@ -590,8 +589,7 @@ def _plot_locked(run_dir: Path, args, manifest: dict | None) -> int:
     from .checkpoint import load_run
 
     vae, config = load_run(run_dir)
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
+    config.data_dir = data_dir_for(run_dir, config, args.data_dir)
     if manifest is not None and manifest["epoch"] == 0:
         raise CheckpointError(f"{run_dir} has no epoch saved yet: nothing to plot")
     epochs = manifest["epoch"] if manifest is not None else None

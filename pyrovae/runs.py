@@ -45,6 +45,8 @@ __all__ = [
     "OPTIONS",
     "SAMPLE_TITLES",
     "FOLDER_OPTIONS",
+    "absolute_dir",
+    "data_dir_for",
 ]
 
 
@@ -69,6 +71,34 @@ def load_split(config, split: str):
         config.dataset, split, config.data_dir, config.binarize, config.download, config.seed,
         **options,
     )  # fmt: skip
+
+
+def absolute_dir(path: str | None) -> str | None:
+    """``path`` (``~`` expanded) as an absolute path, as a run records its ``--data-dir``: a
+    relative one would only work from the folder the run was started in."""
+    import os
+
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def data_dir_for(run_dir: Path, config, given: str | None) -> str | None:
+    """The data folder a saved run reads from (``evaluate``, ``plot``, ``resume``): ``given``
+    (``--data-dir``) made absolute, else the one the run recorded (a run of an older pyrovae
+    recorded it as typed: relative to the current folder).
+
+    :raises DataError: naming the recorded folder and ``--data-dir``, when it no longer exists.
+    """
+    from .errors import DataError
+
+    if given is not None:
+        return absolute_dir(given)
+    recorded = config.data_dir
+    if recorded is not None and not Path(recorded).expanduser().exists():
+        raise DataError(
+            f"{run_dir} was trained on data in {recorded}, which no longer exists; pass "
+            "--data-dir to point to where the data is now"
+        )
+    return recorded
 
 
 def _echo(config) -> None:
@@ -273,6 +303,7 @@ def run_training(run_dir: Path, config, options: dict | None, progress: bool,
     writer = launch is None or launched_rank() == 0
     device = run_device(config.device if launch is None else "cpu")  # Lightning moves the model
     config.binarize = _resolve_binarize(config)
+    config.data_dir = absolute_dir(config.data_dir)  # the run works from any folder
     train, valid = _training_data(config), load_split(config, "valid")
     streamed = not isinstance(train, ImageDataset)
     config.x_shape = train.x_shape
