@@ -127,6 +127,21 @@ def test_ss_vae_m2(tmp_path, capsys):
     _pngs(tmp_path, "analogies.png")
 
 
+def test_ss_vae_m2_digits_command_of_the_docs(tmp_path, capsys):
+    # docs/examples.md quotes a command and its accuracy: this runs that command, as written
+    # there, and checks the number the page states, within the ± 3 points it states
+    import re
+
+    page = (EXAMPLES.parent / "docs" / "examples.md").read_text()
+    command = re.search(r"python examples/ss_vae_m2\.py (--dataset digits[^`]*?)\n```", page)
+    quoted = re.search(r"reaches \*\*([\d.]+) %\*\* test accuracy on the 360 test digits", page)
+    assert command and quoted and "accepts ± 3 points" in page
+    args = command.group(1).replace("\\\n", " ")
+    r = _run("ss_vae_m2", args, "--out", str(tmp_path), *QUIET)
+    assert abs(100 * r["test_accuracy"] - float(quoted.group(1))) <= 3, (args, r)
+    _pngs(tmp_path, "analogies.png")
+
+
 def test_m2_labels_are_balanced_and_hidden():
     m2 = _load("ss_vae_m2")
     labels = pyrovae.data.load("digits", "train").labels
