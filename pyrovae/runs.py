@@ -47,6 +47,10 @@ __all__ = [
     "FOLDER_OPTIONS",
     "absolute_dir",
     "data_dir_for",
+    "binarize_note",
+    "collapse_note",
+    "prior_draws",
+    "took",
 ]
 
 
@@ -111,6 +115,35 @@ def _echo(config) -> None:
         f"{n}={getattr(config, n)}" for n in names if getattr(config, n) != getattr(default, n)
     ]
     print("config: " + (" ".join(changed) if changed else "the defaults"))
+    note = binarize_note(config)
+    if note:
+        print(note)
+
+
+def binarize_note(config) -> str:
+    """A line saying how pixels are binarized for the Bernoulli likelihood (``--binarize``,
+    ``auto`` resolved), or ``""`` when they are not: a grey folder trained as binary is a
+    surprise otherwise."""
+    how = {
+        "dynamic": "binarized dynamically: each training batch a fresh Bernoulli draw of the grey "
+        "values, validation and test one seeded draw",
+        "static": "binarized once: one seeded Bernoulli draw of the grey values per image",
+        "threshold": "binarized at 0.5",
+    }.get(config.binarize)
+    if how is None:
+        return ""
+    return (
+        f"pixels: {config.dataset}'s images are {how} (--binarize {config.binarize}); to "
+        "model grey values, pass --binarize none with a likelihood for them (gaussian, "
+        "continuous-bernoulli, discretized-logistic)"
+    )
+
+
+def took(seconds: float, before: float) -> str:
+    """``"12.3 s"``, or for a continued run ``"4.1 s (12.3 s in all, with earlier calls)"``."""
+    if before <= 0:
+        return f"{seconds:.1f} s"
+    return f"{seconds - before:.1f} s ({seconds:.1f} s in all, with earlier calls)"
 
 
 def _training_data(config):
@@ -169,13 +202,28 @@ def draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
     from .checkpoint import weights_id
     from .rundir import WEIGHTS, register_derived, staging_dir
 
+    ident = weights_id(run_dir / WEIGHTS)  # the best checkpoint, which the figures show
+    binarize = read_json(run_dir / CONFIG).get("binarize", "none")
     with staging_dir(run_dir) as tmp:
-        draw_figures(tmp, vae, records, data, seed, name=run_dir.name)
+        draw_figures(tmp, vae, records, data, seed, name=run_dir.name, binarize=binarize,
+                     epoch=ident.get("epoch"))  # fmt: skip
         names = [p.name for p in tmp.iterdir()]
-    register_derived(run_dir, names, weights_id(run_dir / WEIGHTS)["sha256"])
+    register_derived(run_dir, names, ident["sha256"])
+    note = collapse_note(records)
+    if note:
+        print(note)
 
 
-def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None:
+#: what the validation images shown as "data" are, by --binarize
+_SHOWN = {
+    "dynamic": "data, binarized: one seeded draw of the grey images (training draws afresh)",
+    "static": "data, binarized: one seeded draw of the grey images",
+    "threshold": "data, binarized at 0.5",
+}
+
+
+def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "",
+                 binarize: str = "none", epoch=None) -> None:  # fmt: skip
     import pyro
     import torch
 
@@ -183,22 +231,52 @@ def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "") -
     from .data import spread
 
     pyro.set_rng_seed(seed)
-    plots.plot_history(records, run_dir / "elbo.png", title=name or run_dir.name)
+    where = f"best checkpoint, epoch {epoch}" if epoch is not None else ""
+    shows = f"\ncurves of every epoch; the run's other figures show the {where}" if where else ""
+    title = (name or run_dir.name) + shows
+    plots.plot_history(records, run_dir / "elbo.png", title=title)
     device = next(vae.parameters()).device
     x = data.images[spread(len(data.images), 50)].to(device)  # spread over the split
-    plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png")
-    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", SAMPLE_TITLES["mean"])
+    plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png",
+                               _SHOWN.get(binarize, "data"), where)  # fmt: skip
+    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png",
+                      SAMPLE_TITLES["mean"] + (f"\n{where}" * bool(where)))  # fmt: skip
     with torch.no_grad():
         means = torch.cat([vae.encode(b.to(device))[0].cpu() for b in data.images.split(1024)])
     layer = "q(z2|x), the top layer" if hasattr(vae, "z1_decoder") else "q(z|x)"
     plots.plot_latent(means, data.labels, run_dir / "latent.png",
-                      f"means of {layer}: {data.split} split, {len(means)} images",
+                      f"means of {layer}: {data.split} split, {len(means)} images"
+                      + (f"\n{where}" * bool(where)),
                       classes=getattr(data, "classes", None))  # fmt: skip
     decode = lambda z: vae.decode(z.to(device)).cpu()  # noqa: E731
-    if means.shape[1] == 2:  # the decoded latent plane
-        plots.plot_manifold(decode, run_dir / "manifold.png")
+    if means.shape[1] == 2:  # the decoded latent plane, where the prior puts its mass
+        plots.plot_manifold(decode, run_dir / "manifold.png", samples=prior_draws(vae),
+                            of=f"the {type(vae.prior).__name__} prior p(z)")  # fmt: skip
     elif len(means) >= 2:  # one row per latent unit, over the range of its encoded means
-        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means)
+        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means,
+                              where=where)  # fmt: skip
+
+
+def prior_draws(vae, n: int = 4096):
+    """``n`` codes drawn from the model's prior p(z) (the top layer's, for an HVAE), on the
+    CPU: the quantiles the manifold figure takes."""
+    import torch
+
+    with torch.no_grad():
+        return vae.prior().sample((int(n),)).cpu()  # (n, z_dim)
+
+
+def collapse_note(records) -> str:
+    """A line for the terminal when the last epoch's model uses none of its latent units
+    (posterior collapse: ``active_units`` 0), with what to try; else ``""``."""
+    units = records[-1].get("active_units") if records else None
+    if units is None or units != units or int(units) > 0:
+        return ""
+    return (
+        f"warning: 0 active latent units at epoch {records[-1]['epoch']}: the posterior "
+        "collapsed to the prior and the decoder ignores z; try a KL warm-up (--warmup N), a "
+        "lower β (--beta 0.5), fewer latent units (--z-dim), or a weaker decoder"
+    )
 
 
 #: the title of a grid of prior samples, by what is drawn of p(x|z)
@@ -415,8 +493,8 @@ def run_training(run_dir: Path, config, options: dict | None, progress: bool,
     update_manifest(run_dir, stage="done")
     stop = f"stopped early at epoch {len(records)}; " if summary["stopped_early"] else ""
     print(
-        f"done in {seconds:.1f} s: {stop}best validation ELBO {stopper.best_value:.3f} nats per "
-        f"image at epoch {stopper.best_epoch}, kept in {run_dir}"
+        f"done in {took(seconds, before)}: {stop}best validation ELBO "
+        f"{stopper.best_value:.3f} nats per image at epoch {stopper.best_epoch}, kept in {run_dir}"
     )
     print(f"figures and metrics.csv are in {run_dir}; score the test split with: "
           f"pyrovae evaluate {run_dir} --split test")  # fmt: skip

@@ -47,3 +47,33 @@ def test_a_run_records_its_data_dir_absolute_and_names_it_when_moved(tmp_path, m
     assert cli.main(["resume", "work/run", "--epochs", "2", "--data-dir", "moved",
                      "--no-progress"]) == 0  # fmt: skip
     assert json.loads((run / "config.json").read_text())["data_dir"] == str(tmp_path / "moved")
+    assert "s in all, with earlier calls)" in capsys.readouterr().out  # this call's time first
+
+
+def test_binarization_is_said_at_the_start():
+    from pyrovae import Config
+    from pyrovae.runs import binarize_note
+
+    note = binarize_note(Config(dataset="folder", binarize="dynamic"))
+    assert note.startswith("pixels: folder's images are binarized dynamically")
+    assert "--binarize none" in note
+    assert "binarized at 0.5 (--binarize threshold)" in binarize_note(Config(binarize="threshold"))
+    assert binarize_note(Config(binarize="none", likelihood="gaussian")) == ""
+
+
+def test_a_continued_run_says_this_calls_seconds_and_the_total():
+    from pyrovae.runs import took
+
+    assert took(12.34, 0.0) == "12.3 s"
+    assert took(60.0, 57.9) == "2.1 s (60.0 s in all, with earlier calls)"
+
+
+def test_a_collapsed_run_says_so_with_what_to_try():
+    from pyrovae.runs import collapse_note
+
+    assert collapse_note([{"epoch": 3, "active_units": 2}]) == ""
+    assert collapse_note([{"epoch": 3, "active_units": None}]) == ""
+    assert collapse_note([]) == ""
+    note = collapse_note([{"epoch": 1, "active_units": 1}, {"epoch": 2, "active_units": 0}])
+    assert note.startswith("warning: 0 active latent units at epoch 2")
+    assert "--warmup" in note and "--beta" in note and "--z-dim" in note
