@@ -217,3 +217,16 @@ def test_own_images(tmp_path, capsys):
     _run("own_images", args, "--num-samples", "10", "--out", str(tmp_path), *QUIET)
     assert "bits/dim" in capsys.readouterr().out
     _pngs(tmp_path, "samples.png", "reconstructions.png", "interpolations.png", "elbo.png")
+
+
+def test_the_examples_page_counts_the_scripts_and_says_which_write_figures():
+    # docs/examples.md's opening claims, checked against examples/
+    page = (EXAMPLES.parent / "docs" / "examples.md").read_text()
+    words = {6: "Six", 7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
+    scripts = sorted(EXAMPLES.glob("*.py"))
+    assert f"\n{words[len(scripts)]} scripts in `examples/`" in page
+    takes_out = {
+        p.stem for p in scripts if "--out" in _load(p.stem).build_parser()._option_string_actions
+    }
+    assert {p.stem for p in scripts} - takes_out == {"custom_model_guide"}
+    assert "all but `custom_model_guide.py`" in page
