@@ -266,42 +266,42 @@ def _clamped_logistic_mean(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return 1 - scale * (F.softplus((1 - loc) / scale) - F.softplus(-loc / scale))
 
 
-def _bin_masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # for 8-bit values x: (sign, inside, end), sign +1 at 0 (its bin reaches −∞), −1 at 1
-    # (reaches +∞), 0 between; inside 1 for the values between, end 1 for 0 and 1 (floats:
-    # exact masks by multiplication, cheaper than torch.where)
+#: How far beyond the value an end bin reaches, in pixel units: "infinity" for the logistic (its
+#: mass there is 1 to float precision for any location within ±10⁵), but finite, so that no
+#: gradient meets 0 × ∞.
+_FAR = 1e6
+
+
+def _bin_edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # how far each value's bin reaches (up, down, their sum): the bin is [x − down, x + up];
+    # the bin of 0 reaches down and the bin of 1 up by _FAR (x's shape each)
     low, high = _edges(x)
-    end = low | high
-    return low.to(x.dtype) - high.to(x.dtype), (~end).to(x.dtype), end.to(x.dtype)
+    up = torch.full_like(x, _HALF_BIN).masked_fill_(high, _FAR)  # in x's dtype
+    down = torch.full_like(x, _HALF_BIN).masked_fill_(low, _FAR)
+    return up, down, up + down
 
 
 def _logistic_mass_parts(
-    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, masks
+    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, edges
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log P(x) = A + log R of a logistic(loc, scale) discretized to x's bin, with A ≤ 0 and R
     in (0, 1] of moderate size: a mixture sums e^A·R over its components and takes one
     logarithm per pixel, not one per component (logarithms are the costly part of scoring).
 
-    Inside, with t = (x − loc)/s and h = 1/(2·255·s), the bin's mass is
-    σ(t + h) − σ(t − h) = sinh h / (cosh t + cosh h) = e^(−relu(d)) (1 − e^(−2h)) /
-    ((1 + e^(−|d|)) (1 + e^(−|t|−h))), d = |t| − h: every exponent ≤ 0, both factors below in
-    [1, 2]. The end bins: σ(y) = e^(min(y, 0)) σ(|y|), y = t + h at 0 and h − t at 1. ``masks``
-    are :func:`_bin_masks` of x. Shapes broadcast; all (..., C, S) here.
+    With a and b the bin's upper and lower edge in units of s, the mass is
+    σ(a) − σ(b) = σ(a) σ(−b) (1 − e^(b − a)), and σ(y) = e^(min(y, 0)) σ(|y|), so
+    A = min(a, 0) + min(−b, 0) and R = σ(|a|) σ(|b|) (1 − e^(−(a − b))); the end bins reach
+    :data:`_FAR` beyond their value, where σ is 1. ``edges`` are :func:`_bin_edges` of x.
+    Shapes broadcast; all (..., C, S) here.
     """
-    sign, inside, end = masks
+    up, down, width = edges
     inv = scale.reciprocal()
-    t = (x - loc) * inv
-    h = _HALF_BIN * inv
-    at = t.abs()
-    d = at - h
-    a_inside = -F.relu(d)
-    r_inside = -torch.expm1(-2 * h) / ((1 + (-d.abs()).exp()) * (1 + (-(at + h)).exp()))
-    y = torch.addcmul(h, sign, t)  # the end bins' argument
-    a_end = y.clamp(max=0)
-    r_end = torch.sigmoid(y.abs())
-    return torch.addcmul(a_inside * inside, a_end, end), torch.addcmul(
-        r_inside * inside, r_end, end
-    )
+    centred = x - loc
+    a = (centred + up) * inv  # the upper edge
+    b = (centred - down) * inv  # the lower edge (not a − width/s: a may be huge)
+    log_scale = a.clamp(max=0) - b.clamp(min=0)
+    factor = torch.sigmoid(a.abs()) * torch.sigmoid(b.abs()) * -torch.expm1(-width * inv)
+    return log_scale, factor
 
 
 def _normal_log_mass(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -403,21 +403,21 @@ class DiscretizedLogisticMixtureDistribution(dist.TorchDistribution):
         # (_logistic_mass_parts): the exponentials are cheap, and the one logarithm per pixel
         # comes at the end; then − logsumexp_k(logit_k) normalizes the weights.
         x = self._split(value)[..., 0, :, :]  # (..., C, S)
-        masks = _bin_masks(x)  # (..., C, S) each
-        top, total = self._component(x, 0, masks)  # (..., S): the running max and sum
+        edges = _bin_edges(x)  # (..., C, S) each
+        top, total = self._component(x, 0, edges)  # (..., S): the running max and sum
         for i in range(1, self.locs.shape[-3]):
-            a, r = self._component(x, i, masks)
+            a, r = self._component(x, i, edges)
             new_top = torch.maximum(top, a)
             total = total * (top - new_top).exp() + r * (a - new_top).exp()
             top = new_top
         return (top + total.log() - self.logits.logsumexp(-2)).sum(-1)  # (...)
 
-    def _component(self, x: torch.Tensor, i: int, masks) -> tuple[torch.Tensor, torch.Tensor]:
+    def _component(self, x: torch.Tensor, i: int, edges) -> tuple[torch.Tensor, torch.Tensor]:
         # component i's logit_i + log P_i(x) as (A, R) with the channels' parts combined: (..., S)
         loc = self.locs[..., i, :, :]  # (..., C, S)
         if loc.shape[-2] > 1:  # channel c's location moves with the value of channel c − 1
             loc = loc + F.pad(self.coeffs[..., i, :, :] * x[..., :-1, :], (0, 0, 1, 0))
-        a, r = _logistic_mass_parts(x, loc, self.scales[..., i, :, :], masks)  # (..., C, S)
+        a, r = _logistic_mass_parts(x, loc, self.scales[..., i, :, :], edges)  # (..., C, S)
         if a.shape[-2] == 1:  # one channel: nothing to combine
             return a[..., 0, :] + self.logits[..., i, :], r[..., 0, :]
         return a.sum(-2) + self.logits[..., i, :], r.prod(-2)
