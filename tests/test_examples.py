@@ -88,7 +88,27 @@ def test_custom_pair_student_t_prior():
     assert math.isfinite(r["test_log_px"])
 
 
-def test_cvae_quadrants_and_classes(tmp_path):
+def _titles(monkeypatch) -> list:
+    # the titles of the figures pyrovae.plots draws, as they are saved
+    from pyrovae import plots
+
+    titles = []
+    real = plots._figure
+
+    def figure(*args):
+        fig = real(*args)
+        save = fig.savefig
+        fig.savefig = lambda *a, **k: (
+            titles.extend(ax.get_title() for ax in fig.axes) or save(*a, **k)
+        )
+        return fig
+
+    monkeypatch.setattr(plots, "_figure", figure)
+    return titles
+
+
+def test_cvae_quadrants_and_classes(tmp_path, monkeypatch):
+    titles = _titles(monkeypatch)
     out = tmp_path / "out"
     common = "--dataset digits --epochs 1 --hidden 32 --z-dim 2 --limit 400 --eval-n 30"
     r = _run("cvae", common, "--num-samples", "20", "--out", str(out), *QUIET)
@@ -97,6 +117,9 @@ def test_cvae_quadrants_and_classes(tmp_path):
     r = _run("cvae", common, "--task", "class", "--label", "3", "--out", str(out), *QUIET)
     assert math.isfinite(r["cvae_log_p"])
     _pngs(out, "classes.png")
+    # the completions are means of p(y|z, c), one per z ~ p(z|c): the titles say so
+    assert "the mean of p(y|z, c)" in titles[0] and "not draws" in titles[0]
+    assert "the mean of p(x|z, c) (not a draw)" in titles[1]
 
 
 def test_cvae_bad_input(unlabelled_data):
@@ -127,7 +150,7 @@ def test_ss_vae_m2(tmp_path, capsys):
     _pngs(tmp_path, "analogies.png")
 
 
-def test_ss_vae_m2_digits_command_of_the_docs(tmp_path, capsys):
+def test_ss_vae_m2_digits_command_of_the_docs(tmp_path, monkeypatch):
     # docs/examples.md quotes a command and its accuracy: this runs that command, as written
     # there, and checks the number the page states, within the ± 3 points it states
     import re
@@ -137,9 +160,11 @@ def test_ss_vae_m2_digits_command_of_the_docs(tmp_path, capsys):
     quoted = re.search(r"reaches \*\*([\d.]+) %\*\* test accuracy on the 360 test digits", page)
     assert command and quoted and "accepts ± 3 points" in page
     args = command.group(1).replace("\\\n", " ")
+    titles = _titles(monkeypatch)
     r = _run("ss_vae_m2", args, "--out", str(tmp_path), *QUIET)
     assert abs(100 * r["test_accuracy"] - float(quoted.group(1))) <= 3, (args, r)
     _pngs(tmp_path, "analogies.png")
+    assert "the mean of p(x|z, y), not a draw" in titles[-1]
 
 
 def test_m2_labels_are_balanced_and_hidden():
