@@ -200,6 +200,7 @@ def main(args: argparse.Namespace) -> dict:
         f"{target.shape[1]} pixels, {len(ctx)} training images"
     )
     hidden = tuple(args.hidden)
+    pyro.set_rng_seed(args.seed)  # the initial weights too: the same command, the same result
     cvae = CVAE(ctx.shape[1], target.shape[1], args.z_dim, hidden)
     baseline = Baseline(ctx.shape[1], target.shape[1], hidden)
     common = dict(
@@ -259,7 +260,9 @@ def main(args: argparse.Namespace) -> dict:
         )  # (n, 3 + draws, *x_shape)
         plots.plot_image_rows(
             rows, out / "completions.png",
-            f"context | truth | baseline | {n_draws} CVAE completions (z ~ p(z|c))",
+            f"CVAE completions: {n_draws} draws z ~ p(z|c), each decoded to the mean of "
+            "p(y|z, c)\n(pixel probabilities, not draws of y); the baseline's mean beside them",
+            col_labels=["context", "truth", "baseline", *[f"z{i + 1}" for i in range(n_draws)]],
         )  # fmt: skip
     else:
         labels = [args.label] if args.label is not None else list(range(10))
@@ -267,7 +270,8 @@ def main(args: argparse.Namespace) -> dict:
         draws = cvae.sample(onehot, 10).transpose(0, 1)  # (classes, 10, D)
         plots.plot_image_rows(
             draws.reshape(len(labels), 10, *x_shape), out / "classes.png",
-            "CVAE samples, one class per row", row_labels=[str(c) for c in labels],
+            "CVAE, one class per row: z ~ p(z|c), decoded to the mean of p(x|z, c) (not a draw)",
+            row_labels=[str(c) for c in labels],
         )  # fmt: skip
     print(f"wrote figures to {out}")
     return result

@@ -215,6 +215,7 @@ def main(args: argparse.Namespace) -> dict:
         f"and {n_unlabelled} unlabelled training images, α={args.alpha:g}, hidden "
         f"{args.hidden}, z {args.z_dim}"
     )
+    pyro.set_rng_seed(args.seed)  # the initial weights too: the same command, the same result
     m2 = M2(x.shape[1], args.z_dim, tuple(args.hidden))
     curve: list[dict] = []
 
@@ -283,7 +284,14 @@ def main(args: argparse.Namespace) -> dict:
         eye = torch.eye(NUM_CLASSES)
         decoded = torch.sigmoid(m2.decoder(z[:, None], eye[None]))  # (8, 10, D)
     rows = torch.cat([xs[:, None], decoded], 1).reshape(8, NUM_CLASSES + 1, *test.x_shape)
-    plots.plot_image_rows(rows, out / "analogies.png", "test image | its style decoded as 0…9")
+    names = getattr(test, "classes", None) or [str(c) for c in range(NUM_CLASSES)]
+    plots.plot_image_rows(
+        rows, out / "analogies.png",
+        "a test image, then its style z (mean of q(z|x, ŷ)) decoded with each class y:\n"
+        "the mean of p(x|z, y), not a draw",
+        row_labels=[f"ŷ = {names[int(k)]}" for k in y_hat.argmax(-1)],
+        col_labels=["test image", *names],
+    )  # fmt: skip
     print(f"wrote figures to {out}")
     return result
 

@@ -37,6 +37,7 @@ from .rundir import (
 from .runs import (
     OPTIONS,
     SAMPLE_TITLES,
+    data_dir_for,
     draw_plots,
     load_split,
     run_device,
@@ -419,8 +420,7 @@ def _resume_locked(run_dir: Path, args, launch=None) -> int:
         config.epochs = args.epochs
     if args.device is not None:
         config.device = args.device
-    if args.data_dir is not None:
-        config.data_dir = args.data_dir
+    config.data_dir = data_dir_for(run_dir, config, args.data_dir)
     return run_training(run_dir, config, None, not args.no_progress and writer, launch)
 
 
@@ -458,7 +458,7 @@ def _evaluate_locked(args, fabric=None) -> int:
 
     from .checkpoint import weights_id
     from .data import spread
-    from .evaluation import elbo, log_likelihood
+    from .evaluation import elbo, log_likelihood, scoring_estimate
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
     from .runs import load_run_pair, scoring_split
@@ -474,6 +474,8 @@ def _evaluate_locked(args, fabric=None) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         x = tuple(t[spread(len(t), args.limit)] for t in x)
     x = tuple(t.to(device) for t in x)
+    if fabric is None or fabric.global_rank == 0:  # the cost, said before it is spent
+        print(scoring_estimate(pair.model, pair.guide, x, args.num_samples, seed=args.seed)[1])
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     # per-block seeds: the same numbers from one process or from several (blocks shared out)

@@ -678,9 +678,15 @@ def write_folder(images: torch.Tensor, labels, classes, root) -> None:
     :param labels: ``(N,)`` class indices into ``classes``, or ``None``.
     :param classes: the class (subfolder) names; ``None``: the label numbers.
     :param root: the folder to write into (created).
+    :raises ValueError: for a class name that cannot be one folder's name (empty, ``.``,
+        ``..``, or holding a path separator or NUL: Fashion-MNIST's "T-shirt/top" would become
+        two nested folders, read back as class "T-shirt"), or two classes of one name, before
+        anything is written.
     """
     from PIL import Image
 
+    if classes:
+        _check_class_names(classes)
     pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
     for i, array in enumerate(pixels):
         label = None if labels is None else int(labels[i])
@@ -689,6 +695,23 @@ def write_folder(images: torch.Tensor, labels, classes, root) -> None:
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
             folder / f"{i:06}.png"
         )
+
+
+def _check_class_names(classes) -> None:
+    # each class name must be the name of one folder, and names distinct
+    bad = {"/", "\\", "\0", os.sep, os.altsep or "/"}
+    for i, name in enumerate(classes):
+        name = str(name)
+        if name in ("", ".", "..") or any(c in name for c in bad):
+            safe = "".join("_" if c in bad else c for c in name).strip(".") or f"class{i}"
+            raise ValueError(
+                f"write_folder: class {i} {name!r} cannot be a folder name (a class is one "
+                f"folder, named as it is read back); pass classes with it renamed, e.g. {safe!r}"
+            )
+    seen = [str(c) for c in classes]
+    twice = next((c for c in seen if seen.count(c) > 1), None)
+    if twice is not None:
+        raise ValueError(f"write_folder: two classes are named {twice!r}; each needs a folder")
 
 
 def spread(n_total: int, n: int | None) -> torch.Tensor:

@@ -266,14 +266,42 @@ def _clamped_logistic_mean(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return 1 - scale * (F.softplus((1 - loc) / scale) - F.softplus(-loc / scale))
 
 
-def _logistic_log_mass(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # log P(x) of a logistic(loc, scale) discretized to the bins [x − h, x + h]:
-    # log(σ(a) − σ(b)) = −softplus(−a) − softplus(b) + log(1 − exp(−(a − b))), a − b = 2h/s
-    a = (x - loc + _HALF_BIN) / scale
-    b = (x - loc - _HALF_BIN) / scale
+#: How far beyond the value an end bin reaches, in pixel units: "infinity" for the logistic (its
+#: mass there is 1 to float precision for any location within ±10⁵), but finite, so that no
+#: gradient meets 0 × ∞.
+_FAR = 1e6
+
+
+def _bin_edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # how far each value's bin reaches (up, down, their sum): the bin is [x − down, x + up];
+    # the bin of 0 reaches down and the bin of 1 up by _FAR (x's shape each)
     low, high = _edges(x)
-    interior = -F.softplus(-a) - F.softplus(b) + _log1mexp(2 * _HALF_BIN / scale)
-    return torch.where(low, -F.softplus(-a), torch.where(high, -F.softplus(b), interior))
+    up = torch.full_like(x, _HALF_BIN).masked_fill_(high, _FAR)  # in x's dtype
+    down = torch.full_like(x, _HALF_BIN).masked_fill_(low, _FAR)
+    return up, down, up + down
+
+
+def _logistic_mass_parts(
+    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, edges
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log P(x) = A + log R of a logistic(loc, scale) discretized to x's bin, with A ≤ 0 and R
+    in (0, 1] of moderate size: a mixture sums e^A·R over its components and takes one
+    logarithm per pixel, not one per component (logarithms are the costly part of scoring).
+
+    With a and b the bin's upper and lower edge in units of s, the mass is
+    σ(a) − σ(b) = σ(a) σ(−b) (1 − e^(b − a)), and σ(y) = e^(min(y, 0)) σ(|y|), so
+    A = min(a, 0) + min(−b, 0) and R = σ(|a|) σ(|b|) (1 − e^(−(a − b))); the end bins reach
+    :data:`_FAR` beyond their value, where σ is 1. ``edges`` are :func:`_bin_edges` of x.
+    Shapes broadcast; all (..., C, S) here.
+    """
+    up, down, width = edges
+    inv = scale.reciprocal()
+    centred = x - loc
+    a = (centred + up) * inv  # the upper edge
+    b = (centred - down) * inv  # the lower edge (not a − width/s: a may be huge)
+    log_scale = a.clamp(max=0) - b.clamp(min=0)
+    factor = torch.sigmoid(a.abs()) * torch.sigmoid(b.abs()) * -torch.expm1(-width * inv)
+    return log_scale, factor
 
 
 def _normal_log_mass(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -369,17 +397,30 @@ class DiscretizedLogisticMixtureDistribution(dist.TorchDistribution):
         c = self.locs.shape[-2]
         return value.reshape(*value.shape[: value.dim() - len(self.event_shape)], 1, c, -1)
 
-    def _coupled(self, locs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        # locations of channels 1.. shifted by coeff · (the previous channel's value)
-        shift = self.coeffs * prev  # (..., K, C - 1, S)
-        return locs + F.pad(shift, (0, 0, 1, 0))  # channel 0 unshifted: (..., K, C, S)
-
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        x = self._split(value)  # (..., 1, C, S)
-        locs = self._coupled(self.locs, x[..., :-1, :])  # (..., K, C, S)
-        per_channel = _logistic_log_mass(x, locs, self.scales)  # (..., K, C, S)
-        joint = per_channel.sum(-2) + self.logits.log_softmax(-2)  # (..., K, S)
-        return joint.logsumexp(-2).sum(-1)  # (...)
+        # log Σ_k π_k P_k(x) per pixel, one component at a time (temporaries (..., C, S), no
+        # tensor with a mixture axis), as a running log-sum-exp of e^(logit_k + A_k) R_k
+        # (_logistic_mass_parts): the exponentials are cheap, and the one logarithm per pixel
+        # comes at the end; then − logsumexp_k(logit_k) normalizes the weights.
+        x = self._split(value)[..., 0, :, :]  # (..., C, S)
+        edges = _bin_edges(x)  # (..., C, S) each
+        top, total = self._component(x, 0, edges)  # (..., S): the running max and sum
+        for i in range(1, self.locs.shape[-3]):
+            a, r = self._component(x, i, edges)
+            new_top = torch.maximum(top, a)
+            total = total * (top - new_top).exp() + r * (a - new_top).exp()
+            top = new_top
+        return (top + total.log() - self.logits.logsumexp(-2)).sum(-1)  # (...)
+
+    def _component(self, x: torch.Tensor, i: int, edges) -> tuple[torch.Tensor, torch.Tensor]:
+        # component i's logit_i + log P_i(x) as (A, R) with the channels' parts combined: (..., S)
+        loc = self.locs[..., i, :, :]  # (..., C, S)
+        if loc.shape[-2] > 1:  # channel c's location moves with the value of channel c − 1
+            loc = loc + F.pad(self.coeffs[..., i, :, :] * x[..., :-1, :], (0, 0, 1, 0))
+        a, r = _logistic_mass_parts(x, loc, self.scales[..., i, :, :], edges)  # (..., C, S)
+        if a.shape[-2] == 1:  # one channel: nothing to combine
+            return a[..., 0, :] + self.logits[..., i, :], r[..., 0, :]
+        return a.sum(-2) + self.logits[..., i, :], r.prod(-2)
 
     @property
     def mean(self) -> torch.Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "traverse",
     "interpolate",
     "manifold_grid",
+    "quantile_grid",
     "embed",
     "plot_image_rows",
     "plot_traversals",
@@ -68,15 +69,25 @@ def plot_images(images: torch.Tensor, path: str | os.PathLike, title: str = "", 
 
 
 def plot_reconstructions(
-    originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    path: str | os.PathLike,
+    data: str = "data",
+    where: str = "",
 ) -> None:
-    """Save originals (odd rows) above their reconstructions (even rows) as a PNG."""
+    """Save originals (odd rows) above their reconstructions (even rows) as a PNG.
+
+    :param str data: what the odd rows are (e.g. "data, binarized: one seeded draw").
+    :param str where: which weights, e.g. "best checkpoint, epoch 12", said in the title.
+    """
     n = len(originals)
     nrow = min(n, 10)
     pairs = []
     for start in range(0, n, nrow):
         pairs += [originals[start : start + nrow], reconstructions[start : start + nrow]]
-    plot_images(torch.cat(pairs), path, "data (odd rows) and reconstructions (even rows)", nrow)
+    title = (f"{data} (odd rows) and reconstructions (even rows): the mean of p(x|z) at the "
+             f"mean of q(z|x), not draws" + (f"\n{where}" if where else ""))  # fmt: skip
+    plot_images(torch.cat(pairs), path, title, nrow)
 
 
 def plot_history(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
@@ -143,7 +154,9 @@ def _plot_parts(ax, records: Sequence[dict], marker) -> None:
     kl_ax.set_ylabel("KL(q(z|x) ‖ p(z)), nats", color="C3")
     units = records[-1].get("active_units")
     active = (
-        f"; {int(units)} active units at epoch {records[-1]['epoch']}" if units is not None else ""
+        f"; {int(units)} active units at epoch {records[-1]['epoch']} (the last)"
+        if units is not None
+        else ""
     )
     ax.set_title(f"the ELBO's parts on validation images{active}", fontsize=10)
 
@@ -337,6 +350,30 @@ def manifold_grid(
     return torch.stack([cols, rows], dim=-1).reshape(-1, 2).float()
 
 
+def quantile_grid(samples: torch.Tensor, n: int = 15, quantile: float = 0.05) -> torch.Tensor:
+    """A square grid of 2-D codes at evenly spaced quantiles of ``samples`` ``(M, 2)``, per axis
+    (e.g. draws from a model's prior, a mixture or a flow, whose quantiles are not a standard
+    normal's), laid out as :func:`manifold_grid`'s: ``grid[r * n + c]``, ``z1`` growing to the
+    right and ``z2`` upwards.
+
+    :param samples: codes ``(M, 2)``, M ≥ 2.
+    :param int n: points per side.
+    :param float quantile: the grid spans the quantiles ``quantile .. 1 − quantile`` per axis.
+    :returns: codes ``(n * n, 2)``.
+    """
+    if samples.dim() != 2 or samples.shape[1] != 2 or len(samples) < 2:
+        raise ValueError(f"samples must be (M >= 2, 2) codes, got {tuple(samples.shape)}")
+    if int(n) < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    if not 0 < quantile < 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5), got {quantile}")
+    z = samples.detach().double().cpu()
+    q = torch.linspace(float(quantile), 1 - float(quantile), int(n), dtype=torch.float64)
+    z1, z2 = torch.quantile(z[:, 0], q), torch.quantile(z[:, 1], q).flip(0)  # (n,) each
+    rows, cols = torch.meshgrid(z2, z1, indexing="ij")
+    return torch.stack([cols, rows], dim=-1).reshape(-1, 2).float()
+
+
 def embed(means: torch.Tensor, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """Project latent means ``(N, z_dim)`` to 2-D with scikit-learn: ``"tsne"`` (t-SNE, PCA
     initialization) or ``"pca"``. Codes that already have two dimensions are returned as they
@@ -416,6 +453,7 @@ def plot_traversals(
     title: str = "",
     means: torch.Tensor | None = None,
     threshold: float = 0.01,
+    where: str = "",
 ) -> torch.Tensor:
     """Save latent traversals (see :func:`traverse`): row ``i`` decodes ``z`` with coordinate
     ``dims[i]`` swept over ``[-span, span]``, or, given the encoded ``means`` of some data, over
@@ -431,6 +469,7 @@ def plot_traversals(
     :param str title: figure title.
     :param means: posterior means ``(N, z_dim)``, N ≥ 2, that scale the sweeps.
     :param float threshold: the variance of a unit's means below which it counts as inactive.
+    :param str where: which weights, e.g. "best checkpoint, epoch 12", added to the title.
     :returns: the decoded images ``(len(dims), steps, C, H, W)``.
     """
     loc = scale = None
@@ -456,7 +495,7 @@ def plot_traversals(
         f"latent traversals, each coordinate over [-{span:g}, {span:g}]"
         if scale is None
         else f"latent traversals over μ ± {span:g}σ of each unit's encoded means{note}"
-    )
+    ) + ("\nthe mean of p(x|z), not draws" + (f"; {where}" if where else ""))
     plot_image_rows(images, path, title, labels, cols, muted)
     return images
 
@@ -502,7 +541,7 @@ def plot_interpolations(
     if ends is not None:
         first, last = (e.detach().float().cpu()[:, None] for e in ends)
         shown = torch.cat([first, images, last], dim=1)
-    title = title or "decodings along straight lines between codes" + (
+    title = title or "the mean of p(x|z) along straight lines between codes" + (
         " (data at both ends)" if ends is not None else ""
     )
     plot_image_rows(shown, path, title)
@@ -517,20 +556,34 @@ def plot_manifold(
     loc: Sequence[float] = (0.0, 0.0),
     scale: Sequence[float] = (1.0, 1.0),
     title: str = "",
+    samples: torch.Tensor | None = None,
+    of: str = "the prior p(z)",
 ) -> torch.Tensor:
-    """Save the decodings of a 2-D latent space on a grid of Gaussian quantiles (see
-    :func:`manifold_grid`): the learned data manifold of a model with ``z_dim = 2``.
+    """Save the decodings of a 2-D latent space on a grid of quantiles: the learned data
+    manifold of a model with ``z_dim = 2``. Given ``samples`` (e.g. draws from the model's
+    prior), the grid follows their quantiles per axis (:func:`quantile_grid`), so that a
+    mixture or a flow prior is covered where it puts its mass; else those of the Gaussian
+    N(loc, diag scale²) (:func:`manifold_grid`; the standard normal prior by default).
 
-    :param decode: maps codes ``(N, 2)`` to images ``(N, C, H, W)``.
+    :param decode: maps codes ``(N, 2)`` to images ``(N, C, H, W)`` (say in ``title`` whether
+        they are means or draws; the default title says means of p(x|z)).
     :param path: the PNG to write.
     :param int n: images per side.
     :param float quantile: the grid spans the quantiles ``quantile .. 1 − quantile``.
     :param loc: centre of the Gaussian (default the prior's, 0).
     :param scale: its standard deviations (default the prior's, 1).
     :param str title: figure title.
+    :param samples: codes ``(M, 2)`` whose quantiles the grid takes, or ``None``.
+    :param str of: what ``samples`` are draws of, for the title.
     :returns: the decodings ``(n * n, C, H, W)``, row-major from the top-left corner.
     """
-    codes = manifold_grid(n, quantile, loc, scale)  # (n * n, 2), row-major from the top left
+    if samples is not None:  # (n * n, 2), row-major from the top left
+        codes = quantile_grid(samples, n, quantile)
+        source = f"of {of} ({len(samples):,} draws, per axis)"
+    else:
+        codes = manifold_grid(n, quantile, loc, scale)
+        standard = tuple(map(float, loc)) == (0.0, 0.0) and tuple(map(float, scale)) == (1, 1)
+        source = "of N(0, I)" if standard else "of a Gaussian N(loc, diag scale²)"
     images = _decode(decode, codes)
     grid = image_grid(images, nrow=int(n))
     h, w = images.shape[-2:]
@@ -545,7 +598,12 @@ def plot_manifold(
                   [f"{float(codes[i * int(n), 1]):.2g}" for i in at])  # fmt: skip
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
-    ax.set_title(title or f"decodings of a {n}×{n} grid of quantiles {quantile:g}…{1 - quantile:g}")
+    ax.set_title(
+        title
+        or f"the mean of p(x|z) on a {n}×{n} grid of quantiles {quantile:g}…{1 - quantile:g}\n"
+        f"{source}",
+        fontsize=10,
+    )
     fig.savefig(path)
     return images
 
@@ -593,32 +651,41 @@ def plot_embedding(
 def plot_log_likelihood(
     log_px: torch.Tensor | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
-    bins: int = 40,
+    bins: int | None = None,
     title: str = "",
 ) -> None:
     """Save a histogram of per-image log p(x) (e.g. from :func:`pyrovae.log_likelihood`), with
-    the mean marked; pass a dict ``{name: (N,) tensor}`` to overlay several models or splits.
+    the mean marked and the number of images said; pass a dict ``{name: (N,) tensor}`` to
+    overlay several models or splits.
 
     :param log_px: per-datapoint log-likelihoods in nats, or a dict of them.
     :param path: the PNG to write.
-    :param int bins: histogram bins (shared by all series).
-    :param str title: figure title.
+    :param int bins: histogram bins (shared by all series); default about √n, 5 to 40.
+    :param str title: figure title (the number of images is added to it).
     """
+    from matplotlib.ticker import MaxNLocator
+
     series = dict(log_px) if isinstance(log_px, Mapping) else {"log p(x)": log_px}
     values = {k: v.detach().double().cpu().numpy().ravel() for k, v in series.items()}
     if not values or any(len(v) == 0 for v in values.values()):
         raise ValueError("nothing to plot: every series needs at least one value")
     if not all(np.isfinite(v).all() for v in values.values()):
         raise ValueError("log p(x) values must be finite")
+    sizes = [len(v) for v in values.values()]
+    if bins is None:  # about √n bins: 30 images get 6, not 40 mostly empty ones
+        bins = min(40, max(5, math.ceil(math.sqrt(max(sizes)))))
     edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=int(bins))
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     for i, (name, v) in enumerate(values.items()):
         color = f"C{i}"
-        ax.hist(v, bins=edges, alpha=0.5, color=color, label=f"{name} (mean {v.mean():.2f})")
+        label = f"{name} (n={len(v):,}, mean {v.mean():.2f})"
+        ax.hist(v, bins=edges, alpha=0.5, color=color, label=label)
         ax.axvline(v.mean(), color=color, linestyle="--")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
     ax.set_xlabel("log p(x) per image (nats)")
     ax.set_ylabel("images")
     ax.legend()
-    ax.set_title(title or "importance-sampled log p(x)")
+    n = f"n = {sizes[0]:,} images" if len(sizes) == 1 else "n = " + ", ".join(map(str, sizes))
+    ax.set_title(f"{title or 'importance-sampled log p(x)'} ({n})", fontsize=10)
     fig.savefig(path)

@@ -62,6 +62,12 @@ __all__ = [
     "OPTIONS",
     "SAMPLE_TITLES",
     "FOLDER_OPTIONS",
+    "absolute_dir",
+    "data_dir_for",
+    "binarize_note",
+    "collapse_note",
+    "prior_draws",
+    "took",
 ]
 
 
@@ -88,6 +94,34 @@ def load_split(config, split: str):
     )  # fmt: skip
 
 
+def absolute_dir(path: str | None) -> str | None:
+    """``path`` (``~`` expanded) as an absolute path, as a run records its ``--data-dir``: a
+    relative one would only work from the folder the run was started in."""
+    import os
+
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def data_dir_for(run_dir: Path, config, given: str | None) -> str | None:
+    """The data folder a saved run reads from (``evaluate``, ``plot``, ``resume``): ``given``
+    (``--data-dir``) made absolute, else the one the run recorded (a run of an older pyrovae
+    recorded it as typed: relative to the current folder).
+
+    :raises DataError: naming the recorded folder and ``--data-dir``, when it no longer exists.
+    """
+    from .errors import DataError
+
+    if given is not None:
+        return absolute_dir(given)
+    recorded = config.data_dir
+    if recorded is not None and not Path(recorded).expanduser().exists():
+        raise DataError(
+            f"{run_dir} was trained on data in {recorded}, which no longer exists; pass "
+            "--data-dir to point to where the data is now"
+        )
+    return recorded
+
+
 def _echo(config) -> None:
     # the settings of the run, those that differ from the defaults (config.json has them all)
     from .config import Config
@@ -98,6 +132,35 @@ def _echo(config) -> None:
         f"{n}={getattr(config, n)}" for n in names if getattr(config, n) != getattr(default, n)
     ]
     print("config: " + (" ".join(changed) if changed else "the defaults"))
+    note = binarize_note(config)
+    if note:
+        print(note)
+
+
+def binarize_note(config) -> str:
+    """A line saying how pixels are binarized for the Bernoulli likelihood (``--binarize``,
+    ``auto`` resolved), or ``""`` when they are not: a grey folder trained as binary is a
+    surprise otherwise."""
+    how = {
+        "dynamic": "binarized dynamically: each training batch a fresh Bernoulli draw of the grey "
+        "values, validation and test one seeded draw",
+        "static": "binarized once: one seeded Bernoulli draw of the grey values per image",
+        "threshold": "binarized at 0.5",
+    }.get(config.binarize)
+    if how is None:
+        return ""
+    return (
+        f"pixels: {config.dataset}'s images are {how} (--binarize {config.binarize}); to "
+        "model grey values, pass --binarize none with a likelihood for them (gaussian, "
+        "continuous-bernoulli, discretized-logistic)"
+    )
+
+
+def took(seconds: float, before: float) -> str:
+    """``"12.3 s"``, or for a continued run ``"4.1 s (12.3 s in all, with earlier calls)"``."""
+    if before <= 0:
+        return f"{seconds:.1f} s"
+    return f"{seconds - before:.1f} s ({seconds:.1f} s in all, with earlier calls)"
 
 
 def _training_data(config, arrays: str | None = None):
@@ -163,13 +226,28 @@ def draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
     from .checkpoint import weights_id
     from .rundir import WEIGHTS, register_derived, staging_dir
 
+    ident = weights_id(run_dir / WEIGHTS)  # the best checkpoint, which the figures show
+    binarize = read_json(run_dir / CONFIG).get("binarize", "none")
     with staging_dir(run_dir) as tmp:
-        draw_figures(tmp, vae, records, data, seed, name=run_dir.name)
+        draw_figures(tmp, vae, records, data, seed, name=run_dir.name, binarize=binarize,
+                     epoch=ident.get("epoch"))  # fmt: skip
         names = [p.name for p in tmp.iterdir()]
-    register_derived(run_dir, names, weights_id(run_dir / WEIGHTS)["sha256"])
+    register_derived(run_dir, names, ident["sha256"])
+    note = collapse_note(records)
+    if note:
+        print(note)
 
 
-def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "") -> None:
+#: what the validation images shown as "data" are, by --binarize
+_SHOWN = {
+    "dynamic": "data, binarized: one seeded draw of the grey images (training draws afresh)",
+    "static": "data, binarized: one seeded draw of the grey images",
+    "threshold": "data, binarized at 0.5",
+}
+
+
+def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "",
+                 binarize: str = "none", epoch=None) -> None:  # fmt: skip
     import pyro
     import torch
 
@@ -177,22 +255,52 @@ def draw_figures(run_dir: Path, vae, records, data, seed: int, name: str = "") -
     from .data import spread
 
     pyro.set_rng_seed(seed)
-    plots.plot_history(records, run_dir / "elbo.png", title=name or run_dir.name)
+    where = f"best checkpoint, epoch {epoch}" if epoch is not None else ""
+    shows = f"\ncurves of every epoch; the run's other figures show the {where}" if where else ""
+    title = (name or run_dir.name) + shows
+    plots.plot_history(records, run_dir / "elbo.png", title=title)
     device = next(vae.parameters()).device
     x = data.images[spread(len(data.images), 50)].to(device)  # spread over the split
-    plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png")
-    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png", SAMPLE_TITLES["mean"])
+    plots.plot_reconstructions(x.cpu(), vae.reconstruct(x).cpu(), run_dir / "reconstructions.png",
+                               _SHOWN.get(binarize, "data"), where)  # fmt: skip
+    plots.plot_images(vae.sample(64).cpu(), run_dir / "samples.png",
+                      SAMPLE_TITLES["mean"] + (f"\n{where}" * bool(where)))  # fmt: skip
     with torch.no_grad():
         means = torch.cat([vae.encode(b.to(device))[0].cpu() for b in data.images.split(1024)])
     layer = "q(z2|x), the top layer" if hasattr(vae, "z1_decoder") else "q(z|x)"
     plots.plot_latent(means, data.labels, run_dir / "latent.png",
-                      f"means of {layer}: {data.split} split, {len(means)} images",
+                      f"means of {layer}: {data.split} split, {len(means)} images"
+                      + (f"\n{where}" * bool(where)),
                       classes=getattr(data, "classes", None))  # fmt: skip
     decode = lambda z: vae.decode(z.to(device)).cpu()  # noqa: E731
-    if means.shape[1] == 2:  # the decoded latent plane
-        plots.plot_manifold(decode, run_dir / "manifold.png")
+    if means.shape[1] == 2:  # the decoded latent plane, where the prior puts its mass
+        plots.plot_manifold(decode, run_dir / "manifold.png", samples=prior_draws(vae),
+                            of=f"the {type(vae.prior).__name__} prior p(z)")  # fmt: skip
     elif len(means) >= 2:  # one row per latent unit, over the range of its encoded means
-        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means)
+        plots.plot_traversals(decode, means.mean(0), run_dir / "traversals.png", means=means,
+                              where=where)  # fmt: skip
+
+
+def prior_draws(vae, n: int = 4096):
+    """``n`` codes drawn from the model's prior p(z) (the top layer's, for an HVAE), on the
+    CPU: the quantiles the manifold figure takes."""
+    import torch
+
+    with torch.no_grad():
+        return vae.prior().sample((int(n),)).cpu()  # (n, z_dim)
+
+
+def collapse_note(records) -> str:
+    """A line for the terminal when the last epoch's model uses none of its latent units
+    (posterior collapse: ``active_units`` 0), with what to try; else ``""``."""
+    units = records[-1].get("active_units") if records else None
+    if units is None or units != units or int(units) > 0:
+        return ""
+    return (
+        f"warning: 0 active latent units at epoch {records[-1]['epoch']}: the posterior "
+        "collapsed to the prior and the decoder ignores z; try a KL warm-up (--warmup N), a "
+        "lower β (--beta 0.5), fewer latent units (--z-dim), or a weaker decoder"
+    )
 
 
 #: the title of a grid of prior samples, by what is drawn of p(x|z)
@@ -477,7 +585,7 @@ def run_training(
     summary = finish_run(run, _engine_summary(run, launch))
     _draw(run, config)
     done(run_dir)
-    _say_done(run, summary, options is None)
+    _say_done(run, summary)
     return 0
 
 
@@ -491,6 +599,7 @@ def _prepare(run_dir, config, options, launch, pair_spec, arrays) -> tuple[Run, 
     spec = pair_spec or (f"{source['file']}:{source['name']}" if source else None)
     arrays = arrays or (source.get("data") if source else None)
     config.binarize = "none" if arrays is not None else _resolve_binarize(config)
+    config.data_dir = absolute_dir(config.data_dir)  # the run works from any folder
     train, valid = _training_data(config, arrays), _split(config, "valid", arrays)
     config.x_shape = train.x_shape
     pair = _run_pair(config, spec, arrays, train, device)
@@ -632,12 +741,13 @@ def _draw(run: Run, config) -> None:
         draw_history(run.run_dir, run.records)
 
 
-def _say_done(run: Run, summary: dict, continued: bool) -> None:
+def _say_done(run: Run, summary: dict) -> None:
     stop = f"stopped early at epoch {len(run.records)}; " if summary["stopped_early"] else ""
     best = (f"best validation ELBO {summary['best_val_elbo']:.3f} nats per datapoint at epoch "
             f"{summary['best_epoch']}" if summary["best_val_elbo"] is not None
             else f"{len(run.records)} epochs")  # fmt: skip
-    print(f"done in {summary['train_seconds']:.1f} s: {stop}{best}, kept in {run.run_dir}")
+    print(f"done in {took(summary['train_seconds'], run.before)}: {stop}{best}, kept in "
+          f"{run.run_dir}")  # fmt: skip
     print(f"figures and metrics.csv are in {run.run_dir}; score the test split with: "
           f"pyrovae evaluate {run.run_dir} --split test")  # fmt: skip
 
@@ -753,12 +863,10 @@ def load_run_pair(run_dir: Path, device, data_dir: str | None = None):
     source = _source(run_dir)
     if source is None:
         vae, config = load_run(run_dir, device)
-        if data_dir is not None:
-            config.data_dir = data_dir
+        config.data_dir = data_dir_for(run_dir, config, data_dir)
         return RunPair.of_vae(vae), config
     config = load_config(run_dir)
-    if data_dir is not None:
-        config.data_dir = data_dir
+    config.data_dir = data_dir_for(run_dir, config, data_dir)
     pyro.clear_param_store()
     arrays = source.get("data")
     train = _training_data(config, arrays)

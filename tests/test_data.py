@@ -355,3 +355,34 @@ def test_write_folder_round_trips_through_the_folder_reader(tmp_path, channels):
     read = torch.stack([ds[i] for i in range(len(ds))])
     assert torch.equal(read, images[names])
     assert torch.equal(torch.as_tensor(ds.labels), labels[names])
+
+
+@pytest.mark.parametrize("name", ["T-shirt/top", "a\\b", "..", "", "nul\0"])
+def test_write_folder_refuses_a_class_name_that_is_not_a_folder_name(tmp_path, name):
+    # "T-shirt/top" would be written as T-shirt/top/ and read back as class "T-shirt": refused
+    # in one line naming the class and a name that works, before anything is written
+    images = torch.zeros(2, 1, 3, 3)
+    with pytest.raises(ValueError) as info:
+        pyrovae.data.write_folder(images, torch.tensor([0, 1]), ["ok", name], tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message and f"class 1 {name!r} cannot be a folder name" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_folder_fashion_mnist_names_renamed_round_trip(tmp_path):
+    # Fashion-MNIST's own names with the suggested renaming: each class reads back as written
+    classes = [c.replace("/", "_") for c in pyrovae.data.FASHION_MNIST_CLASSES]
+    with pytest.raises(ValueError, match="e.g. 'T-shirt_top'"):
+        pyrovae.data.write_folder(torch.zeros(1, 1, 2, 2), torch.tensor([0]),
+                                  pyrovae.data.FASHION_MNIST_CLASSES, tmp_path / "fm")  # fmt: skip
+    images = torch.rand(10, 1, 4, 4)
+    pyrovae.data.write_folder(images, torch.arange(10), classes, tmp_path / "fm")
+    ds = pyrovae.data.FolderDataset(tmp_path / "fm", "train", valid_fraction=0, test_fraction=0)
+    assert sorted(ds.classes) == sorted(classes)
+    assert sorted(ds.classes[int(k)] for k in ds.labels) == sorted(classes)
+
+
+def test_write_folder_refuses_two_classes_of_one_name(tmp_path):
+    with pytest.raises(ValueError, match="two classes are named 'cat'; each needs a folder"):
+        pyrovae.data.write_folder(torch.zeros(1, 1, 2, 2), torch.tensor([0]), ["cat", "cat"],
+                                  tmp_path / "out")  # fmt: skip

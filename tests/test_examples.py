@@ -88,7 +88,27 @@ def test_custom_pair_student_t_prior():
     assert math.isfinite(r["test_log_px"])
 
 
-def test_cvae_quadrants_and_classes(tmp_path):
+def _titles(monkeypatch) -> list:
+    # the titles of the figures pyrovae.plots draws, as they are saved
+    from pyrovae import plots
+
+    titles = []
+    real = plots._figure
+
+    def figure(*args):
+        fig = real(*args)
+        save = fig.savefig
+        fig.savefig = lambda *a, **k: (
+            titles.extend(ax.get_title() for ax in fig.axes) or save(*a, **k)
+        )
+        return fig
+
+    monkeypatch.setattr(plots, "_figure", figure)
+    return titles
+
+
+def test_cvae_quadrants_and_classes(tmp_path, monkeypatch):
+    titles = _titles(monkeypatch)
     out = tmp_path / "out"
     common = "--dataset digits --epochs 1 --hidden 32 --z-dim 2 --limit 400 --eval-n 30"
     r = _run("cvae", common, "--num-samples", "20", "--out", str(out), *QUIET)
@@ -97,6 +117,9 @@ def test_cvae_quadrants_and_classes(tmp_path):
     r = _run("cvae", common, "--task", "class", "--label", "3", "--out", str(out), *QUIET)
     assert math.isfinite(r["cvae_log_p"])
     _pngs(out, "classes.png")
+    # the completions are means of p(y|z, c), one per z ~ p(z|c): the titles say so
+    assert "the mean of p(y|z, c)" in titles[0] and "not draws" in titles[0]
+    assert "the mean of p(x|z, c) (not a draw)" in titles[1]
 
 
 def test_cvae_bad_input(unlabelled_data):
@@ -125,6 +148,23 @@ def test_ss_vae_m2(tmp_path, capsys):
     assert 0 <= r["baseline_accuracy"] <= 1
     assert "labelled images alone" in capsys.readouterr().out
     _pngs(tmp_path, "analogies.png")
+
+
+def test_ss_vae_m2_digits_command_of_the_docs(tmp_path, monkeypatch):
+    # docs/examples.md quotes a command and its accuracy: this runs that command, as written
+    # there, and checks the number the page states, within the ± 3 points it states
+    import re
+
+    page = (EXAMPLES.parent / "docs" / "examples.md").read_text()
+    command = re.search(r"python examples/ss_vae_m2\.py (--dataset digits[^`]*?)\n```", page)
+    quoted = re.search(r"reaches \*\*([\d.]+) %\*\* test accuracy on the 360 test digits", page)
+    assert command and quoted and "accepts ± 3 points" in page
+    args = command.group(1).replace("\\\n", " ")
+    titles = _titles(monkeypatch)
+    r = _run("ss_vae_m2", args, "--out", str(tmp_path), *QUIET)
+    assert abs(100 * r["test_accuracy"] - float(quoted.group(1))) <= 3, (args, r)
+    _pngs(tmp_path, "analogies.png")
+    assert "the mean of p(x|z, y), not a draw" in titles[-1]
 
 
 def test_m2_labels_are_balanced_and_hidden():
@@ -216,3 +256,16 @@ def test_every_option_of_an_example_has_help_and_shows_its_default(name, monkeyp
         assert action.help, (name, action.option_strings)
         default = action.default if not isinstance(action.default, list) else str(action.default)
         assert f"(default: {' '.join(str(default).split())})" in text, (name, action.dest)
+
+
+def test_the_examples_page_counts_the_scripts_and_says_which_write_figures():
+    # docs/examples.md's opening claims, checked against examples/
+    page = (EXAMPLES.parent / "docs" / "examples.md").read_text()
+    words = {6: "Six", 7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
+    scripts = sorted(EXAMPLES.glob("*.py"))
+    assert f"\n{words[len(scripts)]} scripts in `examples/`" in page
+    takes_out = {
+        p.stem for p in scripts if "--out" in _load(p.stem).build_parser()._option_string_actions
+    }
+    assert {p.stem for p in scripts} - takes_out == {"custom_model_guide"}
+    assert "all but `custom_model_guide.py`" in page

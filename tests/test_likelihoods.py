@@ -182,3 +182,41 @@ def test_support_checks_work_chunk_by_chunk(monkeypatch):
     x[-1], x[9] = 1.0, float("nan")
     with pytest.raises(ValueError, match="values in \\[0, 1\\].* such as nan"):
         likelihoods.ContinuousBernoulli().check_support(x)
+
+
+def _reference_log_prob():
+    # the mixture's log-density as pyrovae computed it before (benchmarks/scoring.py keeps it)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scoring.py"
+    spec = importlib.util.spec_from_file_location("bench_scoring", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_log_prob
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logistic_mixture_matches_the_old_formula(channels, dtype):
+    # the fast log-density (one component at a time, one logarithm per pixel) equals the old
+    # one, values and gradients, on every kind of bin (both ends and inside) and scale
+    reference = _reference_log_prob()
+    g = torch.Generator().manual_seed(3)
+    lik = DiscretizedLogisticMixture(mixtures=5)
+    spread = torch.tensor([2.0, 1.0, 6.0]).repeat_interleave(5)[:, None, None, None]  # by part
+    params = spread * torch.randn(7, 15, channels, 4, 5, generator=g, dtype=torch.float64)
+    params = params.to(dtype).requires_grad_(True)  # (particles, 3K, C, H, W)
+    x = torch.randint(0, 256, (7, channels, 4, 5), generator=g).to(dtype) / 255
+    x[:, :, 0] = 0.0  # the end bins
+    x[:, :, 1, :2] = 1.0
+    new, old = lik(params, 3).log_prob(x), reference(lik(params, 3), x)
+    (grad_new,) = torch.autograd.grad(new.sum(), params)
+    (grad_old,) = torch.autograd.grad(old.sum(), params)
+    exact = dtype == torch.float64  # float64: the formulas agree to rounding
+    tol = {"rtol": 1e-8, "atol": 1e-8} if exact else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(new, old, **tol)
+    # float32 gradients: both formulas' rounding, of up to about 1e-3 on gradients of about 100
+    torch.testing.assert_close(
+        grad_new, grad_old, **(tol if exact else {"rtol": 1e-4, "atol": 2e-3})
+    )

@@ -271,3 +271,53 @@ def test_manifold_axes_carry_the_code_values(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax.get_xticklabels()] == values[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == values[1]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z1", "z2")
+
+
+def test_manifold_follows_the_quantiles_of_prior_draws(tmp_path, monkeypatch):
+    # a prior that is not N(0, I) (a mixture spread to ±4): the grid takes its quantiles, and
+    # the title says of what and that the images are means
+    figures = _figures(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-4.0, 3.0], [4.0, -3.0]])
+    pick = torch.randint(0, 2, (4000,), generator=g)
+    draws = centres[pick] + 0.3 * torch.randn(4000, 2, generator=g)  # (4000, 2)
+    codes = plots.quantile_grid(draws, n=5, quantile=0.05)
+    q = torch.tensor([0.05, 0.275, 0.5, 0.725, 0.95], dtype=torch.float64)
+    torch.testing.assert_close(codes[:5, 0], torch.quantile(draws[:, 0].double(), q).float())
+    torch.testing.assert_close(
+        codes[::5, 1], torch.quantile(draws[:, 1].double(), q).flip(0).float()
+    )
+    assert codes[:, 0].min() < -3.5 and codes[:, 0].max() > 3.5  # not ±1.64
+    decode = _linear_decoder(2)
+    grid = plots.plot_manifold(decode, tmp_path / "m.png", n=5, samples=draws,
+                               of="the MixtureOfGaussians prior p(z)")  # fmt: skip
+    torch.testing.assert_close(grid, decode(codes))
+    title = figures[-1].axes[0].get_title()
+    assert "the mean of p(x|z)" in title and "of the MixtureOfGaussians prior p(z)" in title
+    assert "4,000 draws" in title
+    plots.plot_manifold(decode, tmp_path / "n.png", n=5)
+    assert "of N(0, I)" in figures[-1].axes[0].get_title()
+    with pytest.raises(ValueError, match="samples must be"):
+        plots.quantile_grid(torch.zeros(10, 3))
+
+
+@pytest.mark.parametrize("n, bins", [(30, 6), (100, 10), (5000, 40), (3, 5)])
+def test_log_likelihood_bins_grow_with_n_and_the_title_says_n(tmp_path, monkeypatch, n, bins):
+    figures = _figures(monkeypatch)
+    values = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 20 - 500
+    plots.plot_log_likelihood(values, tmp_path / "ll.png", title="log p(x), test split")
+    ax = figures[-1].axes[0]
+    assert len(ax.patches) == bins
+    assert ax.get_title() == f"log p(x), test split (n = {n:,} images)"
+    ticks = [t for t in ax.get_yticks() if t >= 0]
+    assert all(float(t).is_integer() for t in ticks)  # counts of images: whole numbers
+
+
+def test_reconstructions_say_what_the_data_rows_are(tmp_path, monkeypatch):
+    figures = _figures(monkeypatch)
+    x = torch.rand(4, 1, 4, 4)
+    plots.plot_reconstructions(x, x, tmp_path / "r.png", "data, binarized at 0.5",
+                               "best checkpoint, epoch 3")  # fmt: skip
+    title = figures[-1].axes[0].get_title()
+    assert title.startswith("data, binarized at 0.5 (odd rows)")
+    assert "the mean of p(x|z)" in title and "best checkpoint, epoch 3" in title
