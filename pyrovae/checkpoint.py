@@ -33,6 +33,7 @@ from torch import nn
 from . import rundir
 from .config import Config, build_vae
 from .errors import CheckpointError
+from .footprint import check_fits
 from .rundir import CONFIG, LAST, STATE, WEIGHTS
 from .state import TrainState
 from .vae import VAE
@@ -257,6 +258,10 @@ def config_from_bytes(data: bytes, path: Path) -> Config:
         config.validate()
     except (ValueError, TypeError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
+    try:
+        check_fits(config, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return config
 
 

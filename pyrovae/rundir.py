@@ -64,6 +64,7 @@ __all__ = [
     "read_json",
     "read_regular",
     "read_manifest",
+    "require_manifest",
     "read_committed",
     "check_name",
     "commit",
@@ -76,6 +77,9 @@ __all__ = [
     "clear_for_new_run",
     "metrics_bytes",
     "read_metrics",
+    "parse_metrics",
+    "parse_json",
+    "LAYOUT",
 ]
 
 CONFIG = "config.json"
@@ -394,9 +398,21 @@ def read_manifest(run_dir: str | os.PathLike) -> dict | None:
     return manifest
 
 
+def require_manifest(run_dir: str | os.PathLike) -> dict:
+    """The run's manifest, which it must have.
+
+    :raises UnverifiedRunError: for a run without one, saying how to adopt it.
+    :raises CheckpointError: naming the file if it is corrupt.
+    """
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise _no_manifest(Path(run_dir))
+    return manifest
+
+
 def _no_manifest(run_dir: Path) -> UnverifiedRunError:
     return UnverifiedRunError(
-        f"{run_dir} has no {MANIFEST} (a run of pyrovae before 0.3, or copied without it), so its "
+        f"{run_dir} has no {MANIFEST} (a run of an older pyrovae, or copied without it), so its "
         f"files cannot be verified; check them and adopt the run with `pyrovae verify {run_dir} "
         "--adopt` if you trust where it came from"
     )
@@ -417,9 +433,7 @@ def read_committed(run_dir: str | os.PathLike, name: str, manifest: dict | None 
 
 def _find_committed(run_dir: Path, name: str, manifest: dict | None) -> tuple[Path, bytes]:
     # (where the committed version of `name` is, its verified bytes)
-    manifest = manifest or read_manifest(run_dir)
-    if manifest is None:
-        raise _no_manifest(run_dir)
+    manifest = manifest or require_manifest(run_dir)
     entry = manifest["files"].get(name)
     if entry is None:
         raise CheckpointError(
@@ -637,10 +651,10 @@ class RunLock:
             holder = json.loads(read_regular(self.path, MAX_JSON_BYTES))
         except FileNotFoundError:
             return {}
-        except CheckpointError as e:
+        except CheckpointError:  # a link, FIFO or device: never followed, never waited on
             raise CheckpointError(
-                f"{e}; it cannot be this run's lock: delete it if no pyrovae process uses "
-                f"{self.path.parent}"
+                f"{self.path} is not a lock pyrovae wrote (it is a link, FIFO or device, not a "
+                f"regular file); delete it if no pyrovae process uses {self.path.parent}"
             ) from None
         except (OSError, ValueError, RecursionError):
             return {}
@@ -749,18 +763,25 @@ def _metric(path: Path, line: int, key: str, value: str | None) -> float | None:
         return float(value)
     except ValueError:
         raise CheckpointError(
-            f"{path}, line {line}: {key} is {value!r}, not a number; restore the file"
+            f"{path}, line {line}: {key} is {value[:40]!r}, not a number; restore the file"
         ) from None
 
 
 def read_metrics(run_dir: str | os.PathLike, last_epoch: int) -> list[dict]:
     """``metrics.csv`` back into records, epochs 1 to ``last_epoch`` (a later row, left by a
-    run of an older pyrovae cut off in a save, is dropped).
+    run of an older pyrovae cut off in a save, is dropped), checked against the manifest first.
 
-    :raises CheckpointError: naming the file if it is unreadable or does not hold every epoch.
+    :raises CheckpointError: naming the file if it is unverified, unreadable or does not hold
+        every epoch.
     """
-    path = Path(run_dir) / METRICS
-    data = read_committed(run_dir, METRICS)
+    return parse_metrics(read_committed(run_dir, METRICS), Path(run_dir) / METRICS, last_epoch)
+
+
+def parse_metrics(data: bytes, path: Path, last_epoch: int) -> list[dict]:
+    """The records of ``metrics.csv``'s bytes (the file at ``path``), as :func:`read_metrics`.
+
+    :raises CheckpointError: naming the file and line.
+    """
     try:
         rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
     except (UnicodeDecodeError, csv.Error) as e:
@@ -769,12 +790,16 @@ def read_metrics(run_dir: str | os.PathLike, last_epoch: int) -> list[dict]:
         raise CheckpointError(f"{path} has no epoch column; restore it")
     records = []
     for line, row in enumerate(rows, 2):
-        record = {k: _metric(path, line, k, v) for k, v in row.items() if k is not None}
-        if record["epoch"] is None or not record["epoch"].is_integer():
-            raise CheckpointError(f"{path}, line {line}: the epoch is not a whole number")
-        record["epoch"] = int(record["epoch"])
-        if record.get("active_units") is not None:  # a count: written back as it was read
-            record["active_units"] = int(record["active_units"])
+        record = {k: _metric(path, line, k, v) for k, v in row.items() if isinstance(k, str)}
+        epoch = record.get("epoch")
+        if epoch is None or not epoch.is_integer() or not 0 < epoch < 2**31:
+            raise CheckpointError(f"{path}, line {line}: the epoch is not a whole number >= 1")
+        record["epoch"] = int(epoch)
+        units = record.get("active_units")
+        if units is not None:  # a count: written back as it was read
+            if not units.is_integer():
+                raise CheckpointError(f"{path}, line {line}: active_units is not a count")
+            record["active_units"] = int(units)
         if record["epoch"] <= last_epoch:
             records.append(record)
     if [r["epoch"] for r in records] != list(range(1, last_epoch + 1)):
