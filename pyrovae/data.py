@@ -620,9 +620,9 @@ def _folder(split: str, root: Path, download: bool, image_size=None, channels=No
     for i, path in enumerate(ds.files):
         try:
             img = ds.read(i)  # (C, H, W) uint8
-        except UnreadableImageError:
+        except UnreadableImageError as e:
             if not skip_bad_files:
-                raise DataError(f"cannot read image {path}; remove it or pass skip_bad_files=True "
+                raise DataError(f"{e}; remove it or pass skip_bad_files=True "
                                 "(--skip-bad-files)") from None  # fmt: skip
             skipped.append(str(path))
             continue
