@@ -72,6 +72,11 @@ def check_run(run_dir: str | os.PathLike) -> list[tuple[str, str]]:
         raise CheckpointError(f"run directory {run_dir} does not exist")
     manifest = require_manifest(run_dir)
     rows = [(name, _status(run_dir, name, e)) for name, e in sorted(manifest["files"].items())]
+    weights = manifest["files"].get(WEIGHTS, {}).get("sha256")
+    for name, made_from in sorted(manifest["derived"].items()):
+        if os.path.lexists(run_dir / name):
+            of = "the best weights" if made_from == weights else "other weights (stale)"
+            rows.append((name, f"derived from {of}, not checked"))
     known = {*manifest["files"], *manifest["derived"], MANIFEST, LOCK}
     for path in sorted(run_dir.iterdir()):
         if path.name in known or path.name.startswith("."):
@@ -158,8 +163,8 @@ def command(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows) if rows else 0
     for name, status in rows:
         print(f"{name:<{width}}  {status}")
-    bad = [name for name, status in rows if not status.startswith(INTACT)
-           and not status.startswith("not in the manifest")]  # fmt: skip
+    bad = [name for name, status in rows if not status.startswith((INTACT, "not in the manifest",
+                                                                    "derived"))]  # fmt: skip
     if bad:
         print(
             f"{len(bad)} file(s) of {args.run_dir} are not as committed: restore them",
