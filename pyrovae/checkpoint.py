@@ -127,9 +127,10 @@ def _read_file(path: Path) -> bytes:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _read(path: Path, what: str = "safetensors checkpoint", raw: bytes | None = None):
+def _read(path: Path, what: str = "safetensors checkpoint", raw: bytes | None = None,
+          checksum: bool = False):  # fmt: skip
     # (tensors on the CPU, metadata) of a safetensors file (raw: its bytes, read already), its
-    # checksum verified
+    # checksum verified (checksum: required, as in every file of a run pyrovae writes)
     raw = _read_file(path) if raw is None else raw
     _refuse_pickle(path, raw[:9], len(raw))
     try:
@@ -143,6 +144,11 @@ def _read(path: Path, what: str = "safetensors checkpoint", raw: bytes | None = 
         problem = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"{path} is not a readable {what}: {problem}") from None
     digest = meta.get("sha256")
+    if digest is None and checksum:
+        raise CheckpointError(
+            f"{path} carries no checksum of its data in its header, which pyrovae writes into "
+            "every file of a run: it was rewritten by something else; restore it"
+        )
     if digest is not None and digest != rundir.sha256(raw[8 + n :]):
         raise CheckpointError(
             f"{path} is corrupt: its data does not match the checksum in its header (changed "
@@ -276,7 +282,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{Path(run_dir) / CONFIG} has no x_shape: it is not a saved run")
     vae = build_vae(config)
     path = Path(run_dir) / WEIGHTS
-    tensors, _ = _read(path, raw=rundir.read_committed(run_dir, WEIGHTS))
+    tensors, _ = _read(path, raw=rundir.read_committed(run_dir, WEIGHTS), checksum=True)
     _check_finite(tensors, path)
     _load_into(vae, tensors, path)
     return vae.to(device).eval(), config
@@ -337,9 +343,9 @@ def save_state(
     rundir.commit(run_dir, {**new, **(files or {})}, epoch=int(state.epoch), stage="training")
 
 
-def _state_meta(path: Path, raw: bytes) -> tuple[dict, dict, int]:
+def _state_meta(path: Path, raw: bytes, checksum: bool) -> tuple[dict, dict, int]:
     # (tensors, metadata, epoch) of a state file, the metadata's types checked
-    tensors, header = _read(path, "training state", raw)
+    tensors, header = _read(path, "training state", raw, checksum)
     try:
         meta = json.loads(header["state"])
         epoch, moments, extra = meta["epoch"], meta["moments"], meta["extra"]
@@ -429,18 +435,25 @@ def load_state(
 
 
 def state_from_bytes(
-    run_dir: Path, state_raw: bytes, last_raw: bytes, module: nn.Module, device="cpu"
+    run_dir: Path,
+    state_raw: bytes,
+    last_raw: bytes,
+    module: nn.Module,
+    device="cpu",
+    checksum: bool = True,
 ) -> tuple[TrainState, dict]:
     """:func:`load_state` from the bytes of a run's ``state.safetensors`` and
     ``last.safetensors``: every tensor and metadata entry checked, the weights loaded into
     ``module``.
 
+    :param checksum: require the checksum of the data in each file's header (every run with a
+        manifest has them; runs of older versions may not).
     :raises CheckpointError: naming the file and what is wrong with it.
     """
-    tensors, meta, epoch = _state_meta(run_dir / STATE, state_raw)
+    tensors, meta, epoch = _state_meta(run_dir / STATE, state_raw, checksum)
     _check_rng(tensors, run_dir / STATE)
     optimizer = _optimizer(tensors, meta, run_dir / STATE)
-    weights = _read(run_dir / LAST, raw=last_raw)
+    weights = _read(run_dir / LAST, raw=last_raw, checksum=checksum)
     last_epoch = _last_epoch(run_dir / LAST, weights)
     if last_epoch != epoch:
         raise CheckpointError(

@@ -114,7 +114,8 @@ def _check_old(run_dir: Path, files: dict[str, bytes]) -> int:
     if (STATE in files) != (LAST in files):
         raise CheckpointError(f"{run_dir} holds one of {STATE} and {LAST} without the other")
     if STATE in files:
-        state, _ = state_from_bytes(run_dir, files[STATE], files[LAST], build_vae(config))
+        vae = build_vae(config)  # (older runs' files may carry no checksum of their own)
+        state, _ = state_from_bytes(run_dir, files[STATE], files[LAST], vae, checksum=False)
         epoch = state.epoch
     if METRICS in files:
         parse_metrics(files[METRICS], run_dir / METRICS, epoch)

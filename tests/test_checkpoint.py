@@ -75,6 +75,9 @@ def test_edited_header_or_data_is_refused(tmp_path):
     (tmp_path / WEIGHTS).write_bytes(safetensors_bytes(header, flipped))
     with pytest.raises(CheckpointError, match="does not match its hash in manifest.json"):
         pyrovae.load_run(tmp_path)
+    rehash(tmp_path, WEIGHTS)
+    with pytest.raises(CheckpointError, match="carries no checksum of its data in its header"):
+        pyrovae.load_run(tmp_path)
 
 
 def test_safetensors_that_starts_like_a_pickle_loads(tmp_path):
