@@ -293,7 +293,8 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
         capsys, ["resume", str(whole), "--epochs", "4"], "has trained 4 epochs already; give"
     )
     (whole / "state.safetensors").unlink()
-    _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], "state.safetensors is missing, though manifest.json")
+    missing = "state.safetensors is missing, though manifest.json"
+    _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], missing)
     _one_line_error(capsys, ["resume", str(tmp_path / "nope")], "does not exist")
 
 
