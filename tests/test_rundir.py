@@ -603,3 +603,31 @@ def test_a_dead_rank_is_one_line_naming_it_and_the_resume_command():
     assert line.startswith(f"rank 2 (pid {child.pid}, killed by SIGKILL) ended")
     assert "continue with `pyrovae resume runs/x`" in line and "\n" not in line
     assert rank_failure(ValueError("a bad option"), "runs/x") is None
+
+
+@pytest.mark.slow
+def test_a_killed_lightning_rank_ends_the_run_with_one_line(tmp_path):
+    # was a 114-line gloo traceback from rank 0
+    cmd = [sys.executable, "-m", "pyrovae", "train", "--out", "run", "--epochs", "400",
+           "--devices", "2", "--accelerator", "cpu", "--no-progress", "--hidden", "16",
+           "--z-dim", "2", "--train-limit", "400"]  # fmt: skip
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline, child = time.time() + 120, None
+    while time.time() < deadline and child is None:
+        time.sleep(0.5)
+        kids = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "pyrovae"], capture_output=True,
+                              text=True)  # fmt: skip
+        saved = (tmp_path / "run" / MANIFEST).is_file() and rundir.read_manifest(
+            tmp_path / "run")["epoch"] >= 1  # fmt: skip
+        child = int(kids.stdout.split()[0]) if kids.stdout.split() and saved else None
+    assert child is not None, "rank 1 never started an epoch"
+    os.kill(child, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    ours = [line for line in err.splitlines() if line.startswith("pyrovae train:")]
+    assert "Traceback" not in err and len(ours) == 1, err
+    assert ours[0].startswith(f"pyrovae train: error: rank 1 (pid {child}, killed by SIGKILL)")
+    assert "continue with `pyrovae resume run` and the same launch options" in ours[0]
