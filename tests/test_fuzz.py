@@ -34,7 +34,7 @@ FAST = settings(max_examples=15, deadline=None, derandomize=True, database=None,
 LONG = settings(max_examples=400, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))  # fmt: skip
 
-TRAIN = ["--epochs", "2", "--hidden", "8", "--z-dim", "2", "--train-limit", "100",
+TRAIN = ["--epochs", "1", "--hidden", "8", "--z-dim", "2", "--train-limit", "100",
          "--no-progress"]  # fmt: skip
 
 
