@@ -10,6 +10,11 @@ of its tensor data in its header, checked on load. Files are written atomically,
 of an epoch are committed together through the run's manifest (:mod:`pyrovae.rundir`), so a
 kill at any instant leaves the old epoch or the new one, never a mix. A pickle (``torch.save``)
 file offered as a checkpoint is refused, never unpickled.
+
+What is loaded from a run directory is verified first: every file against the SHA-256 of the
+whole file in the run's manifest (header and data, :func:`pyrovae.rundir.read_committed`), then
+each tensor's name, dtype and shape against the model built from the config, and the weights
+and optimizer moments for non-finite values.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from . import rundir
 from .config import Config, build_vae
 from .errors import CheckpointError
+from .footprint import check_fits
 from .rundir import CONFIG, LAST, STATE, WEIGHTS
 from .state import TrainState
 from .vae import VAE
@@ -82,37 +88,67 @@ def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict | No
     rundir.write_bytes(path, weights_bytes(module, metadata))
 
 
+#: How pickles of protocols 2 to 5 begin (torch.save's zip files begin with PK).
+_PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 def _refuse_pickle(path: Path, head: bytes, size: int) -> None:
     # safetensors: an 8-byte little-endian header length, then the JSON header. Its first byte
     # can be 0x80 like a pickle's (a header of 128 + 256 n bytes), so that layout is checked first
     header = int.from_bytes(head[:8], "little")
-    if head[8:9] == b"{" and 8 + header <= size:
+    if head[8:9] == b"{":
+        if 8 + header > size:
+            raise CheckpointError(
+                f"{path} is truncated: its header alone should take {header} bytes, the file "
+                f"has {size}; restore it"
+            )
         return
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04" or head[:2] in (
+        b"\x80\x02",
+        b"\x80\x03",
+        b"\x80\x04",
+        b"\x80\x05",
+    ):
         raise CheckpointError(
             f"{path} is a pickle (torch.save) file, not a safetensors checkpoint; pyrovae never "
             "unpickles checkpoints, since unpickling can run arbitrary code. Refused."
         )
 
 
-def _read(path: Path, what: str = "safetensors checkpoint") -> tuple[dict, dict]:
-    # (tensors on the CPU, metadata) of a safetensors file, its checksum verified
+def _read_file(path: Path) -> bytes:
+    # a weights file named by the caller (not a run's): a regular file, a link followed
     try:
-        raw = path.read_bytes()
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path} (no such regular file)")
+        return rundir.read_regular(path.resolve())
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read(path: Path, what: str = "safetensors checkpoint", raw: bytes | None = None,
+          checksum: bool = False):  # fmt: skip
+    # (tensors on the CPU, metadata) of a safetensors file (raw: its bytes, read already), its
+    # checksum verified (checksum: required, as in every file of a run pyrovae writes)
+    raw = _read_file(path) if raw is None else raw
     _refuse_pickle(path, raw[:9], len(raw))
     try:
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + n])
         meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("its __metadata__ is not a map of strings")
         tensors = load_bytes(raw)
-    except (SafetensorError, ValueError, AttributeError, UnicodeDecodeError) as e:
-        problem = " ".join(str(e).split()) or type(e).__name__
+    except (SafetensorError, ValueError, AttributeError, UnicodeDecodeError, RecursionError) as e:
+        problem = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"{path} is not a readable {what}: {problem}") from None
     digest = meta.get("sha256")
+    if digest is None and checksum:
+        raise CheckpointError(
+            f"{path} carries no checksum of its data in its header, which pyrovae writes into "
+            "every file of a run: it was rewritten by something else; restore it"
+        )
     if digest is not None and digest != rundir.sha256(raw[8 + n :]):
         raise CheckpointError(
             f"{path} is corrupt: its data does not match the checksum in its header (changed "
@@ -130,8 +166,20 @@ def _check_finite(tensors: dict, path: Path) -> None:
             )
 
 
+def _check_dtypes(module: nn.Module, tensors: dict, path: Path) -> None:
+    # load_state_dict casts silently (an I32 file into F32 weights): refuse another dtype
+    own = module.state_dict()
+    for name, value in tensors.items():
+        if name in own and value.dtype != own[name].dtype:
+            raise CheckpointError(
+                f"{path} does not fit this model: {name} is {value.dtype}, the model's is "
+                f"{own[name].dtype} (the file was changed, or is of another model)"
+            )
+
+
 def _load_into(module: nn.Module, tensors: dict, path: Path) -> None:
     # strict load_state_dict that allows shared tensors saved once (as safetensors' load_model)
+    _check_dtypes(module, tensors, path)
     removed = _remove_duplicate_names(module.state_dict(), preferred_names=tensors.keys())
     try:
         missing, unexpected = module.load_state_dict(tensors, strict=False)
@@ -162,11 +210,11 @@ def weights_id(path: str | os.PathLike) -> dict:
     """What identifies a weights file: ``{"file", "epoch", "sha256"}`` (the epoch it was saved
     at, if recorded, and the SHA-256 of the whole file), for files derived from it."""
     path = Path(path)
-    raw = path.read_bytes()
+    raw = _read_file(path)
     n = int.from_bytes(raw[:8], "little")
     try:
         epoch = (json.loads(raw[8 : 8 + n]).get("__metadata__") or {}).get("epoch")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         epoch = None
     epoch = int(epoch) if isinstance(epoch, str) and epoch.isdigit() else None
     return {"file": path.name, "epoch": epoch, "sha256": rundir.sha256(raw)}
@@ -175,8 +223,8 @@ def weights_id(path: str | os.PathLike) -> dict:
 def save_run(
     run_dir: str | os.PathLike, vae: VAE, config: Config, epoch: int | None = None
 ) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``run_dir``, together (through the
-    run's manifest when it has one).
+    """Write ``config.json`` and ``model.safetensors`` into ``run_dir``, committed together
+    through the run's manifest (a new one, of a finished run, in a directory without one).
 
     :param epoch: the epoch these weights are from, recorded in the file.
     :raises WriteError: naming the file that could not be written.
@@ -185,11 +233,8 @@ def save_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {} if epoch is None else {"epoch": str(int(epoch))}
     files = {CONFIG: config.to_json().encode(), WEIGHTS: weights_bytes(vae, meta)}
-    if rundir.read_manifest(run_dir) is not None:
-        rundir.commit(run_dir, files)
-        return
-    for name, data in files.items():
-        rundir.write_bytes(run_dir / name, data)
+    fields = {} if rundir.read_manifest(run_dir) is not None else {"stage": "done"}
+    rundir.commit(run_dir, files, **fields)
 
 
 def load_config(run_dir: str | os.PathLike) -> Config:
@@ -201,14 +246,28 @@ def load_config(run_dir: str | os.PathLike) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    cfg_path = rundir.committed(run_dir, CONFIG)
-    if not cfg_path.is_file():
+    manifest = rundir.read_manifest(run_dir)
+    if manifest is None and not os.path.lexists(run_dir / CONFIG):
         raise CheckpointError(f"{run_dir} is not a pyrovae run: it has no {CONFIG}")
+    return config_from_bytes(rundir.read_committed(run_dir, CONFIG, manifest), run_dir / CONFIG)
+
+
+def config_from_bytes(data: bytes, path: Path) -> Config:
+    """A run's config from the bytes of its ``config.json`` (at ``path``, for messages), every
+    value type- and range-checked.
+
+    :raises CheckpointError: naming the file and the key.
+    """
+    values = rundir.parse_json(data, path, "a run's config")
     try:
-        config = Config.from_dict(json.loads(cfg_path.read_text()))
+        config = Config.from_dict(values)
         config.validate()
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG} is corrupt: {e}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    try:
+        check_fits(config, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return config
 
 
@@ -222,10 +281,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if config.x_shape is None:
         raise CheckpointError(f"{Path(run_dir) / CONFIG} has no x_shape: it is not a saved run")
     vae = build_vae(config)
-    path = rundir.committed(run_dir, WEIGHTS)
-    tensors, _ = _read(path)
-    _check_finite(tensors, Path(run_dir) / WEIGHTS)
-    _load_into(vae, tensors, Path(run_dir) / WEIGHTS)
+    path = Path(run_dir) / WEIGHTS
+    tensors, _ = _read(path, raw=rundir.read_committed(run_dir, WEIGHTS), checksum=True)
+    _check_finite(tensors, path)
+    _load_into(vae, tensors, path)
     return vae.to(device).eval(), config
 
 
@@ -284,14 +343,14 @@ def save_state(
     rundir.commit(run_dir, {**new, **(files or {})}, epoch=int(state.epoch), stage="training")
 
 
-def _state_meta(path: Path) -> tuple[dict, dict, int]:
+def _state_meta(path: Path, raw: bytes, checksum: bool) -> tuple[dict, dict, int]:
     # (tensors, metadata, epoch) of a state file, the metadata's types checked
-    tensors, header = _read(path, "training state")
+    tensors, header = _read(path, "training state", raw, checksum)
     try:
         meta = json.loads(header["state"])
         epoch, moments, extra = meta["epoch"], meta["moments"], meta["extra"]
         groups = meta["param_groups"]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} is not a readable training state: no {e}") from None
     ok = (
         type(epoch) is int
@@ -331,12 +390,20 @@ def _optimizer(tensors: dict, meta: dict, path: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt: no optimizer tensor {e}") from None
     if meta["param_groups"] and not state:
         raise CheckpointError(f"{path} is corrupt: it holds no optimizer moments")
+    for i, entry in state.items():
+        for key, value in entry.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(
+                    f"{path} holds non-finite optimizer moments (optimizer.{i}.{key} has NaN or "
+                    "inf): the run cannot be continued from it; restore the file, or train "
+                    "again from the best weights"
+                )
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _last_epoch(path: Path, tensors_meta: tuple[dict, dict]) -> int:
     epoch = tensors_meta[1].get("epoch", "")
-    if not epoch.isdigit():
+    if not (epoch.isdigit() and len(epoch) < 10):
         raise CheckpointError(f"{path} does not record its epoch: it is not a training checkpoint")
     return int(epoch)
 
@@ -352,26 +419,46 @@ def load_state(
         or do not fit ``module``.
     """
     run_dir = Path(run_dir)
-    path, last = rundir.committed(run_dir, STATE), rundir.committed(run_dir, LAST)
-    if not path.is_file() or not last.is_file():
+    manifest = rundir.read_manifest(run_dir)
+    if manifest is not None and not {STATE, LAST} <= set(manifest["files"]):
         raise CheckpointError(
             f"{run_dir} holds no training state ({STATE} and {LAST}): it cannot be continued"
         )
-    tensors, meta, epoch = _state_meta(path)
+    raw = {name: rundir.read_committed(run_dir, name, manifest) for name in (STATE, LAST)}
+    state, extra = state_from_bytes(run_dir, raw[STATE], raw[LAST], module, device)
+    if manifest["epoch"] != state.epoch:
+        raise CheckpointError(
+            f"{run_dir}: {rundir.MANIFEST} commits epoch {manifest['epoch']} but {STATE} is from "
+            f"epoch {state.epoch}; restore the run's files"
+        )
+    return state, extra
+
+
+def state_from_bytes(
+    run_dir: Path,
+    state_raw: bytes,
+    last_raw: bytes,
+    module: nn.Module,
+    device="cpu",
+    checksum: bool = True,
+) -> tuple[TrainState, dict]:
+    """:func:`load_state` from the bytes of a run's ``state.safetensors`` and
+    ``last.safetensors``: every tensor and metadata entry checked, the weights loaded into
+    ``module``.
+
+    :param checksum: require the checksum of the data in each file's header (every run with a
+        manifest has them; runs of older versions may not).
+    :raises CheckpointError: naming the file and what is wrong with it.
+    """
+    tensors, meta, epoch = _state_meta(run_dir / STATE, state_raw, checksum)
     _check_rng(tensors, run_dir / STATE)
     optimizer = _optimizer(tensors, meta, run_dir / STATE)
-    weights = _read(last)
+    weights = _read(run_dir / LAST, raw=last_raw, checksum=checksum)
     last_epoch = _last_epoch(run_dir / LAST, weights)
     if last_epoch != epoch:
         raise CheckpointError(
             f"{run_dir}: {LAST} is from epoch {last_epoch} but {STATE} from epoch {epoch} (a "
             "save was interrupted); the run cannot be continued exactly"
-        )
-    manifest = rundir.read_manifest(run_dir)
-    if manifest is not None and manifest["epoch"] != epoch:
-        raise CheckpointError(
-            f"{run_dir}: {rundir.MANIFEST} commits epoch {manifest['epoch']} but {STATE} is from "
-            f"epoch {epoch}; restore the run's files"
         )
     _check_finite(weights[0], run_dir / LAST)
     _load_into(module, {k: v.to(device) for k, v in weights[0].items()}, run_dir / LAST)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .choices import DATASETS, SPLITS
 from .errors import CheckpointError
+from .footprint import check_fits
 from .launch import add_launch_args, check_launch, distributed, launched_rank
 from .launch import start as start_processes
 from .rundir import METRICS as METRICS_FILE
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 title="commands", metavar="COMMAND")  # fmt: skip
     for add in (_train_parser, _resume_parser, _evaluate_parser, _sample_parser, _plot_parser,
-                _bench_parser, _completion_parser):  # fmt: skip
+                _bench_parser, _verify_parser, _completion_parser):  # fmt: skip
         add(sub)
     for name, command in sub.choices.items():
         if name != "completion":  # which runs no torch
@@ -259,6 +260,12 @@ def _bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="seeds data order and weights")
 
 
+def _verify_parser(sub) -> None:
+    from .verify import add_parser
+
+    add_parser(sub)  # pyrovae verify RUN [--adopt]
+
+
 def _completion_parser(sub) -> None:
     c = sub.add_parser("completion", help="print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh"],
@@ -271,10 +278,27 @@ def _with_config_file(parser, path: str, argv):
     given on the command line win)."""
     from .config import Config
 
+    values = _config_file_values(path)
+    values.pop("x_shape", None)  # a run's config.json: the data decide it
     try:
-        text = Path(path).read_text()
+        Config.from_dict(values)  # names and types, with the key named
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train.choices["train"].set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _config_file_values(path: str) -> dict:
+    # the settings of a --config file: a JSON or TOML table, read as UTF-8
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     try:
         if path.endswith(".toml"):
             import tomllib
@@ -282,13 +306,14 @@ def _with_config_file(parser, path: str, argv):
             values = tomllib.loads(text)
         else:
             values = json.loads(text)
-        values.pop("x_shape", None)  # a run's config.json: the data decide it
-        Config.from_dict(values)  # names and types, with the key named
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"--config {path}: {e}") from None
-    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    train.choices["train"].set_defaults(**values)
-    return parser.parse_args(argv)
+    except RecursionError:
+        raise ValueError(f"--config {path}: it nests too deeply to be a config") from None
+    except ValueError as e:
+        raise ValueError(f"--config {path}: not readable ({str(e)[:200]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: should hold a table of settings (config.json's "
+                         f"keys), not a {type(values).__name__}")  # fmt: skip
+    return values
 
 
 def _quiet_openmp() -> None:
@@ -335,11 +360,13 @@ def _train(args) -> int:
         config.validate()
     except ValueError as e:  # name the option the user typed, not the Config field
         raise ValueError(_as_flags(str(e), names)) from None
+    check_fits(config)  # sizes that cannot fit in memory, refused before anything is allocated
     _check_train_args(args)
     if args.data is not None and args.pair is None:
         raise ValueError("--data FILE.npz trains a pair of your own: give --pair FILE.py:NAME")
     stem = Path(args.pair.rpartition(":")[0]).stem if args.pair else config.dataset
     run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = str(run_dir)  # for the message of a failure
     options = {key: getattr(args, key) for key in OPTIONS}
     progress = not args.no_progress
     launch = args if distributed(args) else None
@@ -440,10 +467,10 @@ def _evaluate(args) -> int:
 def _rescoring_note(run_dir: Path, ident: dict) -> None:
     # evaluate says when it replaces an earlier score, and of which weights that one was
     old = run_dir / "eval.json"
-    if not old.is_file():
+    if not os.path.lexists(old):
         return
     try:
-        before = json.loads(old.read_text()).get("checkpoint") or {}
+        before = read_json(old).get("checkpoint") or {}  # a regular file, not a link
     except (ValueError, AttributeError):
         before = {}
     same = "the same weights" if before.get("sha256") == ident["sha256"] else "other weights"
@@ -553,7 +580,8 @@ def _sample(args) -> int:
     pyro.set_rng_seed(args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     kind = "draw" if args.draw else "mean"
-    plots.plot_images(vae.sample(args.num, mean=not args.draw), out, SAMPLE_TITLES[kind])
+    with atomic_path(out) as tmp:  # a reader sees the old image or the new one, never a part
+        plots.plot_images(vae.sample(args.num, mean=not args.draw), tmp, SAMPLE_TITLES[kind])
     print(f"wrote {args.num} {'draws' if args.draw else 'decoder means'} to {out}")
     return 0
 
@@ -633,7 +661,15 @@ _COMPLETION = """_pyrovae() {{
 }}
 complete -F _pyrovae pyrovae"""
 
+
+def _verify(args) -> int:
+    from .verify import command
+
+    return command(args)
+
+
 COMMANDS = {
+    "verify": _verify,
     "train": _train,
     "resume": _resume,
     "evaluate": _evaluate,
@@ -648,35 +684,68 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+#: Exit statuses of the pyrovae command (docs/cli.md).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _debugging(argv: list[str]) -> tuple[bool, list[str]]:
+    # --debug anywhere on the command line (or PYROVAE_DEBUG=1): tracebacks are shown
+    debug = "--debug" in argv or os.environ.get("PYROVAE_DEBUG", "") not in ("", "0")
+    return debug, [a for a in argv if a != "--debug"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (errors print one line to stderr). SIGTERM stops
-    it like SIGINT: the run keeps its last saved epoch, and the message says how to continue."""
+    """Run the CLI; returns the exit status (errors print one line to stderr; ``--debug`` or
+    ``PYROVAE_DEBUG=1`` adds the traceback). SIGTERM stops it like SIGINT: the run keeps its
+    last saved epoch, and the message says how to continue."""
     _quiet_openmp()
+    debug, argv = _debugging(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also PYROVAE_DEBUG=1)")  # fmt: skip
     args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        try:
-            args = _with_config_file(parser, args.config, argv)
-        except (ValueError, OSError) as e:
-            print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
-            return 1
     try:
         previous = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread
         previous = None
     try:
+        if getattr(args, "config", None):
+            args = _with_config_file(parser, args.config, argv)
         _set_threads(args.threads)
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:
-        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as e:
         note = f"; {e}" if str(e) else ""
         print(f"pyrovae {args.command}: interrupted{note}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # every failure: one line, and the traceback only when asked
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        code, line = _one_line(e, args)
+        print(f"pyrovae {args.command}: {line}", file=sys.stderr)
+        return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: Exception, args) -> tuple[int, str]:
+    # (exit status, message) of a failure: the error's own message for bad input, else what
+    # failed and how to see more
+    from .launch import rank_failure
+
+    text = " ".join(str(e).split())[:1000]
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
+    if hasattr(args, "devices") and distributed(args) and (line := rank_failure(e, run_dir)):
+        return EXIT_ERROR, f"error: {line}"
+    if isinstance(e, (ValueError, OSError)):
+        return EXIT_ERROR, f"error: {text}"
+    if isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return EXIT_ERROR, (f"error: out of memory ({text[:300]}); use smaller sizes (--hidden, "
+                            "--batch-size) or free memory")  # fmt: skip
+    what = f"internal error: {type(e).__name__}: {text[:300]}"
+    return EXIT_INTERNAL, f"{what}; run again with --debug for the traceback, and please report it"
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ __all__ = [
     "SPLIT_FOLDERS",
     "READER_OPTIONS",
     "UnreadableImageError",
+    "LeftOutFileError",
+    "MAX_IMAGE_PIXELS",
     "folder_split",
     "load",
     "default_root",
@@ -307,6 +309,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".
 SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
 
 
+#: The most pixels an image file may have (width × height): Pillow's own decompression-bomb
+#: limit (1024 × 1024 × 1024 // 4 // 3, about 89.5 million: 256 MiB as RGB), applied by pyrovae
+#: once, as an unreadable file (skipped with ``skip_bad_files``) with one message.
+MAX_IMAGE_PIXELS = 89_478_485
+
 #: Pillow modes read as grey or with alpha; every other mode (palette, CMYK, ...) becomes RGB.
 _PIL_MODES = {"1": "L", "L": "L", "I;16": "I;16", "LA": "LA", "RGBA": "RGBA", "PA": "RGBA"}
 
@@ -318,10 +325,23 @@ class UnreadableImageError(DataError):
 def _decode(path: Path) -> torch.Tensor:
     # any image file -> uint8 (C, H, W), alpha dropped; decoded by Pillow, as torchvision's
     # ImageFolder does (torchvision.io's decoders are deprecated from torchvision 0.29)
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: ours below is the one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise _too_large(path, None) from None
+    except Exception as e:  # Pillow raises many kinds for a corrupt or unknown file
+        raise UnreadableImageError(f"cannot read image {path}: {e}") from None
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise _too_large(path, im.size)
+    try:
+        with im:
             im.load()
             mode = _PIL_MODES.get(im.mode, "RGB")
             array = np.asarray(im.convert(mode) if mode != im.mode else im)
@@ -331,6 +351,14 @@ def _decode(path: Path) -> torch.Tensor:
     if img.dtype != torch.uint8:  # 16-bit grey: keep the top 8 bits' scale
         img = (img.float() * (255 / 65535)).round().to(torch.uint8)
     return img[:-1] if img.shape[0] in (2, 4) else img  # drop the alpha channel
+
+
+def _too_large(path: Path, size: tuple[int, int] | None) -> UnreadableImageError:
+    pixels = f"{size[0]}×{size[1]} pixels" if size else "too many pixels"
+    return UnreadableImageError(
+        f"cannot read image {path}: {pixels}, more than the {MAX_IMAGE_PIXELS} pyrovae decodes "
+        "(pyrovae.data.MAX_IMAGE_PIXELS, a guard against decompression bombs)"
+    )
 
 
 def _channels(img: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -368,16 +396,38 @@ def read_image(path, image_size: int | None = None, channels: int | None = None)
     return _fit(_channels(_decode(path), channels), image_size, path)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    # every image file below `folder`, sorted; hidden files and folders are left out
-    files = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.is_file()
-    ]
-    return sorted(files)
+class LeftOutFileError(UnreadableImageError):
+    """An image name under an image folder that is not read: a link that leads out of the
+    folder, or that leads nowhere (counted, and skipped with ``skip_bad_files``)."""
+
+
+def _link_problem(path: Path, folder: Path, real_folder: Path) -> str | None:
+    # why a file (a link, or under a linked folder) is not read: None for a file of the folder
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling link, or a loop
+        return f"{path} is a link that leads nowhere (a dangling link)"
+    if not real.is_relative_to(real_folder):
+        return f"{path} is a link to {real}, outside the image folder {folder}"
+    return None
+
+
+def _images_under(folder: Path, left_out: list[str] | None = None) -> list[Path]:
+    # every image file below `folder`, sorted; hidden files and folders are left out, and so
+    # are links out of the folder or to nothing (their reasons appended to left_out)
+    files, real_folder = [], folder.resolve()
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        problem = _link_problem(p, folder, real_folder)
+        if problem is not None:
+            if left_out is not None:
+                left_out.append(problem)
+        elif p.is_file():
+            files.append(p)
+    return files
 
 
 def _split_folder(root: Path, split: str) -> Path | None:
@@ -409,11 +459,12 @@ def _check_fractions(valid_fraction: float, test_fraction: float) -> None:
                         f"{valid_fraction} + {test_fraction}")  # fmt: skip
 
 
-def folder_split(root, split: str, valid_fraction=0.1, test_fraction=0.1, seed=0):
+def folder_split(root, split: str, valid_fraction=0.1, test_fraction=0.1, seed=0, left_out=None):
     """The image files of one split of an image folder, and the folder their labels are relative
     to: ``root/train``, ``root/valid`` (or ``val``, ``validation``), ``root/test`` when
     ``root/train`` exists (a missing valid or test folder is carved from train with its
-    fraction); else a seeded split of all images under ``root``.
+    fraction); else a seeded split of all images under ``root``. Links that lead out of the
+    folder or nowhere are left out, and said why in the list ``left_out`` if one is given.
 
     :returns: ``(files, base)``.
     :raises DataError: for a missing folder, no images, or an empty split.
@@ -425,13 +476,13 @@ def folder_split(root, split: str, valid_fraction=0.1, test_fraction=0.1, seed=0
     base = _split_folder(root, "train")
     if base is not None and _split_folder(root, split) is not None:
         base = _split_folder(root, split)
-        files = _images_under(base)
+        files = _images_under(base, left_out)
     else:
         base = base or root
         missing = {"valid": valid_fraction, "test": test_fraction}
         if base != root:
             missing = {s: f for s, f in missing.items() if _split_folder(root, s) is None}
-        everything = _images_under(base)
+        everything = _images_under(base, left_out)
         if not everything:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {base}")
         files = _seeded_split(everything, missing, seed)[split]
@@ -472,7 +523,10 @@ class FolderDataset(torch.utils.data.Dataset):
     :param float valid_fraction: share of the images in the validation split (without folders).
     :param float test_fraction: share of the images in the test split (without folders).
     :param int seed: seed of the split.
-    :raises DataError: for a missing folder, no images, bad options; when an item is read, for an
+    :param bool skip_bad_files: leave out links that lead out of the folder or nowhere (listed
+        in ``skipped``); without it they are refused.
+    :raises DataError: for a missing folder, no images, bad options, a link out of the folder or
+        to nothing (without ``skip_bad_files``); when an item is read, for an
         unreadable file (:class:`UnreadableImageError`) or one whose size or channels differ
         from the first image's (naming both files and the option to set).
     """
@@ -486,6 +540,7 @@ class FolderDataset(torch.utils.data.Dataset):
         valid_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
+        skip_bad_files: bool = False,
     ):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
@@ -497,7 +552,18 @@ class FolderDataset(torch.utils.data.Dataset):
         self.split = split
         self.image_size = None if image_size is None else int(image_size)
         self.channels = channels
-        self.files, base = folder_split(self.root, split, valid_fraction, test_fraction, seed)
+        #: the names left out: links out of the folder or to nothing (with skip_bad_files)
+        self.skipped: list[str] = []
+        self.files, base = folder_split(
+            self.root, split, valid_fraction, test_fraction, seed, self.skipped
+        )
+        if self.skipped and not skip_bad_files:
+            raise LeftOutFileError(
+                f"{self.skipped[0]}"
+                + (f" (and {len(self.skipped) - 1} more links)" if len(self.skipped) > 1 else "")
+                + "; pyrovae reads only files inside the folder: remove the link, or pass "
+                "skip_bad_files=True (--skip-bad-files) to leave such files out"
+            )
         self.classes = _classes(self.root) or None
         self.labels = None
         if self.classes is not None:
@@ -548,14 +614,15 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def _folder(split: str, root: Path, download: bool, image_size=None, channels=None,
             skip_bad_files=False, valid_fraction=0.1, test_fraction=0.1, split_seed=0):  # fmt: skip
-    ds = FolderDataset(root, split, image_size, channels, valid_fraction, test_fraction, split_seed)
-    images, kept, skipped = None, [], []  # images: (N, C, H, W) uint8, filled as decoded
+    ds = FolderDataset(root, split, image_size, channels, valid_fraction, test_fraction, split_seed,
+                       skip_bad_files)  # fmt: skip
+    images, kept, skipped = None, [], list(ds.skipped)  # images: (N, C, H, W) uint8, as decoded
     for i, path in enumerate(ds.files):
         try:
             img = ds.read(i)  # (C, H, W) uint8
-        except UnreadableImageError:
+        except UnreadableImageError as e:
             if not skip_bad_files:
-                raise DataError(f"cannot read image {path}; remove it or pass skip_bad_files=True "
+                raise DataError(f"{e}; remove it or pass skip_bad_files=True "
                                 "(--skip-bad-files)") from None  # fmt: skip
             skipped.append(str(path))
             continue

@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "RunInUseError",
+    "UnverifiedRunError",
     "WriteError",
     "NonFiniteLossError",
     "CaptureError",
@@ -30,6 +31,12 @@ class CheckpointError(ValueError):
 
 class RunInUseError(CheckpointError):
     """A run directory that another live process is writing (it holds the directory's lock)."""
+
+
+class UnverifiedRunError(CheckpointError):
+    """A run directory without a manifest (a run of an older pyrovae, or one copied without its
+    ``manifest.json``): its files cannot be checked, so it is not used until it is adopted
+    deliberately (``pyrovae verify RUN --adopt``)."""
 
 
 class WriteError(CheckpointError):

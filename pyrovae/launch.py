@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 
 __all__ = [
     "ACCELERATORS",
@@ -28,6 +29,8 @@ __all__ = [
     "start",
     "trainer_args",
     "quiet_lightning",
+    "dead_ranks",
+    "rank_failure",
 ]
 
 #: ``--accelerator`` values, as Lightning names them.
@@ -220,3 +223,57 @@ def start(args):
     fabric = Fabric(**options)
     fabric.launch()
     return fabric
+
+
+def dead_ranks() -> list[tuple[int, int, int]]:
+    """The ranks started by Lightning's launcher in this process that ended with an error:
+    ``(rank, pid, exit code)`` (a negative code: killed by that signal).
+
+    Lightning's child-process observer would kill this process within seconds of a child's
+    death, before it could say why; it is stopped here, since the caller reports the failure.
+    """
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
+            thread._run = lambda: True  # ends its loop at its next check, killing nothing
+            procs = thread._child_processes
+            codes = [(i + 1, p.pid, p.poll()) for i, p in enumerate(procs)]
+            return [(rank, pid, code) for rank, pid, code in codes if code not in (None, 0)]
+    return []
+
+
+def _looks_distributed(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(w in text for w in ("gloo", "NCCL", "DistBackendError", "Connection closed by peer",
+                                   "Connection reset by peer", "ProcessGroup"))  # fmt: skip
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def rank_failure(e: BaseException, run_dir: str | None) -> str | None:
+    """One line for a failure of the processes of a several-process command: which rank died and
+    how the run continues; ``None`` if ``e`` is not one.
+
+    :param run_dir: the run directory (for the resume command), if the command has one.
+    """
+    dead = dead_ranks()
+    if not dead and not _looks_distributed(e):
+        return None
+    resume = f"pyrovae resume {run_dir}" if run_dir else "pyrovae resume RUN_DIR"
+    if dead:
+        who = ", ".join(f"rank {rank} (pid {pid}, {_how(code)})" for rank, pid, code in dead)
+        what = f"{who} ended, so the processes stopped together"
+    else:
+        what = "another rank stopped (a collective operation failed), so this one stopped too"
+    return (
+        f"{what}; the run keeps its last saved epoch: continue with `{resume}` and the same "
+        "launch options"
+    )

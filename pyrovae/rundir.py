@@ -16,6 +16,14 @@ host and command); a lock whose process is dead is taken over.
 Files derived from the best weights (``eval.json``, ``log_px.*``, the plots) are registered in
 the manifest with the hash of those weights; :func:`recover` and :func:`commit` remove the ones
 that no longer match them.
+
+A run directory may come from someone else, so nothing read from it is trusted: every name in
+the manifest (a file, its pending temporary name, a derived file) must be a plain file name of
+the run directory, or the manifest is refused before any file is moved or deleted; run files
+are opened without following symlinks and read only if they are regular files (a FIFO never
+blocks a reader); and :func:`read_committed` checks a committed file against the manifest's
+whole-file SHA-256 before anyone uses it. A run without a manifest (an older pyrovae's) is
+refused until it is adopted deliberately (``pyrovae verify RUN --adopt``, :mod:`pyrovae.verify`).
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError, RunInUseError, WriteError
+from .errors import CheckpointError, RunInUseError, UnverifiedRunError, WriteError
 
 __all__ = [
     "CONFIG",
@@ -53,7 +62,11 @@ __all__ = [
     "atomic_path",
     "sha256",
     "read_json",
+    "read_regular",
     "read_manifest",
+    "require_manifest",
+    "read_committed",
+    "check_name",
     "commit",
     "update_manifest",
     "recover",
@@ -64,6 +77,9 @@ __all__ = [
     "clear_for_new_run",
     "metrics_bytes",
     "read_metrics",
+    "parse_metrics",
+    "parse_json",
+    "LAYOUT",
 ]
 
 CONFIG = "config.json"
@@ -88,7 +104,12 @@ PLOTS = (
 #: Stages of a run in its manifest: training (epochs committed), finishing (summary written,
 #: plots being drawn), done.
 STAGES = ("training", "finishing", "done")
+#: The files a run commits, which no derived file may name.
+LAYOUT = (CONFIG, WEIGHTS, LAST, STATE, METRICS, SUMMARY)
+#: The largest JSON file of a run read (the manifest, the config, the lock): 16 MiB.
+MAX_JSON_BYTES = 16 * 2**20
 _FORMAT = 1
+_HEX = frozenset("0123456789abcdef")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -220,40 +241,145 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str = "a JSON object") -> dict:
-    """Read a JSON object from ``path``.
+def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of ``path`` if it is a regular file, opened without following a symlink and
+    without blocking (a FIFO or device is refused, never waited on).
 
-    :raises CheckpointError: naming the file if it is unreadable, not JSON or not an object.
+    :param limit: the most bytes the file may hold.
+    :raises FileNotFoundError: if there is no such file.
+    :raises CheckpointError: naming the file if it is a symlink, not a regular file, larger than
+        ``limit`` or unreadable.
     """
     path = Path(path)
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); restore or delete it") from None
+        fd = os.open(
+            path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        )
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(
+                f"{path} is a symbolic link; a run's files must be regular files in the run "
+                "directory: replace the link by the file it points to, if you trust it"
+            ) from None
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(
+                f"{path} is not a regular file (a FIFO, socket or device); a run's files must "
+                "be regular files: remove it"
+            )
+        if limit is not None and info.st_size > limit:
+            raise CheckpointError(
+                f"{path} holds {info.st_size} bytes, more than the {limit} a pyrovae run writes "
+                "there: it is not a file of a run; restore it"
+            )
+        try:
+            return f.read()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def parse_json(data: bytes, path: Path, what: str = "a JSON object") -> dict:
+    """``data`` (the bytes of ``path``) as a JSON object.
+
+    :raises CheckpointError: naming the file if it is not UTF-8 JSON, nests too deeply, holds a
+        number too long to convert, or is not an object.
+    """
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        problem = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise CheckpointError(f"{path} is not readable JSON ({problem}); restore it") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} should hold {what}, not {type(value).__name__}")
     return value
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON object") -> dict:
+    """Read a JSON object from ``path`` (a regular file, not a link).
+
+    :raises CheckpointError: naming the file if it is missing, unreadable, not JSON or not an
+        object.
+    """
+    path = Path(path)
+    try:
+        data = read_regular(path, MAX_JSON_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; restore it") from None
+    return parse_json(data, path, what)
+
+
+def check_name(name, path: Path, entry: str) -> str:
+    """``name``, read from the file ``path``, if it is a plain file name of the run directory
+    (no folder, no ``..``, no NUL).
+
+    :param entry: what ``name`` is in the file, for the message (e.g. ``"files"``).
+    :raises CheckpointError: naming the file and the entry.
+    """
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
+    )
+    if not plain:
+        raise _bad_manifest(
+            path, f"its {entry} entry {str(name)[:80]!r} is not a file name in the run directory"
+        )
+    return name
 
 
 def _bad_manifest(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path} is corrupt: {problem}; restore it or start the run again")
 
 
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _check_file_entry(name: str, entry, path: Path) -> None:
+    check_name(name, path, "files")
+    if name in (MANIFEST, LOCK) or _is_tmp(name):
+        raise _bad_manifest(path, f"its files entry {name!r} is not a file a run commits")
+    if not isinstance(entry, dict) or not _is_digest(entry.get("sha256")):
+        raise _bad_manifest(path, f"its files entry {name!r} has no SHA-256")
+    pending = entry.get("pending")
+    if pending is not None:
+        # a temporary name this file's commit made (see _tmp_name), nothing else
+        check_name(pending, path, f"files.{name}.pending")
+        stem = f".{Path(name).stem}."
+        if not (
+            _is_tmp(pending) and pending.startswith(stem) and pending.endswith(Path(name).suffix)
+        ):
+            raise _bad_manifest(
+                path,
+                f"its files entry {name!r} names {pending!r} as pending, not a temporary "
+                f"file of {name}",
+            )
+
+
 def _check_manifest(m: dict, path: Path) -> None:
+    if m.get("format") != _FORMAT:
+        raise _bad_manifest(path, f"format should be {_FORMAT}, got {str(m.get('format'))[:40]}")
     epoch = m.get("epoch")
-    if type(epoch) is not int or epoch < 0:
-        raise _bad_manifest(path, f"epoch should be an integer >= 0, got {epoch!r}")
+    if type(epoch) is not int or not 0 <= epoch < 2**31:
+        raise _bad_manifest(path, f"epoch should be an integer >= 0, got {str(epoch)[:40]}")
     if m.get("stage") not in STAGES:
         raise _bad_manifest(path, f"stage should be one of {', '.join(STAGES)}")
     files, derived = m.get("files"), m.get("derived")
     if not isinstance(files, dict) or not isinstance(derived, dict):
         raise _bad_manifest(path, "files and derived should be objects")
     for name, entry in files.items():
-        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-        if not ok or not isinstance(entry.get("pending", ""), str) or "/" in name:
-            raise _bad_manifest(path, f"bad entry for {name!r}")
-    if not all(isinstance(v, str) and "/" not in k for k, v in derived.items()):
-        raise _bad_manifest(path, "bad derived entry")
+        _check_file_entry(name, entry, path)
+    for name, digest in derived.items():
+        check_name(name, path, "derived")
+        if name in (*LAYOUT, MANIFEST, LOCK, *files) or _is_tmp(name):
+            raise _bad_manifest(path, f"its derived entry {name!r} names a file of the run itself")
+        if not isinstance(digest, str):
+            raise _bad_manifest(path, f"its derived entry {name!r} has no hash")
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict | None:
@@ -263,11 +389,69 @@ def read_manifest(run_dir: str | os.PathLike) -> dict | None:
     :raises CheckpointError: naming the file if it is corrupt.
     """
     path = Path(run_dir) / MANIFEST
-    if not path.is_file():
+    try:
+        data = read_regular(path, MAX_JSON_BYTES)
+    except FileNotFoundError:
         return None
-    manifest = read_json(path, "the run's manifest")
+    manifest = parse_json(data, path, "the run's manifest")
     _check_manifest(manifest, path)
     return manifest
+
+
+def require_manifest(run_dir: str | os.PathLike) -> dict:
+    """The run's manifest, which it must have.
+
+    :raises UnverifiedRunError: for a run without one, saying how to adopt it.
+    :raises CheckpointError: naming the file if it is corrupt.
+    """
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise _no_manifest(Path(run_dir))
+    return manifest
+
+
+def _no_manifest(run_dir: Path) -> UnverifiedRunError:
+    return UnverifiedRunError(
+        f"{run_dir} has no {MANIFEST} (a run of an older pyrovae, or copied without it), so its "
+        f"files cannot be verified; check them and adopt the run with `pyrovae verify {run_dir} "
+        "--adopt` if you trust where it came from"
+    )
+
+
+def read_committed(run_dir: str | os.PathLike, name: str, manifest: dict | None = None) -> bytes:
+    """The bytes of the committed version of file ``name`` of a run (its own name, or between a
+    commit and its renames the temporary file the manifest names), checked against the
+    manifest's SHA-256 of the whole file: for readers, which take no lock and change nothing.
+
+    :param manifest: the run's manifest, if read already.
+    :raises UnverifiedRunError: for a run without a manifest.
+    :raises CheckpointError: naming the file if the manifest does not list it, or it is missing,
+        not a regular file, or does not match its hash.
+    """
+    return _find_committed(Path(run_dir), name, manifest)[1]
+
+
+def _find_committed(run_dir: Path, name: str, manifest: dict | None) -> tuple[Path, bytes]:
+    # (where the committed version of `name` is, its verified bytes)
+    manifest = manifest or require_manifest(run_dir)
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise CheckpointError(
+            f"{run_dir / name} is not committed in {MANIFEST} (epoch {manifest['epoch']}): "
+            "the run has not saved it"
+        )
+    pending = entry.get("pending")
+    if pending and _is_regular(run_dir / pending):  # a commit not yet renamed into place
+        data = read_regular(run_dir / pending)
+        if sha256(data) == entry["sha256"]:
+            return run_dir / pending, data
+    try:
+        data = read_regular(run_dir / name)
+    except FileNotFoundError:
+        raise _missing(run_dir / name, manifest["epoch"]) from None
+    if sha256(data) != entry["sha256"]:
+        raise _changed(run_dir / name, manifest["epoch"])
+    return run_dir / name, data
 
 
 def _new_manifest() -> dict:
@@ -315,7 +499,7 @@ def _settle(run_dir: Path, manifest: dict) -> None:
     moved = False
     for name, entry in manifest["files"].items():
         tmp = run_dir / entry.get("pending", "")
-        if entry.get("pending") and tmp.is_file():
+        if entry.get("pending") and _is_regular(tmp):
             _install(tmp, run_dir / name)
             moved = True
     if moved:
@@ -343,26 +527,28 @@ def register_derived(run_dir: str | os.PathLike, names, weights_sha: str) -> Non
         update_manifest(run_dir, derived=derived)
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def committed(run_dir: str | os.PathLike, name: str) -> Path:
     """Where the committed version of file ``name`` of a run is now: its own name, or, between a
     commit and its renames, the temporary file the manifest names (for readers, which take no
-    lock and change nothing)."""
-    run_dir = Path(run_dir)
-    try:
-        manifest = read_manifest(run_dir)
-    except CheckpointError:
-        manifest = None
-    pending = ((manifest or {}).get("files", {}).get(name) or {}).get("pending")
-    if pending and (run_dir / pending).is_file():
-        return run_dir / pending
-    return run_dir / name
+    lock and change nothing). The file is checked as :func:`read_committed` does first.
+
+    :raises CheckpointError: as :func:`read_committed`.
+    """
+    return _find_committed(Path(run_dir), name, None)[0]
 
 
 def recover(run_dir: str | os.PathLike) -> dict | None:
     """Finish what a writer killed at any instant left: roll a committed epoch forward, remove
     temporary files and derived files of other weights, and check every committed file against
-    its hash (safetensors files carry their own, checked when they are loaded). Call it holding
-    the run's :class:`RunLock`.
+    its hash (the safetensors files are checked by :func:`read_committed` when they are
+    loaded, so that a large file is read once). Call it holding the run's :class:`RunLock`.
 
     :returns: the manifest (``None`` for a run without one).
     :raises CheckpointError: naming a file that is missing or does not match the manifest.
@@ -372,7 +558,7 @@ def recover(run_dir: str | os.PathLike) -> dict | None:
     if manifest is not None:
         _settle(run_dir, manifest)
         for name, entry in manifest["files"].items():
-            if not name.endswith(".safetensors"):  # those carry a checksum, checked on load
+            if not name.endswith(".safetensors"):  # checked when loaded (read_committed)
                 _verify(run_dir, name, entry["sha256"], manifest["epoch"])
     _remove_tmp(run_dir)
     return manifest
@@ -380,25 +566,33 @@ def recover(run_dir: str | os.PathLike) -> dict | None:
 
 def _remove_tmp(run_dir: Path) -> None:
     for tmp in run_dir.iterdir() if run_dir.is_dir() else ():
-        if _is_tmp(tmp.name) and tmp.is_dir():
+        if _is_tmp(tmp.name) and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         elif _is_tmp(tmp.name):
             tmp.unlink(missing_ok=True)
 
 
+def _missing(path: Path, epoch: int) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is missing, though {MANIFEST} names it (epoch {epoch}); restore it"
+    )
+
+
+def _changed(path: Path, epoch: int) -> CheckpointError:
+    return CheckpointError(
+        f"{path} does not match its hash in {MANIFEST} (epoch {epoch}): it was changed or "
+        "corrupted after it was saved; restore it"
+    )
+
+
 def _verify(run_dir: Path, name: str, digest: str, epoch: int) -> None:
     path = run_dir / name
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} is missing, though {MANIFEST} names it (epoch {epoch}); restore it"
-        ) from None
+        raise _missing(path, epoch) from None
     if sha256(data) != digest:
-        raise CheckpointError(
-            f"{path} does not match its hash in {MANIFEST} (epoch {epoch}): it was changed or "
-            "corrupted after it was saved; restore it"
-        )
+        raise _changed(path, epoch)
 
 
 def _start_time(pid: int) -> str | None:
@@ -452,9 +646,17 @@ class RunLock:
         return json.dumps(info).encode()
 
     def _holder(self) -> dict:
+        # the lock's holder ({} for none or garbage); a lock that is no regular file is refused
         try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            holder = json.loads(read_regular(self.path, MAX_JSON_BYTES))
+        except FileNotFoundError:
+            return {}
+        except CheckpointError:  # a link, FIFO or device: never followed, never waited on
+            raise CheckpointError(
+                f"{self.path} is not a lock pyrovae wrote (it is a link, FIFO or device, not a "
+                f"regular file); delete it if no pyrovae process uses {self.path.parent}"
+            ) from None
+        except (OSError, ValueError, RecursionError):
             return {}
         return holder if isinstance(holder, dict) else {}
 
@@ -493,8 +695,8 @@ class RunLock:
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
+            moved = json.loads(read_regular(aside, MAX_JSON_BYTES))
+        except (OSError, ValueError, RecursionError):  # CheckpointError is a ValueError
             moved = {}
         if moved and moved != holder:  # another taker's fresh lock: put it back
             try:
@@ -561,31 +763,43 @@ def _metric(path: Path, line: int, key: str, value: str | None) -> float | None:
         return float(value)
     except ValueError:
         raise CheckpointError(
-            f"{path}, line {line}: {key} is {value!r}, not a number; restore the file"
+            f"{path}, line {line}: {key} is {value[:40]!r}, not a number; restore the file"
         ) from None
 
 
 def read_metrics(run_dir: str | os.PathLike, last_epoch: int) -> list[dict]:
     """``metrics.csv`` back into records, epochs 1 to ``last_epoch`` (a later row, left by a
-    run of an older pyrovae cut off in a save, is dropped).
+    run of an older pyrovae cut off in a save, is dropped), checked against the manifest first.
 
-    :raises CheckpointError: naming the file if it is unreadable or does not hold every epoch.
+    :raises CheckpointError: naming the file if it is unverified, unreadable or does not hold
+        every epoch.
     """
-    path = committed(run_dir, METRICS)
+    return parse_metrics(read_committed(run_dir, METRICS), Path(run_dir) / METRICS, last_epoch)
+
+
+def parse_metrics(data: bytes, path: Path, last_epoch: int) -> list[dict]:
+    """The records of ``metrics.csv``'s bytes (the file at ``path``), as :func:`read_metrics`.
+
+    :raises CheckpointError: naming the file and line.
+    """
     try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text(), newline="")))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as e:
         raise CheckpointError(f"cannot read {path}: {e}; restore it") from None
     if rows and "epoch" not in rows[0]:
         raise CheckpointError(f"{path} has no epoch column; restore it")
     records = []
     for line, row in enumerate(rows, 2):
-        record = {k: _metric(path, line, k, v) for k, v in row.items() if k is not None}
-        if record["epoch"] is None or not record["epoch"].is_integer():
-            raise CheckpointError(f"{path}, line {line}: the epoch is not a whole number")
-        record["epoch"] = int(record["epoch"])
-        if record.get("active_units") is not None:  # a count: written back as it was read
-            record["active_units"] = int(record["active_units"])
+        record = {k: _metric(path, line, k, v) for k, v in row.items() if isinstance(k, str)}
+        epoch = record.get("epoch")
+        if epoch is None or not epoch.is_integer() or not 0 < epoch < 2**31:
+            raise CheckpointError(f"{path}, line {line}: the epoch is not a whole number >= 1")
+        record["epoch"] = int(epoch)
+        units = record.get("active_units")
+        if units is not None:  # a count: written back as it was read
+            if not units.is_integer():
+                raise CheckpointError(f"{path}, line {line}: active_units is not a count")
+            record["active_units"] = int(units)
         if record["epoch"] <= last_epoch:
             records.append(record)
     if [r["epoch"] for r in records] != list(range(1, last_epoch + 1)):

@@ -182,7 +182,8 @@ def _training_data(config, arrays: str | None = None):
         return _limited(load_split(config, "train"), config.train_limit)
     ds = FolderDataset(config.data_dir, "train", config.image_size, config.channels,
                        config.valid_fraction, config.test_fraction)  # fmt: skip
-    if config.stream == "auto" and not should_stream(ds, None):
+    # --skip-bad-files decodes up front (should_stream would probe file 0, which may be bad)
+    if config.stream == "auto" and (config.skip_bad_files or not should_stream(ds, None)):
         return _limited(load_split(config, "train"), config.train_limit)
     if config.skip_bad_files:
         raise ValueError("--skip-bad-files needs the training images decoded up front: pass "

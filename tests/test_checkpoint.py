@@ -3,6 +3,7 @@ import json
 import pyro
 import pytest
 import torch
+from hostile import rehash, safetensors_bytes, safetensors_parts
 
 import pyrovae
 from pyrovae import CheckpointError
@@ -43,9 +44,40 @@ def test_pickle_payload_is_refused_and_never_run(tmp_path):
     for save in (lambda p: torch.save({"w": Payload()}, p),
                  lambda p: p.write_bytes(__import__("pickle").dumps(Payload()))):  # fmt: skip
         save(tmp_path / WEIGHTS)
+        with pytest.raises(CheckpointError, match="model.safetensors does not match its hash"):
+            pyrovae.load_run(tmp_path)
+        rehash(tmp_path, WEIGHTS)  # as whoever handed the run over could
         with pytest.raises(CheckpointError, match="pickle.*never unpickles.*Refused"):
             pyrovae.load_run(tmp_path)
+        with pytest.raises(CheckpointError, match="pickle.*never unpickles.*Refused"):
+            load_weights(torch.nn.Linear(2, 2), tmp_path / WEIGHTS)
         assert not marker.exists()
+
+
+def test_edited_header_or_data_is_refused(tmp_path):
+    # a dtype edited in the header (F32 -> I32 was scored, exit 0), a flipped data byte with the
+    # header's own checksum removed: refused by the manifest's hash, and re-signed by the dtypes
+    _trained_run(tmp_path)
+    header, data = safetensors_parts(tmp_path / WEIGHTS)
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "I32"
+    (tmp_path / WEIGHTS).write_bytes(safetensors_bytes(header, data))
+    with pytest.raises(CheckpointError, match="does not match its hash in manifest.json"):
+        pyrovae.load_run(tmp_path)
+    rehash(tmp_path, WEIGHTS)
+    with pytest.raises(
+        CheckpointError, match=f"{name} is torch.int32, the model's is torch.float32"
+    ):
+        pyrovae.load_run(tmp_path)
+    header[name]["dtype"] = "F32"
+    del header["__metadata__"]["sha256"]
+    flipped = bytes([data[0] ^ 1]) + data[1:]
+    (tmp_path / WEIGHTS).write_bytes(safetensors_bytes(header, flipped))
+    with pytest.raises(CheckpointError, match="does not match its hash in manifest.json"):
+        pyrovae.load_run(tmp_path)
+    rehash(tmp_path, WEIGHTS)
+    with pytest.raises(CheckpointError, match="carries no checksum of its data in its header"):
+        pyrovae.load_run(tmp_path)
 
 
 def test_safetensors_that_starts_like_a_pickle_loads(tmp_path):
@@ -62,7 +94,8 @@ def test_safetensors_that_starts_like_a_pickle_loads(tmp_path):
 
 def test_corrupt_checkpoint(tmp_path):
     _trained_run(tmp_path)
-    (tmp_path / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp_path / WEIGHTS).write_bytes(b"\x09\x00\x00\x00\x00\x00\x00\x00{not json")
+    rehash(tmp_path, WEIGHTS)
     with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
         pyrovae.load_run(tmp_path)
 
@@ -71,8 +104,18 @@ def test_truncated_checkpoint(tmp_path):
     _trained_run(tmp_path)
     data = (tmp_path / WEIGHTS).read_bytes()
     (tmp_path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    rehash(tmp_path, WEIGHTS)
     with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
         pyrovae.load_run(tmp_path)
+    # cut inside a header of 128 + 256 n bytes (first byte 0x80): truncated, not "a pickle"
+    module, path = torch.nn.Linear(3, 2), tmp_path / "w.safetensors"
+    for pad in range(512):
+        save_weights(module, path, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="is truncated: its header alone should take"):
+        load_weights(module, path)
 
 
 def test_weights_of_another_architecture(tmp_path):
@@ -89,12 +132,14 @@ def test_missing_and_corrupt_run_dirs(tmp_path):
         pyrovae.load_run(tmp_path)
     _trained_run(tmp_path)
     (tmp_path / WEIGHTS).unlink()
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="model.safetensors is missing, though manifest"):
         pyrovae.load_run(tmp_path)
     (tmp_path / CONFIG).write_text("{ broken")
-    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+    rehash(tmp_path, CONFIG)
+    with pytest.raises(CheckpointError, match="config.json is not readable JSON"):
         pyrovae.load_run(tmp_path)
     (tmp_path / CONFIG).write_text(json.dumps({"prior": "nonsense"}))
+    rehash(tmp_path, CONFIG)
     with pytest.raises(CheckpointError, match="unknown prior 'nonsense'"):
         pyrovae.load_run(tmp_path)
 
@@ -112,7 +157,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"cannot write .*model.safetensors: No space left"):
         save_weights(vae, tmp_path / WEIGHTS)
     assert (tmp_path / WEIGHTS).read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]  # no temporary left
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [CONFIG, "manifest.json", WEIGHTS]  # no temporary left
 
 
 def test_training_state_round_trip_and_refusals(tmp_path):
@@ -139,20 +185,37 @@ def test_training_state_round_trip_and_refusals(tmp_path):
 
     # weights and state of different epochs (a save cut short between the two files)
     state.epoch = 2
-    save_weights(vae, tmp_path / LAST, {"epoch": "1"})
-    (tmp_path / STATE).unlink()
-    with pytest.raises(CheckpointError, match="holds no training state"):
-        load_state(tmp_path, fresh)
     save_state(tmp_path, vae, state)
     save_weights(vae, tmp_path / LAST, {"epoch": "1"})
+    with pytest.raises(CheckpointError, match="last.safetensors does not match its hash"):
+        load_state(tmp_path, fresh)
+    rehash(tmp_path, LAST)
     with pytest.raises(CheckpointError, match="is from epoch 1 but state.safetensors from epoch 2"):
         load_state(tmp_path, fresh)
     torch.save({"x": 1}, tmp_path / STATE)  # a pickle in its place is refused, never loaded
+    rehash(tmp_path, STATE)
     with pytest.raises(CheckpointError, match="pickle"):
         load_state(tmp_path, fresh)
     (tmp_path / STATE).write_bytes(b"\x00" * 20)
+    rehash(tmp_path, STATE)
     with pytest.raises(CheckpointError, match="not a readable training state"):
         load_state(tmp_path, fresh)
+
+
+def test_non_finite_optimizer_moments_are_refused(tmp_path):
+    # NaN Adam moments were blamed on "non-finite loss at epoch N" once training resumed
+    from pyrovae.checkpoint import STATE, load_state, save_state
+    from pyrovae.training import TrainState
+
+    vae, config, _ = _trained_run(tmp_path)
+    state = TrainState()
+    pyrovae.fit(vae.model, vae.guide, _digits_train(), epochs=1, progress=False, state=state)
+    key = next(iter(state.optimizer["state"][0]))
+    state.optimizer["state"][0][key] = torch.full_like(state.optimizer["state"][0][key], torch.nan)
+    save_state(tmp_path, vae, state)
+    with pytest.raises(CheckpointError, match=f"non-finite optimizer moments .optimizer.0.{key}"):
+        load_state(tmp_path, pyrovae.build_vae(config))
+    assert (tmp_path / STATE).is_file()
 
 
 def _digits_train():

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hostile import rehash
 
 from pyrovae import cli
 from pyrovae.checkpoint import WEIGHTS
@@ -116,8 +117,11 @@ def test_evaluate_corrupt_checkpoint_and_pickle(capsys, tmp_path):
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), *FAST]) == 0
     (run / WEIGHTS).write_bytes(b"garbage!")
+    _one_line_error(capsys, ["evaluate", str(run)], "does not match its hash in manifest.json")
+    rehash(run, WEIGHTS)  # as whoever handed the run over could: the file's own checks hold
     _one_line_error(capsys, ["evaluate", str(run)], "not a readable safetensors checkpoint")
     torch.save({"w": torch.zeros(1)}, run / WEIGHTS)
+    rehash(run, WEIGHTS)
     _one_line_error(capsys, ["sample", str(run), "--out", str(tmp_path / "s.png")], "pickle")
 
 
@@ -289,7 +293,8 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, capsys):
         capsys, ["resume", str(whole), "--epochs", "4"], "has trained 4 epochs already; give"
     )
     (whole / "state.safetensors").unlink()
-    _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], "holds no training state")
+    missing = "state.safetensors is missing, though manifest.json"
+    _one_line_error(capsys, ["resume", str(whole), "--epochs", "9"], missing)
     _one_line_error(capsys, ["resume", str(tmp_path / "nope")], "does not exist")
 
 

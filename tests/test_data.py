@@ -1,5 +1,6 @@
 import gc
 import gzip
+import json
 import re
 from pathlib import Path
 
@@ -386,3 +387,46 @@ def test_write_folder_refuses_two_classes_of_one_name(tmp_path):
     with pytest.raises(ValueError, match="two classes are named 'cat'; each needs a folder"):
         pyrovae.data.write_folder(torch.zeros(1, 1, 2, 2), torch.tensor([0]), ["cat", "cat"],
                                   tmp_path / "out")  # fmt: skip
+
+
+def test_folder_links_out_or_to_nothing_are_refused_or_skipped_and_counted(tmp_path):
+    root = _tree(tmp_path / "imgs", per_class=3)
+    secret = tmp_path / "secret.png"
+    _png(secret, np.zeros((12, 12, 3), dtype=np.uint8))
+    (root / "cats" / "a_link.png").symlink_to(secret)  # was followed and trained on
+    (root / "cats" / "b_dangling.png").symlink_to(tmp_path / "nowhere.png")  # was not counted
+    (root / "cats" / "c_inside.png").symlink_to(root / "cats" / "c0.png")  # inside: read
+    opts = {"valid_fraction": 0.0, "test_fraction": 0.0}
+    with pytest.raises(DataError, match=r"a_link.png is a link to .*secret.png, outside the "
+                       r"image folder .*\(and 1 more links\).*--skip-bad-files"):  # fmt: skip
+        load("folder", "train", root=root, **opts)
+    ds = load("folder", "train", root=root, skip_bad_files=True, **opts)
+    assert len(ds) == 7 and len(ds.skipped) == 2
+    assert "outside the image folder" in ds.skipped[0] and "dangling" in ds.skipped[1]
+    with pytest.raises(DataError, match="a_link.png is a link to"):
+        pyrovae.data.FolderDataset(root, "train", **opts)
+
+
+def test_the_decompression_bomb_limit_is_applied_once_with_one_message(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "imgs", per_class=2)  # 12×12 = 144 pixels each
+    _png(root / "cats" / "big.png", np.zeros((13, 13, 3), dtype=np.uint8))
+    monkeypatch.setattr(pyrovae.data, "MAX_IMAGE_PIXELS", 150)
+    opts = {"valid_fraction": 0.0, "test_fraction": 0.0}
+    with pytest.raises(DataError, match=r"big.png: 13×13 pixels, more than the 150 pyrovae "
+                       r"decodes \(pyrovae.data.MAX_IMAGE_PIXELS"):  # fmt: skip
+        load("folder", "train", root=root, **opts)
+    ds = load("folder", "train", root=root, skip_bad_files=True, **opts)
+    assert len(ds) == 4 and ds.skipped == [str(root / "cats" / "big.png")]
+
+
+def test_skip_bad_files_skips_a_bad_file_that_sorts_first(tmp_path, capsys):
+    from pyrovae import cli
+
+    root = _tree(tmp_path / "imgs", per_class=6)
+    (root / "cats" / "000.png").write_bytes(b"not a png")  # the first file listed
+    argv = ["train", "--dataset", "folder", "--data-dir", str(root), "--skip-bad-files",
+            "--epochs", "1", "--hidden", "8", "--z-dim", "2", "--no-progress",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["skipped_files"] == 1
