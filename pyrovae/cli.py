@@ -226,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--method", choices=["is", "ais", "bdmc"], default="is",
+                   help="is: importance sampling from q(z|x) with --num-samples; ais: annealed "
+                        "importance sampling (--chains x --steps x --leapfrog); bdmc: AIS "
+                        "bounds on --limit images simulated from the model")  # fmt: skip
+    e.add_argument("--chains", type=int, default=16, help="AIS chains per image (ais, bdmc)")
+    e.add_argument("--steps", type=int, default=100, help="AIS annealing steps (ais, bdmc)")
+    e.add_argument("--leapfrog", type=int, default=5,
+                   help="leapfrog steps per HMC move (ais, bdmc)")  # fmt: skip
     add_launch_args(e, train=False)
 
     s = sub.add_parser("sample", help="a grid of images from the prior: decoder means or draws")
@@ -438,6 +446,9 @@ def _evaluate(args) -> int:
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     if distributed(args):
+        if args.method != "is":
+            raise ValueError(f"--method {args.method} runs in one process; drop --devices and "
+                             "the other launch options")  # fmt: skip
         check_launch(args)
         if launched_rank() > 0:  # a rank the launcher started: scores its share, writes nothing
             return _evaluate_locked(args, start_processes(args))
@@ -464,10 +475,11 @@ def _evaluate_locked(args, fabric=None) -> int:
     # writes), or None for this process alone
     import numpy as np
     import pyro
+    import torch
 
     from .checkpoint import load_run, weights_id
     from .data import spread
-    from .evaluation import elbo, log_likelihood
+    from .evaluation import elbo, log_likelihood_report
     from .likelihoods import bits_per_dim
     from .rundir import DERIVED, register_derived, write_text
 
@@ -484,10 +496,16 @@ def _evaluate_locked(args, fabric=None) -> int:
         x = x[spread(len(x), args.limit)]
     x = x.to(device)
     pyro.set_rng_seed(args.seed)
+    if args.method == "bdmc":
+        return _bdmc(args, vae, x, ident)
     start = time.perf_counter()
     # per-block seeds: the same numbers from one process or from several (blocks shared out)
-    ll = log_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples, seed=args.seed,
-                        batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
+    report = log_likelihood_report(
+        vae.model, vae.guide, x, num_samples=_samples(args), seed=args.seed,
+        batch_size=args.batch_size, progress=not args.no_progress, method=args.method,
+        steps=args.steps, leapfrog=args.leapfrog,
+    )  # fmt: skip
+    ll = report.log_px
     seconds = time.perf_counter() - start
     el = elbo(vae.model, vae.guide, x, seed=args.seed + 1)
     if fabric is not None and fabric.global_rank > 0:
@@ -498,7 +516,7 @@ def _evaluate_locked(args, fabric=None) -> int:
         # the importance-sampling noise, dominates it)
         "log_likelihood_se": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else None,
         "elbo": float(el.mean()),
-        "num_samples": args.num_samples,
+        "num_samples": _samples(args),
         "split": args.split,
         "n": len(x),
         "dataset": config.dataset,
@@ -506,6 +524,7 @@ def _evaluate_locked(args, fabric=None) -> int:
         "device": str(device),
         "processes": 1 if fabric is None else fabric.world_size,
         "checkpoint": ident,
+        **_reliability(args, report),
     }
     bpd = ""
     if vae.likelihood.levels is not None:  # a probability mass on 8-bit values: bits/dim
@@ -519,21 +538,73 @@ def _evaluate_locked(args, fabric=None) -> int:
     # per-image values, in the order scored: paired comparisons between runs on the same images
     values = io.StringIO()
     header = f"log p(x) of {WEIGHTS} epoch {ident['epoch']} sha256 {ident['sha256']}"
-    np.savetxt(values, ll.cpu().double().numpy(), fmt="%.6f", header=header)
+    columns = torch.stack([report.log_px, report.stderr, report.ess, report.khat], 1)  # (N, 4)
+    np.savetxt(values, columns.cpu().double().numpy(), fmt="%.6f", delimiter=",",
+               header=f"{header}\nlog_px,stderr,ess,khat")  # fmt: skip
     write_text(run_dir / "log_px.csv", values.getvalue())
     from . import plots
 
     with atomic_path(run_dir / "log_px.png") as tmp:
-        plots.plot_log_likelihood(
-            ll.cpu(),
-            tmp,
-            title=f"log p(x), {args.split} split, K={args.num_samples}, epoch {ident['epoch']}",
-        )
+        budget = _budget(args).replace(" ", ", ")
+        plots.plot_log_likelihood_reliability(
+            report, tmp, title=f"log p(x) per image, {args.split} split, {budget}, "
+                               f"epoch {ident['epoch']}",
+        )  # fmt: skip
     register_derived(run_dir, DERIVED, ident["sha256"])
     print(
         f"{config.dataset} {args.split} (n={len(x)}): ELBO {result['elbo']:.3f}, "
-        f"log p(x) {result['log_likelihood']:.3f} nats{bpd} (K={args.num_samples}, "
-        f"{seconds:.1f} s)"
+        f"log p(x) {result['log_likelihood']:.3f} nats{bpd} ({_budget(args)}, {seconds:.1f} s)"
+    )
+    print(report.verdict())
+    return 0
+
+
+def _samples(args) -> int:
+    # the K of the estimate: importance samples, or AIS chains
+    return args.num_samples if args.method == "is" else args.chains
+
+
+def _budget(args) -> str:
+    if args.method == "is":
+        return f"K={args.num_samples}"
+    return f"AIS {args.chains} chains x {args.steps} steps x {args.leapfrog} leapfrog"
+
+
+def _reliability(args, report) -> dict:
+    # eval.json's account of how far to trust the estimate
+    extra = {"method": args.method, "khat_bands": report.bands(),
+             "stderr_mean": float(report.stderr.mean()), "ess_mean": float(report.ess.mean()),
+             "verdict": report.verdict()}  # fmt: skip
+    if args.method == "ais":
+        extra.update(chains=args.chains, steps=args.steps, leapfrog=args.leapfrog)
+    return extra
+
+
+def _bdmc(args, vae, x, ident) -> int:
+    # BDMC on --limit images simulated from the model: writes bdmc.json, prints the gap
+    from .ais import bdmc
+    from .rundir import register_derived, write_text
+
+    start = time.perf_counter()
+    r = bdmc(vae.model, vae.guide, x, chains=args.chains, steps=args.steps,
+             leapfrog=args.leapfrog, batch_size=args.batch_size, seed=args.seed,
+             progress=not args.no_progress)  # fmt: skip
+    seconds = time.perf_counter() - start
+    n = len(r.gap)
+    result = {
+        "lower": float(r.lower.mean()), "upper": float(r.upper.mean()),
+        "gap": float(r.gap.mean()),
+        "gap_se": float(r.gap.std() / n**0.5) if n > 1 else None,
+        "n": n, "chains": args.chains, "steps": args.steps, "leapfrog": args.leapfrog,
+        "seconds": seconds, "checkpoint": ident,
+    }  # fmt: skip
+    run_dir = Path(args.run_dir)
+    write_text(run_dir / "bdmc.json", json.dumps(result, indent=2))
+    register_derived(run_dir, ("bdmc.json",), ident["sha256"])
+    print(
+        f"BDMC on {n} images simulated from the model: log p(x) between {result['lower']:.3f} "
+        f"(forward AIS) and {result['upper']:.3f} (reverse AIS), gap {result['gap']:.3f} nats "
+        f"({_budget(args)}, {seconds:.1f} s)"
     )
     return 0
 

@@ -36,12 +36,14 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .data import as_tensors
+from .diagnostics import LogLikelihoodReport, WeightStats
 from .errors import count
 
 __all__ = [
     "elbo",
     "iwae",
     "log_likelihood",
+    "log_likelihood_report",
     "log_weights",
     "plan_chunks",
     "default_chunk_elements",
@@ -338,23 +340,31 @@ def _reduce(
     with torch.no_grad(), _seeded(seed), _bar(progress and rank == 0, n, k_total, reduce) as bar:
         for block, (args, idx, rows) in enumerate(_batches(tensors, n, batch_size, layout)):
             if block % world != rank:  # another rank's block: zeros, filled in by the sum below
-                out.append(torch.zeros(rows, device=tensors[0].device))
+                lead = (4,) if reduce == "diagnostics" else ()
+                out.append(torch.zeros(*lead, rows, device=tensors[0].device))
                 continue
             if seed is not None:  # the block's own draws, whoever scores it
                 torch.manual_seed(_block_seed(seed, block))
-            acc = None
+            acc = WeightStats(k_total) if reduce == "diagnostics" else None
             for j in range(0, k_total, chunk):
                 k = min(chunk, k_total - j)
                 lw = _chunk_weights(model, guide, args, k, layout, idx)  # (k, b)
+                if reduce == "diagnostics":  # the same weights, kept as statistics
+                    acc.update(lw)
+                    bar.update(rows * k / k_total)
+                    continue
                 part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
                 if acc is None:
                     acc = part
                 else:
                     acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
                 bar.update(rows * k / k_total)  # images done, in fractions of their K samples
+            if reduce == "diagnostics":
+                out.append(acc.finish()[:, :rows])  # (4, rows)
+                continue
             norm = math.log(k_total) if reduce == "logsumexp" else None
             out.append((acc - norm if norm is not None else acc / k_total)[:rows])
-    values = torch.cat(out)  # (N,)
+    values = torch.cat(out, dim=-1)  # (N,); (4, N) of diagnostics
     if world > 1:  # each value was computed by exactly one rank: the sum gathers them exactly
         torch.distributed.all_reduce(values)
     return values
@@ -394,7 +404,7 @@ def _bar(progress: bool, n: int, k: int, reduce: str):
 
     from .progress import bar_width
 
-    what = "log p(x)" if reduce == "logsumexp" else "ELBO"
+    what = "ELBO" if reduce == "mean" else "log p(x)"
     return tqdm(total=n, disable=not progress, unit="img", **bar_width(),
                 desc=f"{what}: {n:,} images × K={k:,}",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,} "
@@ -475,6 +485,9 @@ def log_likelihood(
     particles: str = "auto",
     progress: bool = False,
     seed: int | None = None,
+    method: str = "is",
+    steps: int = 100,
+    leapfrog: int = 5,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
@@ -498,9 +511,21 @@ def log_likelihood(
     :param bool progress: show a progress bar over the images (rate and time left).
     :param int seed: per-block seeds, and scoring shared out over a ``torch.distributed``
         group's ranks (as for :func:`elbo`).
-    :returns: a tensor ``(N,)`` of log-likelihoods in nats.
+    :param str method: ``"is"``, importance sampling as above, or ``"ais"``, annealed
+        importance sampling from q(z|x) to p(x, z) (:func:`pyrovae.ais.ais`) with
+        ``num_samples`` chains per datapoint, for pairs whose latents are all continuous.
+    :param int steps: annealing steps (``method="ais"``).
+    :param int leapfrog: leapfrog steps per HMC move (``method="ais"``).
+    :returns: a tensor ``(N,)`` of log-likelihoods in nats; for their standard errors, ESS
+        and Pareto k̂, :func:`log_likelihood_report`.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
+    if method != "is":
+        return log_likelihood_report(model, guide, data, num_samples=num_samples,
+                                     method=method, steps=steps, leapfrog=leapfrog,
+                                     batch_size=batch_size, data_plate=data_plate,
+                                     max_chunk_elements=max_chunk_elements, progress=progress,
+                                     seed=seed).log_px  # fmt: skip
     return iwae(
         model,
         guide,
@@ -513,3 +538,45 @@ def log_likelihood(
         progress=progress,
         seed=seed,
     )
+
+
+def log_likelihood_report(
+    model: Callable,
+    guide: Callable,
+    data,
+    *,
+    num_samples: int = 5000,
+    method: str = "is",
+    steps: int = 100,
+    leapfrog: int = 5,
+    batch_size: int | None = None,
+    data_plate: str | None = None,
+    max_chunk_elements: int | None = None,
+    particles: str = "auto",
+    progress: bool = False,
+    seed: int | None = None,
+) -> LogLikelihoodReport:
+    """log p(x) of every datapoint and how far to trust it: its Monte-Carlo standard error, the
+    effective sample size and the Pareto k̂ of the weights' tail (:mod:`pyrovae.diagnostics`),
+    from the same log weights that give log p(x), at no extra model evaluations.
+
+    With ``method="is"`` (the default) the estimate is :func:`log_likelihood`'s, the same
+    numbers for the same ``seed``; with ``method="ais"``, annealed importance sampling
+    (:func:`pyrovae.ais.ais`) with ``num_samples`` chains of ``steps`` annealing steps of
+    ``leapfrog`` HMC steps each. Other parameters as for :func:`log_likelihood`.
+
+    :returns: a :class:`~pyrovae.diagnostics.LogLikelihoodReport` of ``(N,)`` tensors, with
+        the share per k̂ band (``.bands()``) and a one-line verdict (``.verdict()``).
+    :raises ValueError: for an unknown method, bad counts, or a pair AIS cannot run.
+    """
+    if method == "ais":
+        from .ais import ais
+
+        return ais(model, guide, data, chains=num_samples, steps=steps, leapfrog=leapfrog,
+                   batch_size=batch_size, data_plate=data_plate, progress=progress, seed=seed,
+                   max_chunk_elements=max_chunk_elements)  # fmt: skip
+    if method != "is":
+        raise ValueError(f"method must be 'is' or 'ais', got {method!r}")
+    values = _reduce(model, guide, data, num_samples, "diagnostics", batch_size, data_plate,
+                     max_chunk_elements, particles, progress, seed)  # fmt: skip
+    return LogLikelihoodReport(*values, num_samples=int(num_samples), method="is")
