@@ -143,6 +143,9 @@ def khat_bands(khat: torch.Tensor, k: int) -> dict[str, float]:
 def verdict(khat: torch.Tensor, k: int, method: str = "is") -> str:
     """One line: whether the set's estimate can be trusted, and if not what to do."""
     bands = khat_bands(khat, k)
+    if bands["unknown"] == 1.0 and method == "ais":
+        return (f"AIS over {k} chains (k̂ needs 50 or more): judge its standard errors, and how "
+                "tight AIS is for this model with --method bdmc")  # fmt: skip
     if bands["unknown"] == 1.0:
         return f"k̂ not estimated (K={k} < 50): raise K to judge the estimate"
     limit = khat_threshold(k)

@@ -650,7 +650,7 @@ def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str 
     left.legend()
     if np.isnan(khat).all():
         right.scatter(log_px, report.stderr.double().cpu().numpy(), s=6, alpha=0.6)
-        right.set_ylabel("standard error of log p(x) (nats); k̂ needs K ≥ 50")
+        right.set_ylabel(r"standard error of log p(x) (nats); $\hat k$ needs K ≥ 50")
     else:
         _khat_panel(right, log_px, khat, GOOD_KHAT, khat_threshold(report.num_samples))
     right.set_xlabel("log p(x) per image (nats)")
@@ -660,14 +660,14 @@ def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str 
 
 def _khat_panel(ax, log_px: np.ndarray, khat: np.ndarray, good: float, limit: float) -> None:
     shown = np.clip(khat, -0.5, None)  # −inf (all weights equal) drawn at the floor
-    ax.axhspan(-0.5, good, color="C2", alpha=0.12, label=f"reliable (k̂ < {good})")
+    ax.axhspan(-0.5, good, color="C2", alpha=0.12, label=rf"reliable ($\hat k$ < {good})")
     if limit > good:
-        ax.axhspan(good, limit, color="C1", alpha=0.15, label=f"usable (k̂ ≤ {limit:.2f})")
+        ax.axhspan(good, limit, color="C1", alpha=0.15, label=rf"usable ($\hat k$ ≤ {limit:.2f})")
     top = max(1.2, float(np.nanmax(shown)) + 0.05)
     ax.axhspan(max(good, limit), top, color="C3", alpha=0.12, label="unreliable")
     bad = khat > max(good, limit)
     ax.scatter(log_px[~bad], shown[~bad], s=6, color="C0", alpha=0.6)
-    ax.scatter(log_px[bad], shown[bad], s=8, color="C3", label=f"{bad.mean():.1%} unreliable")
+    ax.scatter(log_px[bad], shown[bad], s=8, color="C3", label=f"{bad.mean():.1%} of images")
     ax.set_ylim(-0.5, top)
-    ax.set_ylabel("Pareto k̂ of the importance weights")
+    ax.set_ylabel(r"Pareto $\hat k$ of the importance weights")
     ax.legend(loc="upper left", fontsize=8)
