@@ -165,3 +165,20 @@ def test_evaluate_writes_diagnostics(tmp_path, capsys):
     assert table[:, 1].mean() == pytest.approx(result["stderr_mean"], abs=1e-5)
     assert ((table[:, 2] >= 1) & (table[:, 2] <= 100)).all()
     assert (run / "log_px.png").read_bytes()[:4] == b"\x89PNG"
+    # AIS: the same files, its budget in eval.json; BDMC: bdmc.json with the gap
+    argv = ["evaluate", str(run), "--method", "ais", "--chains", "4", "--steps", "3",
+            "--limit", "6", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert (result["method"], result["chains"], result["steps"], result["n"]) == ("ais", 4, 3, 6)
+    assert result["num_samples"] == 4 and "--method bdmc" in capsys.readouterr().out
+    assert np.loadtxt(run / "log_px.csv", delimiter=",").shape == (6, 4)
+    argv[argv.index("ais")] = "bdmc"
+    assert cli.main(argv) == 0
+    bounds = json.loads((run / "bdmc.json").read_text())
+    assert bounds["n"] == 6 and bounds["gap"] == pytest.approx(
+        bounds["upper"] - bounds["lower"], abs=1e-4
+    )
+    assert "BDMC on 6 images simulated from the model" in capsys.readouterr().out
+    assert cli.main([*argv[:4], "--steps", "0", "--limit", "2"]) == 1
+    assert capsys.readouterr().err.strip() == "pyrovae evaluate: error: --steps must be >= 1, got 0"
