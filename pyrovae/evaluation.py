@@ -345,29 +345,38 @@ def _reduce(
                 continue
             if seed is not None:  # the block's own draws, whoever scores it
                 torch.manual_seed(_block_seed(seed, block))
-            acc = WeightStats(k_total) if reduce == "diagnostics" else None
-            for j in range(0, k_total, chunk):
-                k = min(chunk, k_total - j)
-                lw = _chunk_weights(model, guide, args, k, layout, idx)  # (k, b)
-                if reduce == "diagnostics":  # the same weights, kept as statistics
-                    acc.update(lw)
-                    bar.update(rows * k / k_total)
-                    continue
-                part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
-                if acc is None:
-                    acc = part
-                else:
-                    acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
-                bar.update(rows * k / k_total)  # images done, in fractions of their K samples
-            if reduce == "diagnostics":
-                out.append(acc.finish()[:, :rows])  # (4, rows)
-                continue
-            norm = math.log(k_total) if reduce == "logsumexp" else None
-            out.append((acc - norm if norm is not None else acc / k_total)[:rows])
+            chunks = _weight_chunks(model, guide, args, idx, k_total, chunk, layout)
+            out.append(_reduce_block(chunks, k_total, reduce, rows, bar))
     values = torch.cat(out, dim=-1)  # (N,); (4, N) of diagnostics
     if world > 1:  # each value was computed by exactly one rank: the sum gathers them exactly
         torch.distributed.all_reduce(values)
     return values
+
+
+def _weight_chunks(model, guide, args, idx, k_total: int, chunk: int, layout: PairLayout):
+    # the log weights (k, b) of one block, chunk by chunk of particles
+    for j in range(0, k_total, chunk):
+        yield _chunk_weights(model, guide, args, min(chunk, k_total - j), layout, idx)
+
+
+def _reduce_block(chunks, k_total: int, reduce: str, rows: int, bar) -> torch.Tensor:
+    # one block's values from its chunks of log weights: (rows,) for "mean" and "logsumexp",
+    # (4, rows) for "diagnostics" (log p(x), stderr, ESS, k̂ from the same weights)
+    acc = WeightStats(k_total) if reduce == "diagnostics" else None
+    for lw in chunks:  # (k, b)
+        if reduce == "diagnostics":
+            acc.update(lw)
+        else:
+            part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
+            if acc is None:
+                acc = part
+            else:
+                acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
+        bar.update(rows * len(lw) / k_total)  # images done, in fractions of their K samples
+    if reduce == "diagnostics":
+        return acc.finish()[:, :rows]
+    norm = math.log(k_total) if reduce == "logsumexp" else None
+    return (acc - norm if norm is not None else acc / k_total)[:rows]
 
 
 def _ranks() -> tuple[int, int]:
