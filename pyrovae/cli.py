@@ -545,9 +545,8 @@ def _evaluate_locked(args, fabric=None) -> int:
     from . import plots
 
     with atomic_path(run_dir / "log_px.png") as tmp:
-        budget = _budget(args).replace(" ", ", ")
         plots.plot_log_likelihood_reliability(
-            report, tmp, title=f"log p(x) per image, {args.split} split, {budget}, "
+            report, tmp, title=f"log p(x) per image, {args.split} split, {_budget(args)}, "
                                f"epoch {ident['epoch']}",
         )  # fmt: skip
     register_derived(run_dir, DERIVED, ident["sha256"])
@@ -567,7 +566,7 @@ def _samples(args) -> int:
 def _budget(args) -> str:
     if args.method == "is":
         return f"K={args.num_samples}"
-    return f"AIS {args.chains} chains x {args.steps} steps x {args.leapfrog} leapfrog"
+    return f"AIS {args.chains} chains × {args.steps} steps × {args.leapfrog} leapfrog"
 
 
 def _reliability(args, report) -> dict:

@@ -650,7 +650,8 @@ def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str 
     left.legend()
     if np.isnan(khat).all():
         right.scatter(log_px, report.stderr.double().cpu().numpy(), s=6, alpha=0.6)
-        right.set_ylabel(r"standard error of log p(x) (nats); $\hat k$ needs K ≥ 50")
+        right.set_ylabel("standard error of log p(x) (nats)")
+        right.set_title(r"($\hat k$ needs K ≥ 50 samples or chains)", fontsize=9)
     else:
         _khat_panel(right, log_px, khat, GOOD_KHAT, khat_threshold(report.num_samples))
     right.set_xlabel("log p(x) per image (nats)")
