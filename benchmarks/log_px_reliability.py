@@ -8,8 +8,9 @@ markdown table (the one in docs/evaluating.md)::
 
 Each run is a directory written by ``pyrovae train --dataset binarized-mnist``. All estimators
 score the same ``--n`` test images, spread over the split (it is ordered by class), with
-``--seed``; "± se" is the standard error of the mean over images, "stderr" the mean Monte-Carlo
-standard error of one image's estimate (from its own weights).
+``--seed``; "± se" is the standard error of the mean over images, "vs IS K=5000" the mean of
+the image-by-image difference from IS with K=5000 and its standard error, "stderr" the mean
+Monte-Carlo standard error of one image's estimate (from its own weights).
 """
 
 from __future__ import annotations
@@ -27,19 +28,27 @@ from pyrovae.evaluation import log_likelihood_report
 from pyrovae.runs import load_split
 
 HEADER = (
-    "| model | estimator | model evaluations per image | mean log p(x) ± se | stderr | "
-    "k̂ < 0.5 | usable | unreliable | seconds |\n|---|---|---|---|---|---|---|---|---|"
+    "| model | estimator | model evaluations per image | mean log p(x) ± se | vs IS K=5000, "
+    "paired | stderr | k̂ < 0.5 | usable | unreliable | seconds |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def row(name: str, estimator: str, evaluations: int, report, seconds: float) -> str:
+def _se(values: torch.Tensor) -> float:
+    return values.std().item() / len(values) ** 0.5
+
+
+def row(name: str, estimator: str, evaluations: int, report, seconds: float, base) -> str:
+    # base: IS K=5000's per-image values on the same images (None for that row itself)
     ll = report.log_px
-    se = ll.std().item() / len(ll) ** 0.5
     bands = report.bands()
     shares = ("n/a",) * 3 if bands["unknown"] == 1 else (
         f"{bands[b]:.0%}" for b in ("good", "ok", "bad"))  # fmt: skip
-    return (f"| {name} | {estimator} | {evaluations:,} | {ll.mean():.2f} ± {se:.2f} | "
-            f"{report.stderr.mean():.3f} | {' | '.join(shares)} | {seconds:.0f} |")  # fmt: skip
+    diff = ll - base if base is not None else None  # image by image
+    paired = "" if diff is None else f"{diff.mean():+.2f} ± {_se(diff):.2f}"
+    return (f"| {name} | {estimator} | {evaluations:,} | {ll.mean():.2f} ± {_se(ll):.2f} | "
+            f"{paired} | {report.stderr.mean():.3f} | {' | '.join(shares)} | "
+            f"{seconds:.0f} |")  # fmt: skip
 
 
 def score(name: str, run_dir: str, args) -> list[str]:
@@ -47,25 +56,28 @@ def score(name: str, run_dir: str, args) -> list[str]:
     config.data_dir = args.data_dir or config.data_dir
     x = load_split(config, "test").images
     x = x[spread(len(x), args.n)]
-    rows = []
-    for k in (1000, 5000):
+    reports, seconds = {}, {}
+    for k in (5000, 1000):
         start = time.perf_counter()
-        r = log_likelihood_report(vae.model, vae.guide, x, num_samples=k, seed=args.seed)
-        rows.append(row(name, f"IS, K={k}", k, r, time.perf_counter() - start))
-        print(rows[-1], flush=True)
+        reports[k] = log_likelihood_report(vae.model, vae.guide, x, num_samples=k, seed=args.seed)
+        seconds[k] = time.perf_counter() - start
+    base = reports[5000].log_px
+    rows = [row(name, f"IS, K={k}", k, reports[k], seconds[k], None if k == 5000 else base)
+            for k in (1000, 5000)]  # fmt: skip
+    print("\n".join(rows), flush=True)
     budget = args.chains * args.steps * args.leapfrog  # with gradients
     start = time.perf_counter()
     r = log_likelihood_report(vae.model, vae.guide, x, method="ais", num_samples=args.chains,
                               steps=args.steps, leapfrog=args.leapfrog, seed=args.seed)  # fmt: skip
     label = f"AIS, {args.chains} chains × {args.steps} steps × {args.leapfrog} leapfrog"
-    rows.append(row(name, label, budget, r, time.perf_counter() - start))
+    rows.append(row(name, label, budget, r, time.perf_counter() - start, base))
     print(rows[-1], flush=True)
     start = time.perf_counter()
     b = bdmc(vae.model, vae.guide, x[: args.bdmc_n], chains=args.chains, steps=args.steps,
              leapfrog=args.leapfrog, seed=args.seed)  # fmt: skip
-    gap_se = b.gap.std().item() / len(b.gap) ** 0.5
+    gap_se = _se(b.gap)
     rows.append(f"| {name} | BDMC on {len(b.gap)} simulated images, same AIS | {2 * budget:,} | "
-                f"{b.lower.mean():.2f} (lower) … {b.upper.mean():.2f} (upper): gap "
+                f"{b.lower.mean():.2f} (lower) … {b.upper.mean():.2f} (upper) | gap "
                 f"{b.gap.mean():.2f} ± {gap_se:.2f} | | | | | "
                 f"{time.perf_counter() - start:.0f} |")  # fmt: skip
     print(rows[-1], flush=True)
