@@ -85,8 +85,9 @@ def fit_generalized_pareto(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def _khat(top: torch.Tensor, k: int) -> torch.Tensor:
     # k̂ of each column from its largest log weights top (M + 1, b), sorted descending: the
-    # Pareto is fitted to the M largest weights' excess over the (M + 1)-th (as Pyro's
-    # psis_diagnostic does), scaled by the largest weight. NaN where M < 10 (K < 50).
+    # Pareto is fitted to the M largest weights' excess over the (M + 1)-th, scaled by the
+    # largest weight, as Pyro's psis_diagnostic does (which also drops tail weights below
+    # 1e-15 of the largest; here the tail keeps all M). NaN where M < 10 (K < 50).
     m = tail_length(k)
     if m < 10 or top.shape[0] < m + 1:
         return torch.full(top.shape[1:], math.nan, dtype=torch.double, device=top.device)

@@ -671,4 +671,4 @@ def _khat_panel(ax, log_px: np.ndarray, khat: np.ndarray, good: float, limit: fl
     ax.scatter(log_px[bad], shown[bad], s=8, color="C3", label=f"{bad.mean():.1%} of images")
     ax.set_ylim(-0.5, top)
     ax.set_ylabel(r"Pareto $\hat k$ of the importance weights")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
