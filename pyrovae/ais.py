@@ -224,7 +224,7 @@ def _anneal(density, u, betas, leapfrog: int, reverse: bool, tick=None) -> torch
 
 
 def _check_budget(chains, steps, leapfrog) -> tuple[int, int, int]:
-    return (count("--num-samples (AIS chains)", chains), count("--steps", steps),
+    return (count("--chains", chains), count("--steps", steps),
             count("--leapfrog", leapfrog))  # fmt: skip
 
 

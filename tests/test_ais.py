@@ -109,7 +109,7 @@ def test_refuses_latents_hmc_cannot_move(pair, match):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"steps": 0}, "--steps must be >= 1"), ({"chains": 2.5}, "--num-samples"),
+    [({"steps": 0}, "--steps must be >= 1"), ({"chains": 2.5}, "--chains must be a whole number"),
      ({"leapfrog": -1}, "--leapfrog must be >= 1")],
 )  # fmt: skip
 def test_refuses_counts_that_are_not_positive(kw, match):
