@@ -213,7 +213,7 @@ def paired_differences(rows: list[dict], out: Path, baseline: str = "standard") 
 
     def per_image(name):
         path = out / name / "log_px.csv"
-        return np.atleast_1d(np.loadtxt(path)) if path.is_file() else None
+        return np.loadtxt(path, delimiter=",", usecols=0, ndmin=1) if path.is_file() else None
 
     base = per_image(baseline) if any(r["name"] == baseline for r in rows) else None
     for r in rows:

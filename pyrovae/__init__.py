@@ -29,6 +29,7 @@ _FROM = {
     "History": "training",
     "TrainState": "state",
     "log_likelihood": "evaluation",
+    "log_likelihood_report": "evaluation",
     "elbo": "evaluation",
     "iwae": "evaluation",
     "Config": "config",
@@ -46,7 +47,7 @@ _FROM = {
     "WriteError": "errors",
 }
 _SUBMODULES = ("data", "likelihoods", "nets", "priors", "guides", "objectives", "schedules",
-               "selection", "plots", "metrics", "choices")  # fmt: skip
+               "selection", "plots", "metrics", "choices", "diagnostics", "ais")  # fmt: skip
 
 __all__ = [*_FROM, *_SUBMODULES]
 
@@ -75,8 +76,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eagerly
     from . import (  # noqa: F401
+        ais,
         choices,
         data,
+        diagnostics,
         guides,
         likelihoods,
         metrics,
@@ -103,7 +106,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
         RunInUseError,
         WriteError,
     )
-    from .evaluation import elbo, iwae, log_likelihood  # noqa: F401
+    from .evaluation import elbo, iwae, log_likelihood, log_likelihood_report  # noqa: F401
     from .hvae import HVAE  # noqa: F401
     from .objectives import IWAE  # noqa: F401
     from .pair import Objective  # noqa: F401

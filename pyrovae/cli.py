@@ -209,6 +209,14 @@ def _evaluate_parser(sub) -> None:
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     e.add_argument("--seed", type=int, default=0, help="seeds the importance samples")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--method", choices=["is", "ais", "bdmc"], default="is",
+                   help="is: importance sampling from q(z|x) with --num-samples; ais: annealed "
+                        "importance sampling (--chains x --steps x --leapfrog); bdmc: AIS "
+                        "bounds on --limit images simulated from the model")  # fmt: skip
+    e.add_argument("--chains", type=int, default=16, help="AIS chains per image (ais, bdmc)")
+    e.add_argument("--steps", type=int, default=100, help="AIS annealing steps (ais, bdmc)")
+    e.add_argument("--leapfrog", type=int, default=5,
+                   help="leapfrog steps per HMC move (ais, bdmc)")  # fmt: skip
     add_launch_args(e, train=False)
 
 
@@ -456,6 +464,9 @@ def _evaluate(args) -> int:
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     if distributed(args):
+        if args.method != "is":
+            raise ValueError(f"--method {args.method} runs in one process; drop --devices and "
+                             "the other launch options")  # fmt: skip
         check_launch(args)
         if launched_rank() > 0:  # a rank the launcher started: scores its share, writes nothing
             return _evaluate_locked(args, start_processes(args))
@@ -480,45 +491,32 @@ def _rescoring_note(run_dir: Path, ident: dict) -> None:
 def _evaluate_locked(args, fabric=None) -> int:
     # fabric: the processes scoring together (each scores its blocks of the split; rank 0
     # writes), or None for this process alone
-    import numpy as np
     import pyro
 
     from .checkpoint import weights_id
-    from .data import spread
-    from .evaluation import elbo, log_likelihood, scoring_estimate
-    from .likelihoods import bits_per_dim
-    from .rundir import DERIVED, register_derived, write_text
-    from .runs import load_run_pair, scoring_split
+    from .evaluation import scoring_estimate
+    from .runs import load_run_pair
 
     device = run_device(args.device) if fabric is None else fabric.device
     pair, config = load_run_pair(Path(args.run_dir), device, args.data_dir)
-    vae = pair.vae
     ident = weights_id(Path(args.run_dir, WEIGHTS))  # what the files below are scores of
-    data = scoring_split(config, args.split, pair)
-    x = data.tensors
-    if args.limit is not None:  # evenly spread: a split may be ordered by class
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        x = tuple(t[spread(len(t), args.limit)] for t in x)
-    x = tuple(t.to(device) for t in x)
-    if fabric is None or fabric.global_rank == 0:  # the cost, said before it is spent
+    x = _scored_data(args, config, pair, device)
+    writer = fabric is None or fabric.global_rank == 0
+    if writer and args.method == "is":  # the cost, said before it is spent
         print(scoring_estimate(pair.model, pair.guide, x, args.num_samples, seed=args.seed)[1])
     pyro.set_rng_seed(args.seed)
-    start = time.perf_counter()
-    # per-block seeds: the same numbers from one process or from several (blocks shared out)
-    ll = log_likelihood(pair.model, pair.guide, x, num_samples=args.num_samples, seed=args.seed,
-                        batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
-    seconds = time.perf_counter() - start
-    el = elbo(pair.model, pair.guide, x, seed=args.seed + 1)
-    if fabric is not None and fabric.global_rank > 0:
+    if args.method == "bdmc":
+        return _bdmc(args, pair, x, ident)
+    report, el, seconds = _score(args, pair, x)
+    if not writer:
         return 0
     result = {
-        "log_likelihood": float(ll.mean()),
+        "log_likelihood": float(report.log_px.mean()),
         # standard error of the mean over the scored images (the spread between images, not
         # the importance-sampling noise, dominates it)
-        "log_likelihood_se": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else None,
+        "log_likelihood_se": _se(report.log_px),
         "elbo": float(el.mean()),
-        "num_samples": args.num_samples,
+        "num_samples": _samples(args),
         "split": args.split,
         "n": len(x[0]),
         "dataset": config.dataset,
@@ -526,35 +524,136 @@ def _evaluate_locked(args, fabric=None) -> int:
         "device": str(device),
         "processes": 1 if fabric is None else fabric.world_size,
         "checkpoint": ident,
+        **_reliability(args, report),
+        **_bits(pair, report.log_px),
     }
-    bpd = ""
-    if vae is not None and vae.likelihood.levels is not None:  # a mass on 8-bit values: bits/dim
-        bits = bits_per_dim(ll, vae.x_shape)
-        result["bits_per_dim"] = float(bits.mean())
-        result["bits_per_dim_se"] = float(bits.std() / len(bits) ** 0.5) if len(bits) > 1 else None
-        bpd = f", {result['bits_per_dim']:.4f} bits/dim"
-    run_dir = Path(args.run_dir)
+    _write_scores(Path(args.run_dir), args, ident, result, report)
+    bpd = f", {result['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in result else ""
+    what = config.dataset if pair.source is None else pair.source["name"]
+    print(
+        f"{what} {args.split} (n={len(x[0])}): ELBO {result['elbo']:.3f}, "
+        f"log p(x) {result['log_likelihood']:.3f} nats{bpd} ({_budget(args)}, {seconds:.1f} s)"
+    )
+    print(report.verdict())
+    return 0
+
+
+def _scored_data(args, config, pair, device) -> tuple:
+    # the split's tensors evaluate scores (--limit of them, spread over the split: a split may
+    # be ordered by class), on the scoring device
+    from .data import spread
+    from .runs import scoring_split
+
+    x = scoring_split(config, args.split, pair).tensors
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        x = tuple(t[spread(len(t), args.limit)] for t in x)
+    return tuple(t.to(device) for t in x)
+
+
+def _score(args, pair, x):
+    # log p(x) with its diagnostics, the ELBO, and the seconds log p(x) took; per-block seeds:
+    # the same numbers from one process or from several (blocks shared out)
+    from .evaluation import elbo, log_likelihood_report
+
+    start = time.perf_counter()
+    report = log_likelihood_report(
+        pair.model, pair.guide, x, num_samples=_samples(args), seed=args.seed,
+        batch_size=args.batch_size, progress=not args.no_progress, method=args.method,
+        steps=args.steps, leapfrog=args.leapfrog,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    return report, elbo(pair.model, pair.guide, x, seed=args.seed + 1), seconds
+
+
+def _se(values) -> float | None:
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else None
+
+
+def _bits(pair, ll) -> dict:
+    # bits/dim for a likelihood with a probability mass on 8-bit values (the built-in VAE's)
+    from .likelihoods import bits_per_dim
+
+    vae = pair.vae
+    if vae is None or vae.likelihood.levels is None:
+        return {}
+    bits = bits_per_dim(ll, vae.x_shape)
+    return {"bits_per_dim": float(bits.mean()), "bits_per_dim_se": _se(bits)}
+
+
+def _write_scores(run_dir: Path, args, ident: dict, result: dict, report) -> None:
+    # eval.json, log_px.csv (per image, in the order scored: paired comparisons between runs on
+    # the same images) and log_px.png, registered as derived from the scored weights
+    import numpy as np
+    import torch
+
+    from . import plots
+    from .rundir import DERIVED, register_derived, write_text
+
     _rescoring_note(run_dir, ident)
     write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    # per-image values, in the order scored: paired comparisons between runs on the same images
     values = io.StringIO()
     header = f"log p(x) of {WEIGHTS} epoch {ident['epoch']} sha256 {ident['sha256']}"
-    np.savetxt(values, ll.cpu().double().numpy(), fmt="%.6f", header=header)
+    columns = torch.stack([report.log_px, report.stderr, report.ess, report.khat], 1)  # (N, 4)
+    np.savetxt(values, columns.cpu().double().numpy(), fmt="%.6f", delimiter=",",
+               header=f"{header}\nlog_px,stderr,ess,khat")  # fmt: skip
     write_text(run_dir / "log_px.csv", values.getvalue())
-    from . import plots
-
     with atomic_path(run_dir / "log_px.png") as tmp:
-        plots.plot_log_likelihood(
-            ll.cpu(),
-            tmp,
-            title=f"log p(x), {args.split} split, K={args.num_samples}, epoch {ident['epoch']}",
-        )
+        plots.plot_log_likelihood_reliability(
+            report, tmp, title=f"log p(x) per image, {args.split} split, {_budget(args)}, "
+                               f"epoch {ident['epoch']}",
+        )  # fmt: skip
     register_derived(run_dir, DERIVED, ident["sha256"])
+
+
+def _samples(args) -> int:
+    # the K of the estimate: importance samples, or AIS chains
+    return args.num_samples if args.method == "is" else args.chains
+
+
+def _budget(args) -> str:
+    if args.method == "is":
+        return f"K={args.num_samples}"
+    return f"AIS {args.chains} chains × {args.steps} steps × {args.leapfrog} leapfrog"
+
+
+def _reliability(args, report) -> dict:
+    # eval.json's account of how far to trust the estimate
+    extra = {"method": args.method, "khat_bands": report.bands(),
+             "stderr_mean": float(report.stderr.mean()), "ess_mean": float(report.ess.mean()),
+             "verdict": report.verdict()}  # fmt: skip
+    if args.method == "ais":
+        extra.update(chains=args.chains, steps=args.steps, leapfrog=args.leapfrog)
+    return extra
+
+
+def _bdmc(args, pair, x, ident) -> int:
+    # BDMC on --limit images simulated from the model: writes bdmc.json, prints the gap
+    from .ais import bdmc
+    from .rundir import register_derived, write_text
+
+    start = time.perf_counter()
+    data = x[0] if len(x) == 1 else x
+    r = bdmc(pair.model, pair.guide, data, chains=args.chains, steps=args.steps,
+             leapfrog=args.leapfrog, batch_size=args.batch_size, seed=args.seed,
+             progress=not args.no_progress)  # fmt: skip
+    seconds = time.perf_counter() - start
+    n = len(r.gap)
+    result = {
+        "lower": float(r.lower.mean()), "upper": float(r.upper.mean()),
+        "gap": float(r.gap.mean()),
+        "gap_se": float(r.gap.std() / n**0.5) if n > 1 else None,
+        "n": n, "chains": args.chains, "steps": args.steps, "leapfrog": args.leapfrog,
+        "seconds": seconds, "checkpoint": ident,
+    }  # fmt: skip
+    run_dir = Path(args.run_dir)
+    write_text(run_dir / "bdmc.json", json.dumps(result, indent=2))
+    register_derived(run_dir, ("bdmc.json",), ident["sha256"])
     print(
-        f"{config.dataset if pair.source is None else pair.source['name']} {args.split} "
-        f"(n={len(x[0])}): ELBO {result['elbo']:.3f}, "
-        f"log p(x) {result['log_likelihood']:.3f} nats{bpd} (K={args.num_samples}, "
-        f"{seconds:.1f} s)"
+        f"BDMC on {n} images simulated from the model: log p(x) between {result['lower']:.3f} "
+        f"(forward AIS) and {result['upper']:.3f} (reverse AIS), gap {result['gap']:.3f} nats "
+        f"({_budget(args)}, {seconds:.1f} s)"
     )
     return 0
 

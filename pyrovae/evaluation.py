@@ -39,6 +39,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
 from .data import as_tensors
+from .diagnostics import LogLikelihoodReport, WeightStats
 from .errors import DataError, count
 from .plates import Subsamples, subsample_advice
 
@@ -47,6 +48,7 @@ __all__ = [
     "iwae",
     "log_likelihood",
     "scoring_estimate",
+    "log_likelihood_report",
     "log_weights",
     "plan_chunks",
     "default_chunk_elements",
@@ -529,28 +531,45 @@ def _reduce(
     with torch.no_grad(), _seeded(seed), _bar(progress and rank == 0, n, k_total, reduce) as bar:
         for block, (args, idx, rows) in enumerate(_batches(tensors, n, batch_size, layout)):
             if block % world != rank:  # another rank's block: zeros, filled in by the sum below
-                out.append(torch.zeros(rows, device=tensors[0].device))
+                lead = (4,) if reduce == "diagnostics" else ()
+                out.append(torch.zeros(*lead, rows, device=tensors[0].device))
                 continue
             if seed is not None:  # the block's own draws, whoever scores it
                 torch.manual_seed(_block_seed(seed, block))
             if batch_transform is not None:  # the batch as the pair sees it in training
                 args = tuple(batch_transform(args))
-            acc = None
-            for j in range(0, k_total, chunk):
-                k = min(chunk, k_total - j)
-                lw = _chunk_weights(model, guide, args, k, layout, idx)  # (k, b)
-                part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
-                if acc is None:
-                    acc = part
-                else:
-                    acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
-                bar.update(rows * k / k_total)  # images done, in fractions of their K samples
-            norm = math.log(k_total) if reduce == "logsumexp" else None
-            out.append((acc - norm if norm is not None else acc / k_total)[:rows])
-    values = torch.cat(out)  # (N,)
+            chunks = _weight_chunks(model, guide, args, idx, k_total, chunk, layout)
+            out.append(_reduce_block(chunks, k_total, reduce, rows, bar))
+    values = torch.cat(out, dim=-1)  # (N,); (4, N) of diagnostics
     if world > 1:  # each value was computed by exactly one rank: the sum gathers them exactly
         torch.distributed.all_reduce(values)
     return values
+
+
+def _weight_chunks(model, guide, args, idx, k_total: int, chunk: int, layout: PairLayout):
+    # the log weights (k, b) of one block, chunk by chunk of particles
+    for j in range(0, k_total, chunk):
+        yield _chunk_weights(model, guide, args, min(chunk, k_total - j), layout, idx)
+
+
+def _reduce_block(chunks, k_total: int, reduce: str, rows: int, bar) -> torch.Tensor:
+    # one block's values from its chunks of log weights: (rows,) for "mean" and "logsumexp",
+    # (4, rows) for "diagnostics" (log p(x), stderr, ESS, k̂ from the same weights)
+    acc = WeightStats(k_total) if reduce == "diagnostics" else None
+    for lw in chunks:  # (k, b)
+        if reduce == "diagnostics":
+            acc.update(lw)
+        else:
+            part = lw.logsumexp(0) if reduce == "logsumexp" else lw.sum(0)  # (b,)
+            if acc is None:
+                acc = part
+            else:
+                acc = torch.logaddexp(acc, part) if reduce == "logsumexp" else acc + part
+        bar.update(rows * len(lw) / k_total)  # images done, in fractions of their K samples
+    if reduce == "diagnostics":
+        return acc.finish()[:, :rows]
+    norm = math.log(k_total) if reduce == "logsumexp" else None
+    return (acc - norm if norm is not None else acc / k_total)[:rows]
 
 
 def _ranks() -> tuple[int, int]:
@@ -587,7 +606,7 @@ def _bar(progress: bool, n: int, k: int, reduce: str):
 
     from .progress import bar_width
 
-    what = "log p(x)" if reduce == "logsumexp" else "ELBO"
+    what = "ELBO" if reduce == "mean" else "log p(x)"
     return tqdm(total=n, disable=not progress, unit="img", **bar_width(),
                 desc=f"{what}: {n:,} images × K={k:,}",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,} "
@@ -681,6 +700,9 @@ def log_likelihood(
     progress: bool = False,
     seed: int | None = None,
     batch_transform: Callable | None = None,
+    method: str = "is",
+    steps: int = 100,
+    leapfrog: int = 5,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_i) for every datapoint, with the guide as proposal:
 
@@ -705,9 +727,21 @@ def log_likelihood(
     :param int seed: per-block seeds, and scoring shared out over a ``torch.distributed``
         group's ranks (as for :func:`elbo`).
     :param batch_transform: applied to each batch before the pair sees it (as for :func:`elbo`).
-    :returns: a tensor ``(N,)`` of log-likelihoods in nats.
+    :param str method: ``"is"``, importance sampling as above, or ``"ais"``, annealed
+        importance sampling from q(z|x) to p(x, z) (:func:`pyrovae.ais.ais`) with
+        ``num_samples`` chains per datapoint, for pairs whose latents are all continuous.
+    :param int steps: annealing steps (``method="ais"``).
+    :param int leapfrog: leapfrog steps per HMC move (``method="ais"``).
+    :returns: a tensor ``(N,)`` of log-likelihoods in nats; for their standard errors, ESS
+        and Pareto k̂, :func:`log_likelihood_report`.
     :raises ValueError: for a latent outside the data plate, or bad arguments.
     """
+    if method != "is":
+        return log_likelihood_report(model, guide, data, num_samples=num_samples,
+                                     method=method, steps=steps, leapfrog=leapfrog,
+                                     batch_size=batch_size, data_plate=data_plate,
+                                     max_chunk_elements=max_chunk_elements, progress=progress,
+                                     seed=seed, batch_transform=batch_transform).log_px  # fmt: skip
     return iwae(
         model,
         guide,
@@ -769,3 +803,51 @@ def scoring_estimate(
                    if v * 10**e <= best)  # fmt: skip
         note += f"; K={nice:,} would fit in {say(budget)}"
     return seconds, note
+
+
+def log_likelihood_report(
+    model: Callable,
+    guide: Callable,
+    data,
+    *,
+    num_samples: int = 5000,
+    method: str = "is",
+    steps: int = 100,
+    leapfrog: int = 5,
+    batch_size: int | None = None,
+    data_plate: str | None = None,
+    max_chunk_elements: int | None = None,
+    particles: str = "auto",
+    progress: bool = False,
+    seed: int | None = None,
+    batch_transform: Callable | None = None,
+) -> LogLikelihoodReport:
+    """log p(x) of every datapoint and how far to trust it: its Monte-Carlo standard error, the
+    effective sample size and the Pareto k̂ of the weights' tail (:mod:`pyrovae.diagnostics`),
+    from the same log weights that give log p(x), at no extra model evaluations.
+
+    With ``method="is"`` (the default) the estimate is :func:`log_likelihood`'s, the same
+    numbers for the same ``seed``; with ``method="ais"``, annealed importance sampling
+    (:func:`pyrovae.ais.ais`) with ``num_samples`` chains of ``steps`` annealing steps of
+    ``leapfrog`` HMC steps each. Other parameters as for :func:`log_likelihood`.
+
+    :returns: a :class:`~pyrovae.diagnostics.LogLikelihoodReport` of ``(N,)`` tensors, with
+        the share per k̂ band (``.bands()``) and a one-line verdict (``.verdict()``).
+    :raises ValueError: for an unknown method, bad counts, or a pair AIS cannot run.
+    """
+    if method == "ais":
+        from .ais import ais
+
+        if batch_transform is not None:
+            raise ValueError("method='ais' takes tensors as the pair sees them: apply "
+                             "batch_transform to the data first (it is applied per batch "
+                             "with method='is' only)")  # fmt: skip
+
+        return ais(model, guide, data, chains=num_samples, steps=steps, leapfrog=leapfrog,
+                   batch_size=batch_size, data_plate=data_plate, progress=progress, seed=seed,
+                   max_chunk_elements=max_chunk_elements)  # fmt: skip
+    if method != "is":
+        raise ValueError(f"method must be 'is' or 'ais', got {method!r}")
+    values = _reduce(model, guide, data, num_samples, "diagnostics", batch_size, data_plate,
+                     max_chunk_elements, particles, progress, seed, batch_transform)  # fmt: skip
+    return LogLikelihoodReport(*values, num_samples=int(num_samples), method="is")

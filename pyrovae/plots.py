@@ -29,6 +29,7 @@ __all__ = [
     "plot_manifold",
     "plot_embedding",
     "plot_log_likelihood",
+    "plot_log_likelihood_reliability",
 ]
 
 
@@ -689,3 +690,52 @@ def plot_log_likelihood(
     n = f"n = {sizes[0]:,} images" if len(sizes) == 1 else "n = " + ", ".join(map(str, sizes))
     ax.set_title(f"{title or 'importance-sampled log p(x)'} ({n})", fontsize=10)
     fig.savefig(path)
+
+
+def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str = "") -> None:
+    """Save per-image log p(x) beside how far to trust each estimate: the histogram of log p(x)
+    (left) and each image's Pareto k̂ against its log p(x) (right), with the PSIS bands shaded
+    (k̂ < 0.5 reliable; up to min(1 − 1/log10 K, 0.7) usable; above unreliable). Where k̂ is
+    not estimated (fewer than 50 samples or chains) the right panel shows the standard error.
+
+    :param report: a :class:`pyrovae.diagnostics.LogLikelihoodReport`.
+    :param path: the PNG to write.
+    :param str title: figure title.
+    """
+    from .diagnostics import GOOD_KHAT, khat_threshold
+
+    log_px = report.log_px.detach().double().cpu().numpy()
+    khat = report.khat.detach().double().cpu().numpy()
+    if len(log_px) == 0 or not np.isfinite(log_px).all():
+        raise ValueError("log p(x) values must be finite, and at least one")
+    fig = _figure(11, 4)
+    left, right = fig.subplots(1, 2)
+    left.hist(log_px, bins=40, color="C0", alpha=0.7)
+    left.axvline(log_px.mean(), color="C0", linestyle="--", label=f"mean {log_px.mean():.2f}")
+    left.set_xlabel("log p(x) per image (nats)")
+    left.set_ylabel("images")
+    left.legend()
+    if np.isnan(khat).all():
+        right.scatter(log_px, report.stderr.double().cpu().numpy(), s=6, alpha=0.6)
+        right.set_ylabel("standard error of log p(x) (nats)")
+        right.set_title(r"($\hat k$ needs K ≥ 50 samples or chains)", fontsize=9)
+    else:
+        _khat_panel(right, log_px, khat, GOOD_KHAT, khat_threshold(report.num_samples))
+    right.set_xlabel("log p(x) per image (nats)")
+    fig.suptitle(title or f"log p(x) per image and its reliability (K={report.num_samples})")
+    fig.savefig(path)
+
+
+def _khat_panel(ax, log_px: np.ndarray, khat: np.ndarray, good: float, limit: float) -> None:
+    shown = np.clip(khat, -0.5, None)  # −inf (all weights equal) drawn at the floor
+    ax.axhspan(-0.5, good, color="C2", alpha=0.12, label=rf"reliable ($\hat k$ < {good})")
+    if limit > good:
+        ax.axhspan(good, limit, color="C1", alpha=0.15, label=rf"usable ($\hat k$ ≤ {limit:.2f})")
+    top = max(1.2, float(np.nanmax(shown)) + 0.05)
+    ax.axhspan(max(good, limit), top, color="C3", alpha=0.12, label="unreliable")
+    bad = khat > max(good, limit)
+    ax.scatter(log_px[~bad], shown[~bad], s=6, color="C0", alpha=0.6)
+    ax.scatter(log_px[bad], shown[bad], s=8, color="C3", label=f"{bad.mean():.1%} of images")
+    ax.set_ylim(-0.5, top)
+    ax.set_ylabel(r"Pareto $\hat k$ of the importance weights")
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)

@@ -48,7 +48,7 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert result["split"] == "valid" and result["n"] == 180 and result["num_samples"] == 20
     assert result["elbo"] <= result["log_likelihood"] < 0
     assert (run / "log_px.png").read_bytes()[:4] == b"\x89PNG"
-    per_image = torch.tensor(np.loadtxt(run / "log_px.csv"))  # one value per scored image
+    per_image = torch.tensor(np.loadtxt(run / "log_px.csv", delimiter=",", usecols=0))
     assert per_image.shape == (180,)
     assert per_image.mean().item() == pytest.approx(result["log_likelihood"], abs=1e-5)
     se = per_image.std().item() / 180**0.5

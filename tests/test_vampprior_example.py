@@ -30,12 +30,12 @@ def test_tiny_budget_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "vp"
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["standard", "vampprior", "hvae-vampprior"]
-    standard = np.loadtxt(out / "standard" / "log_px.csv")  # per image, same 60 test images
+    standard = np.loadtxt(out / "standard" / "log_px.csv", delimiter=",", usecols=0)  # per image
     for r in rows:
         assert 0 < r["test_nll"] < 64 * 0.7 and r["num_samples"] == 30 and r["n_test"] == 60
         assert 0 < r["test_nll_se"] < r["test_nll"]
         if r["name"] != "standard":  # paired: image by image against the standard prior
-            d = standard - np.loadtxt(out / r["name"] / "log_px.csv")
+            d = standard - np.loadtxt(out / r["name"] / "log_px.csv", delimiter=",", usecols=0)
             assert r["vs_baseline"] == pytest.approx(d.mean())
             assert r["vs_baseline_se"] == pytest.approx(d.std(ddof=1) / 60**0.5)
         assert [e for e, _ in r["curve"]] == [1, 2, 3] and r["epochs_run"] == 3
