@@ -9,6 +9,26 @@ by index; the loss is accumulated on the device, so on CUDA the loop reads nothi
 GPU until the epoch ends. :func:`fit` is a short loop over it, with a progress bar, a callback
 and (``run_dir``) a crash-consistent run directory.
 
+Any pair that takes the batch tensors as positional arguments and puts datapoints in a plate
+trains, written in any of Pyro's styles: :class:`~pyrovae.VAE`'s ``model``/``guide``, a
+:class:`~pyro.nn.PyroModule`, or plain functions using ``pyro.module``/``pyro.param``. Modules
+the pair is bound to are moved to the device; parameters a plain function creates should be
+made on the data's device.
+
+The fast path (``fast=True``): the first step runs eagerly, under Pyro's validation as you have
+it set, and finds the parameters; then each loss is captured once
+(:func:`pyrovae.capture.capture`) and replayed on every later step without running Pyro's
+handlers, and on CUDA the whole step is replayed as a CUDA graph. Pyro's ELBOs run as their
+no-sync twins (:mod:`pyrovae.nosync`). A pair that cannot be replayed safely trains eagerly, and
+the ``pyrovae`` log says why, once. If the model is a method of an object with a ``check_data``
+method (as :class:`~pyrovae.VAE` has), it is called once on the whole training and validation
+data first, since replayed steps run no per-step checks.
+
+The pair's plate covers the batch it is given (``pyro.plate(name, x.shape[0])``). A plate of the
+whole data's size that subsamples exactly that batch (``pyro.plate(name, N,
+subsample_size=len(x))``, Pyro's minibatch idiom for global latents) scales each batch's loss to
+the whole data's; the ELBO per datapoint is then the whole data's over ``N``.
+
 What the Lightning engine shares with it (objectives at run time, parameter discovery, loss
 capture, data checks, the validation score, the epoch record) is in :mod:`pyrovae.pair`.
 
@@ -337,28 +357,8 @@ def fit(
     num_workers: int = 0,
     run_dir: str | os.PathLike | None = None,
 ) -> History:
-    """Fit a model/guide pair (or several objectives) with SVI.
-
-    Works for any pair that takes the batch tensors as positional arguments and puts datapoints
-    in a plate, written in any of Pyro's styles: :class:`~pyrovae.VAE`'s ``model``/``guide``, a
-    :class:`~pyro.nn.PyroModule`, or plain functions using ``pyro.module``/``pyro.param``.
-    Modules the pair is bound to are moved to ``device``; parameters a plain function creates
-    should be made on the data's device.
-
-    The fast path (``fast=True``): the first step runs eagerly, under Pyro's validation as you
-    have it set, and finds the parameters; then each loss is captured once
-    (:func:`pyrovae.capture.capture`) and replayed on every later step without running Pyro's
-    handlers, and on CUDA the whole step is replayed as a CUDA graph. Pyro's ``Trace_ELBO``,
-    ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` run as their no-sync twins
-    (:func:`pyrovae.capture.no_sync`). A pair that cannot be replayed safely trains eagerly,
-    and the ``pyrovae`` log says why, once. If the model is a method of an object with a
-    ``check_data`` method (as :class:`~pyrovae.VAE` has), it is called once on the whole
-    training and validation data first, since replayed steps run no per-step checks.
-
-    The pair's plate covers the batch it is given (``pyro.plate(name, x.shape[0])``). A plate
-    of the whole data's size that subsamples exactly that batch (``pyro.plate(name, N,
-    subsample_size=len(x))``, Pyro's minibatch idiom for global latents) scales each batch's
-    loss to the whole data's; the ELBO per datapoint is then the whole data's over ``N``.
+    """Fit a model/guide pair (or several objectives) with SVI: a :class:`Trainer` advanced to
+    ``epochs`` with a progress bar (the module docstring says what the fast path does).
 
     :param model: a Pyro model, called as ``model(*batch)``; or a list of :class:`Objective`
         (then pass no ``guide``, ``data`` or ``loss``).
