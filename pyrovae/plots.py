@@ -86,8 +86,8 @@ def plot_reconstructions(
     pairs = []
     for start in range(0, n, nrow):
         pairs += [originals[start : start + nrow], reconstructions[start : start + nrow]]
-    title = (f"{data} (odd rows) and reconstructions (even rows): the mean of p(x|z) at the "
-             f"mean of q(z|x), not draws" + (f"\n{where}" if where else ""))  # fmt: skip
+    title = (f"{data} (odd rows)\nreconstructions (even rows): the mean of p(x|z) at the mean "
+             "of q(z|x)" + (f"\n{where}" if where else ""))  # fmt: skip
     plot_images(torch.cat(pairs), path, title, nrow)
 
 

@@ -241,9 +241,9 @@ def draw_plots(run_dir: Path, vae, records, data, seed: int) -> None:
 
 #: what the validation images shown as "data" are, by --binarize
 _SHOWN = {
-    "dynamic": "data, binarized: one seeded draw of the grey images (training draws afresh)",
-    "static": "data, binarized: one seeded draw of the grey images",
-    "threshold": "data, binarized at 0.5",
+    "dynamic": "data: one seeded binarization of the grey images",
+    "static": "data: the seeded binarization of the grey images",
+    "threshold": "data: binarized at 0.5",
 }
 
 

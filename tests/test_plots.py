@@ -316,8 +316,8 @@ def test_log_likelihood_bins_grow_with_n_and_the_title_says_n(tmp_path, monkeypa
 def test_reconstructions_say_what_the_data_rows_are(tmp_path, monkeypatch):
     figures = _figures(monkeypatch)
     x = torch.rand(4, 1, 4, 4)
-    plots.plot_reconstructions(x, x, tmp_path / "r.png", "data, binarized at 0.5",
+    plots.plot_reconstructions(x, x, tmp_path / "r.png", "data: binarized at 0.5",
                                "best checkpoint, epoch 3")  # fmt: skip
     title = figures[-1].axes[0].get_title()
-    assert title.startswith("data, binarized at 0.5 (odd rows)")
+    assert title.startswith("data: binarized at 0.5 (odd rows)\n")
     assert "the mean of p(x|z)" in title and "best checkpoint, epoch 3" in title
