@@ -820,6 +820,15 @@ def _train_lightning(run: Run, callback, launch, progress: bool, common: dict) -
     from .launch import quiet_lightning, trainer_args
 
     quiet_lightning()
+    bar = _epoch_lines(run, progress)
+    if bar is not None:  # a log, not a terminal: a line per epoch, as fit writes
+        progress, said = False, callback
+
+        def callback(record: dict) -> bool:
+            stop = said(record)
+            bar.end_epoch(record, run.stopper.best_value if run.stopper is not None else None)
+            return stop
+
     callbacks = [engine.EpochCallback(callback)]
     logger = False
     if launch.logger == "tensorboard":
@@ -836,6 +845,15 @@ def _train_lightning(run: Run, callback, launch, progress: bool, common: dict) -
                **common)  # fmt: skip
     if run.writer:
         run.pair.module.cpu()
+
+
+def _epoch_lines(run: Run, progress: bool):
+    # where stderr is a log rather than a terminal, the bar that writes a line per epoch
+    from .progress import TrainingBar, is_terminal
+
+    if not progress or launched_rank() != 0 or is_terminal():
+        return None
+    return TrainingBar(run.state.epoch + 1, run.epochs, None, lambda: None)
 
 
 def run_device(name: str | None):
