@@ -104,15 +104,17 @@ def test_epoch_record_per_datapoint_and_parts():
 
 
 @pytest.mark.parametrize("engine", ["fit", "lightning"])
-def test_both_engines_report_the_elbo_as_its_parts_under_warmup(tmp_path, engine):
+def test_both_engines_report_the_elbo_as_its_parts_under_warmup(tmp_path, engine, capsys):
     # The measurement: with KL warm-up the Lightning engine reported the β-scaled loss
     # as val_elbo. Both engines now report the ELBO: val_reconstruction − val_kl (the same
     # 180 validation digits) within Monte-Carlo error, at every epoch, and select on it.
     pytest.importorskip("lightning")
     run = tmp_path / engine
     args = ["train", "--epochs", "3", "--warmup", "5", "--seed", "3", "--hidden", "32",
-            "--z-dim", "4", "--engine", engine, "--out", str(run), "--no-progress"]  # fmt: skip
+            "--z-dim", "4", "--engine", engine, "--out", str(run)]  # fmt: skip
     assert cli.main(args) == 0
+    err = capsys.readouterr().err  # not a terminal: a line per epoch, no redrawn bar
+    assert "\r" not in err and [f"epoch {i}/3: ELBO" in err for i in (1, 2, 3)] == [True] * 3
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
