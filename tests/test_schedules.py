@@ -62,5 +62,5 @@ def test_bad_schedules():
         KLSchedule(_Target(), warmup=-1)
     with pytest.raises(ValueError, match="beta \\(the KL weight\\) must be a finite number > 0"):
         KLSchedule(_Target(), beta=0)
-    with pytest.raises(ValueError, match="warmup must be a whole number of epochs >= 0"):
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -5"):
         pyrovae.Config(warmup=-5).validate()
