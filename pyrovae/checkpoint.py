@@ -258,7 +258,11 @@ def config_from_bytes(data: bytes, path: Path) -> Config:
 
     :raises CheckpointError: naming the file and the key.
     """
-    values = rundir.parse_json(data, path, "a run's config")
+    try:
+        values = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        problem = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise CheckpointError(f"{path} is not readable JSON ({problem}); restore it") from None
     try:
         config = Config.from_dict(values)
         config.validate()

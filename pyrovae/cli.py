@@ -288,6 +288,9 @@ def _with_config_file(parser, path: str, argv):
 
     values = _config_file_values(path)
     values.pop("x_shape", None)  # a run's config.json: the data decide it
+    odd = [key for key in values if not key.isprintable()]  # named as Python writes them
+    if odd:
+        raise ValueError(f"--config {path}: unknown config key {odd[0][:40]!r}")
     try:
         Config.from_dict(values)  # names and types, with the key named
     except (ValueError, TypeError, AttributeError, OverflowError) as e:

@@ -5,6 +5,7 @@ import torch
 
 from pyrovae import CheckpointError, Config, build_vae
 from pyrovae.checkpoint import load_config
+from pyrovae.rundir import commit
 
 
 def test_round_trip_through_json():
@@ -31,7 +32,7 @@ def test_round_trip_through_json():
     ({"frobs": 1}, "unknown config keys: frobs"),
 ])  # fmt: skip
 def test_config_values_are_type_and_range_checked_naming_key_and_file(tmp_path, values, match):
-    (tmp_path / "config.json").write_text(json.dumps(values))
+    commit(tmp_path, {"config.json": json.dumps(values).encode()})  # a run's, verified
     with pytest.raises(CheckpointError, match="config.json is corrupt: ") as info:
         load_config(tmp_path)
     assert match in str(info.value) and "\n" not in str(info.value)

@@ -279,7 +279,7 @@ def _trained(tmp_path):
     (MANIFEST, b"[]", "manifest.json should hold the run's manifest"),
     (MANIFEST, b'{"epoch": 1.5}', "manifest.json is corrupt: epoch should be an integer"),
     ("config.json", b'{"z_dim": 8.0}', "config.json is corrupt: z_dim must be an integer"),
-    ("config.json", b"[]", "config.json should hold a run's config, not list"),
+    ("config.json", b"[]", "config.json is corrupt: a config is a JSON object"),
 ])  # fmt: skip
 def test_corrupt_run_files_are_one_line(tmp_path, capsys, name, content, match):
     run = _trained(tmp_path)
