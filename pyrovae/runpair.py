@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,17 +107,25 @@ def _spec(spec: str) -> tuple[Path, str]:
 
 
 def _import(path: Path, spec: str):
+    # the file run as Python runs a script: its folder first on sys.path (Pyro's examples import
+    # their utils/ beside them), kept there for the imports its functions make later
     if not path.is_file():
         raise ValueError(f"--pair {spec}: there is no file {path}")
     module_name = f"pyrovae_pair_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     try:
         loader.loader.exec_module(module)
     except SyntaxError as e:
         raise ValueError(
             f"--pair {spec}: {path} does not parse: {e.msg} (line {e.lineno})"
         ) from None
+    except ImportError as e:
+        missing = f"{e.name}, which is not installed" if e.name else str(e)
+        raise ValueError(f"--pair {spec}: {path.name} imports {missing}: install it, or move "
+                         "the import out of the pair's file") from None  # fmt: skip
     return module
 
 

@@ -124,6 +124,16 @@ def test_bad_pairs_are_one_line_before_training(tmp_path, capsys, spec, message)
     assert not (tmp_path / "r").exists()
 
 
+def test_a_pair_file_that_imports_what_is_missing_is_one_line(tmp_path, capsys):
+    # as Pyro's examples/vae/vae.py imports visdom: named, before any training step; the file's
+    # folder is on sys.path while it loads (its own utils/ import, as when run as a script)
+    (tmp_path / "helpers.py").write_text("WIDTH = 8\n")
+    (tmp_path / "mine.py").write_text("from helpers import WIDTH\nimport not_installed_xyz\n")
+    assert _train(tmp_path / "r", "--pair", f"{tmp_path / 'mine.py'}:make", "--epochs", "1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "imports not_installed_xyz, which is not installed" in err
+
+
 def test_arrays_whose_first_dimensions_differ_are_refused(tmp_path, capsys):
     import numpy as np
 
