@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,15 +194,20 @@ def check_source(source: dict, run_dir: Path) -> None:
 
 
 def read_source(run_dir: Path) -> dict | None:
-    """A run's recorded pair source (``pair.json``), or ``None`` for a built-in VAE's run."""
-    from .rundir import committed
+    """A run's recorded pair source (``pair.json``, verified against the manifest), or ``None``
+    for a built-in VAE's run.
 
-    path = committed(run_dir, PAIR_FILE)
-    if not path.is_file():
+    :raises CheckpointError: for a run without a manifest, or a pair.json that does not match
+        its hash; ValueError for one that does not record the file, name and hash.
+    """
+    from .rundir import parse_json, read_committed, require_manifest
+
+    manifest = require_manifest(run_dir)
+    if PAIR_FILE not in manifest["files"]:
         return None
-    source = json.loads(path.read_text())
-    if not isinstance(source, dict) or not all(isinstance(source.get(k), str)
-                                               for k in ("file", "name", "sha256")):  # fmt: skip
+    path = run_dir / PAIR_FILE
+    source = parse_json(read_committed(run_dir, PAIR_FILE, manifest), path, "the pair's source")
+    if not all(isinstance(source.get(k), str) for k in ("file", "name", "sha256")):
         raise ValueError(f"{path} is corrupt: it does not record the pair's file, name and hash")
     return source
 

@@ -879,6 +879,8 @@ def load_run_pair(run_dir: Path, device, data_dir: str | None = None):
     from .checkpoint import load_config, load_run, load_weights
     from .runpair import RunPair
 
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
     source = _source(run_dir)
     if source is None:
         vae, config = load_run(run_dir, device)
