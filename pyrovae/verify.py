@@ -147,10 +147,11 @@ def add_parser(sub) -> None:
     """Add the ``verify`` subcommand to the CLI's subparsers."""
     v = sub.add_parser("verify", help="check a run's files against its manifest; --adopt an "
                        "older run")  # fmt: skip
-    v.add_argument("run_dir")
+    v.add_argument("run_dir", help="a run directory (what train wrote, its --out)")
     v.add_argument("--adopt", action="store_true",
                    help="for a run without a manifest (an older pyrovae's): check every file "
-                   "and write one, trusting the files as they are")  # fmt: skip
+                   "and write one, trusting the files as they are (default: report only)"
+                   )  # fmt: skip
 
 
 def command(args: argparse.Namespace) -> int:
