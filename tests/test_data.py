@@ -410,10 +410,10 @@ def test_folder_links_out_or_to_nothing_are_refused_or_skipped_and_counted(tmp_p
 def test_the_decompression_bomb_limit_is_applied_once_with_one_message(tmp_path, monkeypatch):
     root = _tree(tmp_path / "imgs", per_class=2)  # 12×12 = 144 pixels each
     _png(root / "cats" / "big.png", np.zeros((13, 13, 3), dtype=np.uint8))
-    monkeypatch.setattr(pyrovae.data, "MAX_IMAGE_PIXELS", 150)
+    monkeypatch.setattr(pyrovae.folders, "MAX_IMAGE_PIXELS", 150)
     opts = {"valid_fraction": 0.0, "test_fraction": 0.0}
     with pytest.raises(DataError, match=r"big.png: 13×13 pixels, more than the 150 pyrovae "
-                       r"decodes \(pyrovae.data.MAX_IMAGE_PIXELS"):  # fmt: skip
+                       r"decodes \(pyrovae.folders.MAX_IMAGE_PIXELS"):  # fmt: skip
         load("folder", "train", root=root, **opts)
     ds = load("folder", "train", root=root, skip_bad_files=True, **opts)
     assert len(ds) == 4 and ds.skipped == [str(root / "cats" / "big.png")]
