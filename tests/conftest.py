@@ -1,6 +1,24 @@
+import inspect
+
 import pyro
 import pytest
 import torch
+
+#: what in a test's code starts another process
+_SPAWNS = ("subprocess.", "Popen", "sys.executable", "_cli(", "_fresh(")
+
+
+def pytest_collection_modifyitems(items):
+    # The tiers: tests that start processes are marked `subprocess` (deselect them with
+    # -m "not subprocess" for a quick run); `slow` and `statistical` are marked by hand.
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            code = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            code = ""
+        if any(s in code for s in _SPAWNS):
+            item.add_marker(pytest.mark.subprocess)
 
 
 @pytest.fixture(autouse=True)

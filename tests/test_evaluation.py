@@ -422,6 +422,7 @@ def _packed(batch):
     return x, lengths, mask, pack
 
 
+@pytest.mark.statistical
 def test_a_packed_sequence_built_per_batch_trains_eagerly_and_scores_in_input_order(caplog):
     pair, (x, lengths) = _GRUSequences(), _sequences(30)
     with caplog.at_level(logging.INFO, logger="pyrovae"):

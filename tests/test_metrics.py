@@ -22,6 +22,7 @@ def test_parts_with_the_exact_posterior_add_up_to_log_px():
     assert torch.allclose(parts["reconstruction"] - parts["kl"], lg.log_px(x), atol=1e-9)
 
 
+@pytest.mark.statistical
 def test_kl_is_closed_form_for_a_gaussian_guide_and_the_reconstruction_is_unbiased():
     lg = LinearGaussian(shift=0.7, widen=1.3)
     x = lg.data(20)

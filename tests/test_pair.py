@@ -40,6 +40,7 @@ def test_validation_score_is_the_unscaled_elbo_whatever_beta():
     assert losses[1] < losses[0]  # the loss counts the KL at β
 
 
+@pytest.mark.statistical
 def test_validation_score_of_streamed_batches_sums_per_datapoint():
     vae, x = _digits_vae()
     term = Term(Objective(vae.model, vae.guide, x), 0)

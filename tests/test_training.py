@@ -294,6 +294,7 @@ def test_fast_path_falls_back_for_data_dependent_control_flow(caplog):
     assert math.isfinite(history.train_elbo[-1])
 
 
+@pytest.mark.statistical
 def test_statistical_training_improves_held_out_log_likelihood():
     # Seeded: a small VAE trained 30 epochs on digits improves held-out log p(x) (K=500) from
     # about −44.4 nats (64 coin flips) to better than −23 nats: a margin of at least 18 nats.
