@@ -786,10 +786,14 @@ def scoring_estimate(
         part = tuple(t[:rows] for t in tensors)
         return part[0] if len(part) == 1 else part
 
-    log_likelihood(model, guide, first(1), num_samples=2, seed=seed)  # traces the pair
-    start = time.perf_counter()
-    log_likelihood(model, guide, first(m), num_samples=kp, seed=seed)
-    per = (time.perf_counter() - start) / (m * kp)  # seconds per datapoint per sample
+    # this process alone (no blocks shared out over a torch.distributed group: the estimate is
+    # this process's), from its own seed, the caller's generators left as they were
+    with torch.random.fork_rng(devices=_cuda_devices(tensors)):
+        torch.manual_seed(seed)
+        log_likelihood(model, guide, first(1), num_samples=2)  # traces the pair
+        start = time.perf_counter()
+        log_likelihood(model, guide, first(m), num_samples=kp)
+        per = (time.perf_counter() - start) / (m * kp)  # seconds per datapoint per sample
     seconds = per * n * k
 
     def say(s: float) -> str:
@@ -851,3 +855,7 @@ def log_likelihood_report(
     values = _reduce(model, guide, data, num_samples, "diagnostics", batch_size, data_plate,
                      max_chunk_elements, particles, progress, seed, batch_transform)  # fmt: skip
     return LogLikelihoodReport(*values, num_samples=int(num_samples), method="is")
+
+
+def _cuda_devices(tensors) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
