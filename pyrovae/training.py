@@ -258,7 +258,6 @@ class Trainer:
             seed = validation_seed(self.val_seed, epoch)
             record["val_elbo"] = validation_elbo(self.terms[0], self._val_batches(), seed)
         record_state(self.state, epoch, self.engine.optimizer, self.device)
-        record["seconds"] = time.perf_counter() - start
         self.history.append(record)
         return record
 
