@@ -1,8 +1,13 @@
 import inspect
+import os
 
-import pyro
-import pytest
-import torch
+# The default run is two test processes on two cores (pyproject's addopts: -n 2): one OpenMP
+# thread each, set before torch loads; the processes tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 #: what in a test's code starts another process
 _SPAWNS = ("subprocess.", "Popen", "sys.executable", "_cli(", "_fresh(")
