@@ -768,10 +768,12 @@ def scoring_estimate(
     seed: int = 0,
 ) -> tuple[float, str]:
     """The time :func:`log_likelihood` will take on ``data`` with ``num_samples`` importance
-    samples, said before it is spent: times one chunk (``probe`` = (datapoints, particles),
-    after a tiny untimed call that traces the pair), extrapolates linearly in datapoints and
-    particles, and names the K that would fit in ``budget`` seconds when the estimate exceeds
-    it. Seeded: the caller's random state is left as it was.
+    samples, said before it is spent: times two calls (``probe`` = (datapoints, particles), then
+    the same datapoints with four times the particles), after a tiny untimed call that traces
+    the pair; the difference is the cost per datapoint and sample (a call's fixed overhead,
+    which dwarfs a small probe, drops out), extrapolated to ``data`` × K. Names the K that
+    would fit in ``budget`` seconds when the estimate exceeds it. Seeded: the caller's random
+    state is left as it was.
 
     :returns: the estimated seconds and a one-line message, e.g. ``"scoring 400 images × K=1000:
         about 4.0 min (timed on 4 images × K=250); K=2000 would fit in 10 min"``.
@@ -791,10 +793,14 @@ def scoring_estimate(
     with torch.random.fork_rng(devices=_cuda_devices(tensors)):
         torch.manual_seed(seed)
         log_likelihood(model, guide, first(1), num_samples=2)  # traces the pair
-        start = time.perf_counter()
-        log_likelihood(model, guide, first(m), num_samples=kp)
-        per = (time.perf_counter() - start) / (m * kp)  # seconds per datapoint per sample
-    seconds = per * n * k
+        took = []
+        for particles in (kp, 4 * kp):
+            start = time.perf_counter()
+            log_likelihood(model, guide, first(m), num_samples=particles)
+            took.append(time.perf_counter() - start)
+    per = max(took[1] - took[0], 0.0) / (3 * m * kp)  # seconds per datapoint per sample
+    fixed = max(took[0] - per * m * kp, 0.0)  # a call's own overhead
+    seconds = fixed + per * n * k
 
     def say(s: float) -> str:
         return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"

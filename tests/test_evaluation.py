@@ -442,19 +442,21 @@ def test_a_packed_sequence_built_per_batch_trains_eagerly_and_scores_in_input_or
 
 
 def test_scoring_estimate_extrapolates_and_names_a_k_that_fits(monkeypatch):
-    # the time is extrapolated from one timed chunk; over budget, it names the K that fits
+    # the time is extrapolated from two timed calls, their fixed overhead dropping out; over
+    # budget, it names the K that fits
     from pyrovae import evaluation
 
     lg = LinearGaussian()
     x = lg.data(40)
-    ticks = iter([0.0, 2.0])  # the timed chunk (4 datapoints × 100 particles) takes 2 s
+    # 4 datapoints × 100 particles take 2.1 s, × 400 take 8.1 s: 0.1 s a call, 5 ms a sample
+    ticks = iter([0.0, 2.1, 10.0, 18.1])
     monkeypatch.setattr("time.perf_counter", lambda: next(ticks))
     state = torch.get_rng_state()
     seconds, note = evaluation.scoring_estimate(
         lg.model, lg.exact_guide, x, 1000, budget=60.0, probe=(4, 100)
     )
     assert torch.equal(torch.get_rng_state(), state)  # seeded: the caller's draws are untouched
-    assert seconds == pytest.approx(2.0 / (4 * 100) * 40 * 1000)  # 200 s
+    assert seconds == pytest.approx(0.1 + 0.005 * 40 * 1000)  # 200.1 s
     assert note == (
         "scoring 40 images × K=1,000: about 3.3 min (timed on 4 × K=100); K=200 would fit in 60 s"
     )
