@@ -664,20 +664,26 @@ def plot_log_likelihood(
     :param int bins: histogram bins (shared by all series); default about √n, 5 to 40.
     :param str title: figure title (the number of images is added to it).
     """
-    from matplotlib.ticker import MaxNLocator
-
     series = dict(log_px) if isinstance(log_px, Mapping) else {"log p(x)": log_px}
     values = {k: v.detach().double().cpu().numpy().ravel() for k, v in series.items()}
     if not values or any(len(v) == 0 for v in values.values()):
         raise ValueError("nothing to plot: every series needs at least one value")
     if not all(np.isfinite(v).all() for v in values.values()):
         raise ValueError("log p(x) values must be finite")
+    fig = _figure(6, 4)
+    _histogram(fig.add_subplot(), values, bins, title or "importance-sampled log p(x)")
+    fig.savefig(path)
+
+
+def _histogram(ax, values: dict, bins: int | None, title: str) -> None:
+    # log p(x) per image: about √n bins (30 images get 6, not 40 mostly empty ones), shared by
+    # every series, each mean dashed, whole counts, and the number of images in the title
+    from matplotlib.ticker import MaxNLocator
+
     sizes = [len(v) for v in values.values()]
-    if bins is None:  # about √n bins: 30 images get 6, not 40 mostly empty ones
+    if bins is None:
         bins = min(40, max(5, math.ceil(math.sqrt(max(sizes)))))
     edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=int(bins))
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
     for i, (name, v) in enumerate(values.items()):
         color = f"C{i}"
         label = f"{name} (n={len(v):,}, mean {v.mean():.2f})"
@@ -688,8 +694,7 @@ def plot_log_likelihood(
     ax.set_ylabel("images")
     ax.legend()
     n = f"n = {sizes[0]:,} images" if len(sizes) == 1 else "n = " + ", ".join(map(str, sizes))
-    ax.set_title(f"{title or 'importance-sampled log p(x)'} ({n})", fontsize=10)
-    fig.savefig(path)
+    ax.set_title(f"{title} ({n})", fontsize=10)
 
 
 def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str = "") -> None:
@@ -710,11 +715,7 @@ def plot_log_likelihood_reliability(report, path: str | os.PathLike, title: str 
         raise ValueError("log p(x) values must be finite, and at least one")
     fig = _figure(11, 4)
     left, right = fig.subplots(1, 2)
-    left.hist(log_px, bins=40, color="C0", alpha=0.7)
-    left.axvline(log_px.mean(), color="C0", linestyle="--", label=f"mean {log_px.mean():.2f}")
-    left.set_xlabel("log p(x) per image (nats)")
-    left.set_ylabel("images")
-    left.legend()
+    _histogram(left, {"log p(x)": log_px}, None, "log p(x) per image")
     if np.isnan(khat).all():
         right.scatter(log_px, report.stderr.double().cpu().numpy(), s=6, alpha=0.6)
         right.set_ylabel("standard error of log p(x) (nats)")
