@@ -26,6 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .data import ImageDataset
+
 __all__ = [
     "RunPair",
     "PairWeights",
@@ -212,23 +214,20 @@ def read_source(run_dir: Path) -> dict | None:
     return source
 
 
-class ArrayData:
-    """Arrays as a run's data: ``tensors`` (the pair's positional tensors, float32 unless
-    integer), ``images`` (the first of them), ``split``; ``labels`` is ``None``."""
+class ArrayData(ImageDataset):
+    """Arrays as a run's data: an :class:`~pyrovae.data.ImageDataset` whose ``tensors`` are
+    all the pair's positional tensors (``images`` the first of them), items tuples of rows."""
 
     def __init__(self, tensors: tuple, split: str, name: str):
-        self.tensors, self.split, self.name = tensors, split, name
-        self.images, self.labels, self.batch_transform, self.skipped = tensors[0], None, None, []
+        super().__init__(tensors[0], None, name, split)
+        self._tensors = tuple(tensors)
 
     @property
-    def x_shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
+    def tensors(self) -> tuple:
+        return self._tensors
 
     def __getitem__(self, i):
-        return tuple(t[i] for t in self.tensors)
+        return tuple(t[i] for t in self._tensors)
 
 
 def load_arrays(path: str | Path, split: str, valid_fraction: float = 0.1,

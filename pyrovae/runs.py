@@ -171,11 +171,12 @@ def _training_data(config, arrays: str | None = None):
     from .data import FolderDataset
 
     if arrays is not None:
+        from .runpair import ArrayData
+
         data = _split(config, "train", arrays)
-        if config.train_limit is not None:
-            data.tensors = tuple(t[: config.train_limit] for t in data.tensors)
-            data.images = data.tensors[0]
-        return data
+        if config.train_limit is None:
+            return data
+        return ArrayData(tuple(t[: config.train_limit] for t in data.tensors), "train", data.name)
     if config.dataset != "folder" or config.stream == "no" or config.data_dir is None:
         if config.stream == "yes":
             raise ValueError(f"--stream yes: only --dataset folder streams, not {config.dataset}")
