@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .data import check_tuple
 from .errors import DataError
 
 __all__ = ["STREAM_BYTES", "should_stream", "validation_streams", "Stream"]
@@ -38,6 +39,7 @@ def should_stream(data, stream: bool | None) -> bool:
     """
     if isinstance(data, torch.Tensor) or hasattr(data, "tensors"):
         return bool(stream)
+    check_tuple(data, "the training data")
     if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
         return bool(stream)
     is_map = isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__getitem__")

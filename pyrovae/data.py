@@ -59,6 +59,7 @@ from .readers import (
 
 __all__ = [
     "ImageDataset",
+    "check_tuple",
     "FolderDataset",
     "IMAGE_EXTENSIONS",
     "read_image",
@@ -258,6 +259,24 @@ def _finite_rows(flat: torch.Tensor) -> torch.Tensor:
     # isfinite makes temporaries of 1.5 times its input (a 5.6 GiB split once peaked at 16 GiB)
     rows = max(1, 2**22 // max(flat.shape[1], 1))
     return torch.cat([torch.isfinite(block).all(-1) for block in flat.split(rows)])  # (N,)
+
+
+def check_tuple(data, what: str = "data") -> None:
+    """Refuse a tuple (or list) of tensors that holds something else too, such as Pyro's DMM
+    mini-batch ``(sequences, PackedSequence, mask, lengths)``: those are built per batch.
+
+    :raises DataError: naming the item and what to pass instead.
+    """
+    if not isinstance(data, (tuple, list)) or not any(torch.is_tensor(d) for d in data):
+        return
+    other = [(i, type(d).__name__) for i, d in enumerate(data) if not torch.is_tensor(d)]
+    if other:
+        i, kind = other[0]
+        raise DataError(
+            f"{what} is a {type(data).__name__} whose item {i} is a {kind}, not a tensor: pass "
+            "tensors of datapoints (e.g. padded sequences and their lengths), and build the "
+            "rest of each batch (packing, masks) with batch_transform="
+        )
 
 
 def as_tensors(data, what: str = "data") -> tuple[torch.Tensor, ...]:

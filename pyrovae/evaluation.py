@@ -38,9 +38,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
-from .data import as_tensors
+from .data import as_tensors, check_tuple
 from .diagnostics import LogLikelihoodReport, WeightStats
-from .errors import DataError, count
+from .errors import count
 from .plates import Subsamples, subsample_advice
 
 __all__ = [
@@ -423,17 +423,8 @@ def check_order(model, guide, tensors, plate: str, batch_transform: Callable | N
 
 
 def _batch_tensors(data) -> tuple[torch.Tensor, ...]:
-    # The data's tensors (as_tensors), or a one-line message for a tuple that holds something
-    # else (a PackedSequence, a list of lengths): those are built per batch by batch_transform.
-    if isinstance(data, (tuple, list)):
-        other = [(i, type(d).__name__) for i, d in enumerate(data) if not torch.is_tensor(d)]
-        if other:
-            i, kind = other[0]
-            raise DataError(
-                f"data is a {type(data).__name__} whose item {i} is a {kind}, not a tensor: pass "
-                "tensors of datapoints (e.g. padded sequences and their lengths), and build the "
-                "rest of each batch (packing, masks) with batch_transform="
-            )
+    # The data's tensors (as_tensors), or one line for a tuple that holds something else.
+    check_tuple(data)
     return as_tensors(data)
 
 

@@ -396,6 +396,13 @@ def test_a_tuple_holding_a_packed_sequence_says_to_build_it_per_batch():
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     with pytest.raises(pyrovae.DataError, match=r"item 2 is a PackedSequence.*batch_transform="):
         pyrovae.log_likelihood(pair.model, pair.guide, (x, lengths, packed), num_samples=3)
+    # fit and the Lightning engine say the same, before any step (not a list of batches)
+    with pytest.raises(pyrovae.DataError, match=r"training data is a tuple whose item 2 is a Pa"):
+        pyrovae.fit(pair.model, pair.guide, (x, lengths, packed), progress=False)
+    from pyrovae.lightning import fit
+
+    with pytest.raises(pyrovae.DataError, match=r"item 2 is a PackedSequence.*batch_transform="):
+        fit(pair.model, pair.guide, (x, lengths, packed), accelerator="cpu", devices=1)
 
 
 class _GRUSequences(_Sequences):
