@@ -161,12 +161,13 @@ class HVAE(BaseVAE):
         return x.flatten(-self.event_dim)  # (..., D)
 
     @pyro_method
-    def model(self, x: torch.Tensor | None = None, n: int = 1) -> None:
+    def model(self, x: torch.Tensor | None = None, n: int = 1, beta=None) -> None:
         """p(z2) p(z1|z2) p(x|z1, z2) for a batch ``x`` of shape ``(N, *x_shape)``; with
-        ``x=None``, draws ``n`` images (for :class:`~pyro.infer.Predictive` without data)."""
+        ``x=None``, draws ``n`` images (for :class:`~pyro.infer.Predictive` without data);
+        ``beta`` as for :meth:`pyrovae.VAE.model`."""
         size = self._plate_size(x, n)
         with pyro.plate("data", size, dim=-1):
-            with self._latent_scale():
+            with self._latent_scale(beta):
                 z2 = pyro.sample("z2", self.prior())  # (..., N, z_dim)
                 loc, scale = self.z1_decoder(z2)  # (..., N, z1_dim) each
                 z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))  # (..., N, z1_dim)
@@ -174,12 +175,12 @@ class HVAE(BaseVAE):
             pyro.sample("x", self.likelihood(params, self.event_dim), obs=x)  # event x_shape
 
     @pyro_method
-    def guide(self, x: torch.Tensor) -> None:
-        """q(z2|x) q(z1|x, z2), reparameterized."""
+    def guide(self, x: torch.Tensor, beta=None) -> None:
+        """q(z2|x) q(z1|x, z2), reparameterized; ``beta`` as for :meth:`model`."""
         self._check_shape(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc2, scale2 = self.encoder(x)  # (N, z_dim) each
-            with self._latent_scale():
+            with self._latent_scale(beta):
                 z2 = pyro.sample("z2", self.posterior_z2(loc2, scale2))  # (..., N, z_dim)
                 loc1, scale1 = self.z1_encoder(self._flat(x), z2)  # (..., N, z1_dim) each
                 pyro.sample("z1", self.posterior_z1(loc1, scale1))

@@ -76,11 +76,12 @@ class BaseVAE(PyroModule):
         with torch.no_grad():
             self._beta_tensor.fill_(value)
 
-    def _latent_scale(self) -> poutine.scale_messenger.ScaleMessenger:
-        # poutine.scale by the β tensor for the latent sites. β > 0 was checked when it was set,
-        # so Pyro's own check (a host sync on every step) is skipped.
+    def _latent_scale(self, beta=None) -> poutine.scale_messenger.ScaleMessenger:
+        # poutine.scale by the β tensor for the latent sites (or by a step's own β, a keyword
+        # of model and guide: fit(step_kwargs={"beta": Ramp(...)})). β > 0 was checked when it
+        # was set, so Pyro's own check (a host sync on every step) is skipped.
         with pyro.validation_enabled(False):
-            return poutine.scale(scale=self._beta_tensor)
+            return poutine.scale(scale=self._beta_tensor if beta is None else beta)
 
     @property
     def event_dim(self) -> int:
@@ -197,24 +198,26 @@ class VAE(BaseVAE):
             )
 
     @pyro_method
-    def model(self, x: torch.Tensor | None = None, n: int = 1) -> None:
+    def model(self, x: torch.Tensor | None = None, n: int = 1, beta=None) -> None:
         """p(z) p(x|z) for a batch ``x`` of shape ``(N, *x_shape)``; with ``x=None``, draws
-        ``n`` images from the model (what :class:`~pyro.infer.Predictive` does without data)."""
+        ``n`` images from the model (what :class:`~pyro.infer.Predictive` does without data).
+        ``beta`` (default :attr:`beta`) weighs the latent sites, e.g. a step schedule's:
+        ``fit(vae.model, vae.guide, x, step_kwargs={"beta": Ramp(0.01, 1.0, epochs=10)})``."""
         size = self._plate_size(x, n)
         with pyro.plate("data", size, dim=-1):
-            with self._latent_scale():
+            with self._latent_scale(beta):
                 z = pyro.sample("z", self.prior())  # (N, z_dim); (K, N, z_dim) with K particles
             params = self.decoder(z)  # (..., N, P, *x_shape)
             pyro.sample("x", self.likelihood(params, self.event_dim), obs=x)  # event x_shape
 
     @pyro_method
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, beta=None) -> None:
         """q(z|x) from the encoder and the posterior (default N(μ(x), diag σ(x)²)),
-        reparameterized."""
+        reparameterized; ``beta`` as for :meth:`model`."""
         self._check_shape(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder(x)  # (N, z_dim) each
-            with self._latent_scale():
+            with self._latent_scale(beta):
                 pyro.sample("z", self.posterior(loc, scale))  # event (z_dim,)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,3 +226,26 @@ def test_a_pair_file_brings_its_schedule_to_a_cli_run_and_its_resume(tmp_path):
     ramp = Ramp(0.2, 1.0, epochs=2)
     expected = [ramp(Clock(e, steps - 1, steps)) for e in range(3)]
     assert [float(r["annealing_factor"]) for r in rows] == pytest.approx(expected)
+
+
+def test_the_same_mechanism_carries_the_built_in_vaes_beta():
+    # the β of pyrovae's VAE, a keyword of its model and guide: a constant β by step_kwargs
+    # trains as vae.beta does; a per-step ramp is replayed without a new trace
+    def vae():
+        cfg = pyrovae.Config(x_shape=(1, 8, 8), hidden=(32,), z_dim=4, seed=3)
+        return pyrovae.build_vae(cfg)
+
+    x = pyrovae.data.load("digits", "train", binarize="threshold").images[:256]
+    run = dict(epochs=2, batch_size=64, seed=0, progress=False)
+    by_attribute = vae()
+    by_attribute.beta = 0.5
+    a = pyrovae.fit(by_attribute.model, by_attribute.guide, x, **run)
+    by_keyword = vae()
+    b = pyrovae.fit(by_keyword.model, by_keyword.guide, x, step_kwargs={"beta": 0.5}, **run)
+    assert a.train_elbo == pytest.approx(b.train_elbo, rel=1e-6)
+    ramped = vae()
+    trainer = Trainer(ramped.model, ramped.guide, x, batch_size=64, seed=0,
+                      step_kwargs={"beta": Ramp(0.1, 1.0, epochs=2)})  # fmt: skip
+    records = [trainer.epoch() for _ in range(2)]
+    assert [r["step_kwargs"]["beta"] for r in records] == pytest.approx([0.55, 1.0])
+    assert trainer.engine.name == "captured" and len(trainer.terms[0].step_loss._graphs) == 1
