@@ -128,9 +128,12 @@ def dmm_mini_batch(batch) -> tuple[torch.Tensor, PackedSequence, torch.Tensor, t
         and packed (``enforce_sorted=False``: the RNN's outputs come back in the batch's order
         through ``pad_packed_sequence``, as Pyro's ``pad_and_reverse`` calls it); the float
         0/1 mask ``(B, T_max)``; the lengths ``(B,)``. All on the sequences' device.
+    :raises ValueError: for lengths that do not fit the batch (:func:`check_lengths`; a
+        :class:`Sequences` checks them all up front).
     """
     poly = _polyphonic()
-    padded, lengths = batch[0], batch[1]
+    padded = batch[0]  # (B, T, F)
+    lengths = check_lengths(batch[1], len(padded), padded.shape[1], "a batch's lengths")  # (B,)
     t_max = int(lengths.max())
     mini_batch = padded[:, :t_max]  # (B, T_max, F)
     reversed_ = poly.reverse_sequences(mini_batch, lengths)  # (B, T_max, F)
