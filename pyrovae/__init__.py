@@ -22,6 +22,7 @@ _FROM = {
     "HVAE": "hvae",
     "IWAE": "objectives",
     "KLSchedule": "schedules",
+    "Ramp": "schedules",
     "EarlyStopping": "selection",
     "fit": "training",
     "Trainer": "training",
@@ -113,7 +114,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
     from .hvae import HVAE  # noqa: F401
     from .objectives import IWAE  # noqa: F401
     from .pair import Objective  # noqa: F401
-    from .schedules import KLSchedule  # noqa: F401
+    from .schedules import KLSchedule, Ramp  # noqa: F401
     from .selection import EarlyStopping  # noqa: F401
     from .sequences import Sequences  # noqa: F401
     from .state import TrainState  # noqa: F401

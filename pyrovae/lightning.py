@@ -63,7 +63,7 @@ from .pair import (
     validation_elbo,
     validation_seed,
 )
-from .schedules import KLSchedule
+from .schedules import Clock, KLSchedule
 from .selection import EarlyStopping
 from .state import TrainState, load_moments
 from .state import record as record_state
@@ -107,13 +107,16 @@ class PairModule(L.LightningModule):
     :param TrainState state: where the run stands (epochs done, Adam's moments), updated after
         every epoch (see :func:`fit`).
     :param int seed: the validation draws' seed (as :class:`pyrovae.Trainer`'s).
+    :param dict step_kwargs: keyword arguments for the (first) objective's pair on every step
+        (:mod:`pyrovae.keywords`), as :func:`pyrovae.fit` takes them.
     :raises ValueError: for a pair with ``pyro.param`` sites outside modules, or none at all.
     """
 
     def __init__(self, model, guide: Callable | None, example, loss: ELBO | None = None,
                  lr: float = 1e-3, optimizer=None, optim_args: dict | None = None,
                  batch_transform: Callable | None = None, fast: bool = True,
-                 state: TrainState | None = None, seed: int = 0):  # fmt: skip
+                 state: TrainState | None = None, seed: int = 0,
+                 step_kwargs: dict | None = None):  # fmt: skip
         super().__init__()
         if callable(model) and not isinstance(model, Objective):
             objectives, examples = [Objective(model, guide, None, loss)], [example]
@@ -121,7 +124,9 @@ class PairModule(L.LightningModule):
             objectives, examples = as_objectives(model, guide, None, loss), list(example)
             if len(examples) != len(objectives):
                 raise ValueError("give one example batch per objective")
-        self.terms = [Term(o, i, batch_transform) for i, o in enumerate(objectives)]
+        self.terms = [Term(o, i, batch_transform, step_kwargs) for i, o in enumerate(objectives)]
+        for t in self.terms:  # the first step of the run's next epoch
+            t.clock = Clock(int(state.epoch) if state is not None else 0, 0, None)
         self.pair = nn.ModuleList(self._build(examples))  # registered once, here
         self._n_sites = len(pyro.get_param_store())  # grows if the pair makes more parameters
         self.lr, self.optimizer_cls, self.optim_args = lr, optimizer, dict(optim_args or {})
@@ -140,6 +145,7 @@ class PairModule(L.LightningModule):
         for term, batch in zip(self.terms, batches, strict=True):
             if term.check is not None and is_validation_enabled():
                 term.check(*batch)  # a clear error before the loss's (bad data)
+        batches = [t.keyworded(b) for t, b in zip(self.terms, batches, strict=True)]
         found = discover(self.terms, batches)
         for p in found.params:
             p.grad = None
@@ -190,9 +196,14 @@ class PairModule(L.LightningModule):
         batches = [t.prepare(b) for t, b in zip(self.terms, batches, strict=True)]
         if self.check_batches and self.terms[0].check is not None:
             self.terms[0].check(*batches[0])
+        steps = self.trainer.num_training_batches
+        for t in self.terms:
+            t.clock = Clock(self.offset + self.current_epoch, batch_idx,
+                            int(steps) if math.isfinite(steps) else None)  # fmt: skip
+        batches = [t.keyworded(b) for t, b in zip(self.terms, batches, strict=True)]
         loss = 0.0
         for term, b in zip(self.terms, batches, strict=True):
-            value = replay(term.step_loss, term.elbo_module, b)  # −ELBO summed, as in fit
+            value = replay(term.step_loss, term.train_loss, b)  # −ELBO summed, as in fit
             term.add(value, len(b[0]))
             loss = loss + term.weight * value
         self.guard.finite(batch_idx, loss)  # the first bad step, kept on the device
@@ -471,6 +482,7 @@ def fit(
     state: TrainState | None = None,
     stream: bool | None = None,
     num_workers: int = 0,
+    step_kwargs: dict | None = None,
     **trainer_args,
 ) -> L.Trainer:
     """Train a pair (or several objectives) with Lightning; the counterpart of
@@ -503,6 +515,9 @@ def fit(
         (data larger than memory) instead of collating them; ``None`` (default) streams those
         larger than :data:`pyrovae.batches.STREAM_BYTES` (see :class:`ShardedData`).
     :param int num_workers: DataLoader worker processes per rank for a streamed Dataset.
+    :param dict step_kwargs: keyword arguments for the (first) objective's pair on every step,
+        ``{name: constant or schedule}``, as :func:`pyrovae.fit` takes them (the clock is the
+        epoch and the step of this rank's shard, the same on every rank).
     :param trainer_args: passed to :class:`lightning.Trainer` (``devices``, ``num_nodes``,
         ``strategy``, ``accelerator``, ``precision``, ``logger``, …).
     :returns: the trainer (``trainer.lightning_module`` is the trained :class:`PairModule`).
@@ -516,7 +531,7 @@ def fit(
     pyro.set_rng_seed(seed)
     examples = [data_module.example(i) for i in range(len(objectives))]
     module = PairModule(objectives, None, examples, None, lr, optimizer, optim_args, None, fast,
-                        state, seed)  # fmt: skip
+                        state, seed, step_kwargs)  # fmt: skip
     _check_data(module, data_module)
     args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, **trainer_args}  # fmt: skip

@@ -33,8 +33,10 @@ from torch.distributions import constraints
 
 from .capture import capture, recording_modules
 from .errors import CaptureError, count
+from .keywords import StepKeywords
 from .nosync import NoSyncTrace_ELBO, no_sync
 from .plates import subsample_advice
+from .schedules import Clock
 
 __all__ = [
     "Objective",
@@ -142,14 +144,25 @@ class Term:
     :param Objective objective: the objective.
     :param int i: its position (0: the main objective, which validation scores).
     :param batch_transform: applied to each training batch (default: ``data.batch_transform``).
+    :param dict step_kwargs: keyword arguments fed to the (main) objective's pair every step
+        (:mod:`pyrovae.keywords`); checked against its model and guide here.
     """
 
-    def __init__(self, objective: Objective, i: int, batch_transform: Callable | None = None):
+    def __init__(self, objective: Objective, i: int, batch_transform: Callable | None = None,
+                 step_kwargs: dict | None = None):  # fmt: skip
         loss = objective.loss
         self.elbo_module = (no_sync(loss) if loss is not None else NoSyncTrace_ELBO())(
             objective.model, objective.guide
         )
-        self.step_loss: Callable = self.elbo_module  # replaced by the captured loss
+        self.keywords = None
+        if step_kwargs and i == 0:
+            self.keywords = StepKeywords(step_kwargs, objective.model, objective.guide)
+        # what a training step calls: the ELBOModule, taking the step's keywords if any
+        self.train_loss = (
+            self.keywords.bind(self.elbo_module) if self.keywords is not None else self.elbo_module
+        )
+        self.step_loss: Callable = self.train_loss  # replaced by the captured loss
+        self.clock = Clock(0, 0, None)  # the step being prepared (set by the engine)
         self.model, self.guide = objective.model, objective.guide
         self.weight, self.name = float(objective.weight), objective.name or f"objective{i + 1}"
         if batch_transform is None or i > 0:
@@ -165,6 +178,13 @@ class Term:
         """A training batch as the pair sees it: a tuple, the batch transform applied."""
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         return tuple(self.transform(batch)) if self.transform is not None else batch
+
+    def keyworded(self, batch: tuple) -> tuple:
+        """A prepared batch with the values of the step's scheduled keywords after its tensors
+        (at :attr:`clock`), as :attr:`train_loss` takes it."""
+        if self.keywords is None or not self.keywords.scheduled:
+            return batch
+        return batch + self.keywords.values(self.clock, batch[0].device)
 
     def start_epoch(self, device) -> None:
         self.total = torch.zeros((), dtype=torch.float64, device=device)
@@ -288,7 +308,7 @@ def discover(terms: Sequence[Term], batches: Sequence[tuple]) -> Discovery:
     losses = []
     with poutine.trace(param_only=True) as param_capture, recording_modules(found):
         for term, b in zip(terms, batches, strict=True):
-            loss, term.full = _watched(term.elbo_module, b)
+            loss, term.full = _watched(term.train_loss, b)
             _check_amortized(term.guide, len(b[0]))
             losses.append(loss)
     sites = param_capture.trace.nodes
@@ -345,7 +365,7 @@ def capture_terms(terms: Sequence[Term], modules, batches, free: dict | None = N
     done = []
     for term, batch in zip(terms, batches, strict=True):
         try:
-            term.step_loss = capture(term.elbo_module, list(modules), batch, free=free)
+            term.step_loss = capture(term.train_loss, list(modules), batch, free=free)
         except CaptureError as e:
             (say or log.warning)(f"{term.name} trains eagerly, its loss cannot be replayed: {e}")
             done.append(False)
@@ -439,8 +459,9 @@ def epoch_record(
     """The record of a finished epoch that both engines hand their callbacks: ``epoch``
     (1-based), ``train_elbo`` (the main objective's ELBO per datapoint), ``val_elbo``
     (:func:`validation_elbo`), ``seconds`` (of training), ``parts`` (with several objectives,
-    each one's ELBO per datapoint; else ``None``) and ``data_seconds`` (seconds waited for
-    streamed batches; else ``None``).
+    each one's ELBO per datapoint; else ``None``), ``data_seconds`` (seconds waited for
+    streamed batches; else ``None``) and ``step_kwargs`` (with ``step_kwargs`` schedules, each
+    one's value at the epoch's last step, ``{"annealing_factor": 0.6}``; else ``None``).
 
     :param reduce: sums each term's ``(2,)`` tensor ``[Σ loss, datapoints]`` over the ranks
         (default: one process).
@@ -451,6 +472,7 @@ def epoch_record(
                             torch.tensor(float(t.seen), dtype=torch.float64)])  # fmt: skip
         sums = reduce(sums) if reduce is not None else sums
         parts[t.name] = -float(sums[0]) / max(float(sums[1]), 1.0)
+    keywords = terms[0].keywords
     return {
         "epoch": epoch,
         "train_elbo": parts[terms[0].name],
@@ -458,4 +480,5 @@ def epoch_record(
         "seconds": seconds,
         "parts": parts if len(terms) > 1 else None,
         "data_seconds": data_seconds,
+        "step_kwargs": dict(keywords.last) if keywords is not None and keywords.last else None,
     }

@@ -6,7 +6,10 @@ it.
 - A user's pair (``pyrovae train --pair FILE.py:NAME``, :func:`load_pair`): ``NAME()`` returns
   an :class:`~torch.nn.Module` with ``model`` and ``guide`` methods, or a ``(model, guide)``
   pair whose modules it registers (``pyro.module``, :class:`~pyro.nn.PyroModule`) or is bound
-  to. The run records the file's absolute path and the SHA-256 of its text in ``pair.json``;
+  to. ``NAME()`` may also give keyword arguments for every training step (a ``step_kwargs``
+  attribute of the module, or a third element of the tuple: ``{"annealing_factor":
+  Ramp(0.2, 1.0, epochs=10)}``, :mod:`pyrovae.keywords`). The run records the file's
+  absolute path and the SHA-256 of its text in ``pair.json``;
   a run whose file changed or is gone is refused with one line.
 - Arrays from a file (``--data FILE.npz``, :func:`load_arrays`): the arrays in the file's order
   are the pair's positional tensors, split into train/valid/test by a seeded permutation.
@@ -52,14 +55,20 @@ def _sha256(path: Path) -> str:
 class RunPair:
     """A run's pair: ``model`` and ``guide``, ``module`` (its ``state_dict`` is the run's
     weights; ``None`` until :meth:`bind` for a pair of functions), ``source`` (the recorded
-    ``pair.json``, ``None`` for the built-in VAE) and ``vae`` (the built-in VAE, whose plots,
-    warm-up and likelihood a run uses; ``None`` for a user's pair)."""
+    ``pair.json``, ``None`` for the built-in VAE), ``vae`` (the built-in VAE, whose plots,
+    warm-up and likelihood a run uses; ``None`` for a user's pair) and ``step_kwargs`` (the
+    pair's keyword arguments for every training step, if any)."""
 
     model: Callable
     guide: Callable
     module: object = None
     source: dict | None = None
     vae: object = None
+    step_kwargs: dict | None = None
+
+    def scheduled(self) -> list[str]:
+        """The names of the step keywords that follow a schedule (a metrics.csv column each)."""
+        return [k for k, v in (self.step_kwargs or {}).items() if callable(v)]
 
     @classmethod
     def of_vae(cls, vae) -> RunPair:
@@ -157,14 +166,17 @@ def load_pair(spec: str, seed: int = 0) -> RunPair:
         and callable(getattr(made, "model", None))
         and callable(getattr(made, "guide", None))
     ):
-        pair = RunPair(made.model, made.guide)
-    elif isinstance(made, tuple) and len(made) == 2 and all(callable(f) for f in made):
-        pair = RunPair(*made)
+        pair = RunPair(made.model, made.guide, step_kwargs=getattr(made, "step_kwargs", None))
+    elif isinstance(made, tuple) and len(made) in (2, 3) and all(callable(f) for f in made[:2]):
+        pair = RunPair(made[0], made[1], step_kwargs=made[2] if len(made) == 3 else None)
     else:
         raise ValueError(
             f"--pair {spec}: {name}() returned {type(made).__name__}; it must return an "
             "nn.Module with model and guide methods, or a (model, guide) tuple"
         )
+    if pair.step_kwargs is not None and not isinstance(pair.step_kwargs, dict):
+        raise ValueError(f"--pair {spec}: its step_kwargs must be a dict {{name: value}}, got "
+                         f"{type(pair.step_kwargs).__name__}")  # fmt: skip
     pair.source = pair_source(path, name)
     return pair
 

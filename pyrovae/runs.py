@@ -491,7 +491,8 @@ def record_epoch(run: Run, record: dict) -> bool:
     run.records.append(record)
     extra = {"stopper": run.stopper.state_dict() if run.stopper is not None else None,
              "options": run.options, "train_seconds": run.seconds}  # fmt: skip
-    files = {METRICS_FILE: metrics_bytes(run.records, METRICS), **run.best}
+    rows = [{**r, **(r.get("step_kwargs") or {})} for r in run.records]  # a column each
+    files = {METRICS_FILE: metrics_bytes(rows, METRICS + run.pair.scheduled()), **run.best}
     if run.writer:  # what `pyrovae resume` continues from
         save_state(run.run_dir, run.pair.module, run.state, extra, files)
     run.best.clear()
@@ -692,7 +693,8 @@ def _train(run: Run, config, launch, progress: bool) -> None:
     common = {"epochs": run.epochs, "batch_size": config.batch_size, "lr": config.lr,
               "loss": make_loss(config), "seed": config.seed, "state": run.state,
               "stream": not hasattr(run.train, "tensors"), "num_workers": config.workers,
-              "val_data": run.valid.tensors if run.valid is not None else None}  # fmt: skip
+              "val_data": run.valid.tensors if run.valid is not None else None,
+              "step_kwargs": run.pair.step_kwargs}  # fmt: skip
     model, guide = run.pair.model, run.pair.guide
     callback = lambda record: record_epoch(run, record)  # noqa: E731
     try:
@@ -777,7 +779,7 @@ def fit_run(run_dir: Path, model, guide, data, *, epochs: int, callback=None,
     with RunLock(run_dir, "pyrovae.fit"):
         fresh = recover(run_dir) is None
         device = resolve_device(args["device"])
-        pair = RunPair(model, guide)
+        pair = RunPair(model, guide, step_kwargs=args["step_kwargs"])
         pair.bind(_first_batch(_as_data(data), args["batch_size"], device), args["loss"])
         valid = None if args["val_data"] is None else _as_data(args["val_data"])
         run = Run(run_dir, pair, data, valid, int(epochs), device, True, dict(NO_OPTIONS))

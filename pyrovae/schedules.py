@@ -1,4 +1,5 @@
-"""KL warm-up and β-VAE: the weight β of the latent sites, epoch by epoch.
+"""Schedules: KL warm-up and β-VAE epoch by epoch (:class:`KLSchedule`), and values that change
+every step (:class:`Ramp`, fed to the pair as keyword arguments by ``fit(step_kwargs=...)``).
 
 A :class:`KLSchedule` is a :func:`pyrovae.fit` callback: it sets ``model.beta`` before the first
 epoch and, after each epoch, for the next one. pyrovae's models scale the latent sites of model
@@ -21,8 +22,9 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["KLSchedule"]
+__all__ = ["KLSchedule", "Clock", "Ramp"]
 
 
 class KLSchedule:
@@ -61,3 +63,60 @@ class KLSchedule:
         record["beta"] = self.value(record["epoch"])
         self.set_epoch(record["epoch"] + 1)
         return False
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where a step stands in training, as both engines tell a step schedule.
+
+    The same on every rank, and a function of the run's saved epoch: a resumed run feeds the
+    same values as an uninterrupted one.
+    """
+
+    epoch: int  # epochs completed before this step (0 in the first epoch)
+    step: int  # steps completed in this epoch (0 for its first step)
+    steps: int | None  # steps per epoch (None: a stream of unknown length)
+
+
+class Ramp:
+    """A value rising (or falling) linearly from ``start`` to ``end`` over the first ``epochs``
+    epochs, step by step, then held: Pyro's DMM example's KL annealing [1]. At step ``s``
+    (0-based) of epoch ``e`` (0-based) with ``N`` steps per epoch,
+
+        value = start + (end − start) · min(1, (e·N + s + 1) / (epochs · N)),
+
+    exactly the example's ``annealing_factor`` (with ``start`` its
+    ``--minimum-annealing-factor``, ``end`` 1). On a stream of unknown length it moves once per
+    epoch, ``(e + 1) / epochs``. Use it as ``fit(..., step_kwargs={"annealing_factor": Ramp(0.2,
+    1.0, epochs=100)})``.
+
+    :param float start: the value at the first step.
+    :param float end: the value from step ``epochs · N`` on.
+    :param int epochs: the epochs the ramp takes (0: ``end`` from the start).
+    :raises ValueError: for a non-finite value or a negative number of epochs.
+
+    References:
+      [1] R. G. Krishnan, U. Shalit, D. Sontag, "Structured Inference Networks for Nonlinear
+          State Space Models", AAAI 2017; pyro/examples/dmm.py.
+    """
+
+    def __init__(self, start: float, end: float = 1.0, epochs: int = 1):
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not math.isfinite(float(v)):
+                raise ValueError(f"Ramp's {name} must be a finite number, got {v!r}")
+        if isinstance(epochs, bool) or int(epochs) != epochs or int(epochs) < 0:
+            raise ValueError(f"Ramp's epochs must be a whole number >= 0, got {epochs!r}")
+        self.start, self.end, self.epochs = float(start), float(end), int(epochs)
+
+    def __call__(self, clock: Clock) -> float:
+        """The value at ``clock``'s step."""
+        if self.epochs == 0:
+            return self.end
+        if clock.steps is None:
+            done = (clock.epoch + 1) / self.epochs
+        else:
+            done = (clock.epoch * clock.steps + clock.step + 1) / (self.epochs * clock.steps)
+        return self.start + (self.end - self.start) * min(1.0, done)
+
+    def __repr__(self) -> str:
+        return f"Ramp({self.start:g}, {self.end:g}, epochs={self.epochs})"

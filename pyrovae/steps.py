@@ -78,7 +78,7 @@ def replay(step_loss: Callable, elbo_module: Callable, batch) -> torch.Tensor:
 class Eager:
     """Pyro's ``ELBOModule`` of each objective on every step, then backward and the update.
 
-    :param terms: the objectives at run time (``batch``, ``weight``, ``elbo_module``, and the
+    :param terms: the objectives at run time (``batch``, ``weight``, ``train_loss``, and the
         running sums ``total``/``seen``).
     :param optimizer: the torch optimizer over every trained parameter.
     :param NonFiniteGuard guard: told every step's loss.
@@ -93,7 +93,7 @@ class Eager:
         pass
 
     def losses(self, batches: list) -> list[torch.Tensor]:
-        return [t.elbo_module(*b) for t, b in zip(self.terms, batches, strict=True)]
+        return [t.train_loss(*b) for t, b in zip(self.terms, batches, strict=True)]
 
     def step(self, step: int, items: list) -> int:
         batches = [t.batch(i) for t, i in zip(self.terms, items, strict=True)]
@@ -131,7 +131,7 @@ class Captured(Eager):
 
     def losses(self, batches: list) -> list[torch.Tensor]:
         pairs = zip(self.terms, batches, strict=True)
-        return [replay(t.step_loss, t.elbo_module, b) for t, b in pairs]
+        return [replay(t.step_loss, t.train_loss, b) for t, b in pairs]
 
 
 class CudaGraph(Captured):
@@ -236,6 +236,10 @@ def build(terms: list, batches: list, modules, free: dict, *, fast: bool, device
     captured = capture_terms(terms, modules, batches, free, say) if fast else [False]
     graph = all(captured) and device.type == "cuda" and len(terms) == 1
     graph = graph and terms[0].stream is None and terms[0].full is None
+    if graph and terms[0].keywords is not None and terms[0].keywords.scheduled:
+        log.info("pyrovae.fit: no CUDA graph: step_kwargs schedules change every step "
+                 "(the captured loss is replayed with each step's values)")  # fmt: skip
+        graph = False
     opt, capturable = optimizer(graph)
     if graph and capturable:
         t = terms[0]

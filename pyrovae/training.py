@@ -71,6 +71,7 @@ from .pair import (
     validation_seed,
 )
 from .progress import TrainingBar
+from .schedules import Clock
 from .state import TrainState, load_moments, restore_generators
 from .state import record as record_state
 
@@ -92,6 +93,8 @@ class History:
     parts: list[dict | None] = field(default_factory=list)
     #: with streamed data, the seconds the epoch waited for batches from the loader; else None
     data_seconds: list[float | None] = field(default_factory=list)
+    #: with ``step_kwargs`` schedules, their values at the epoch's last step ({name: value})
+    step_kwargs: list[dict | None] = field(default_factory=list)
 
     def append(self, record: dict) -> None:
         for key in asdict(self):
@@ -99,9 +102,10 @@ class History:
 
     def records(self) -> list[dict]:
         """One dict per epoch: ``epoch``, ``train_elbo``, ``val_elbo``, ``seconds`` (and
-        ``parts`` with several objectives, ``data_seconds`` with streamed data)."""
+        ``parts`` with several objectives, ``data_seconds`` with streamed data, ``step_kwargs``
+        with schedules)."""
         columns = asdict(self)
-        for optional in ("parts", "data_seconds"):
+        for optional in ("parts", "data_seconds", "step_kwargs"):
             if all(v is None for v in columns[optional]):
                 del columns[optional]
         return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
@@ -136,8 +140,9 @@ class _Fed(Term):
     # A term with fit's own data feed: device-resident tensors indexed by a permutation, or a
     # stream from a DataLoader.
     def __init__(self, obj: Objective, i: int, device, batch_size: int, batch_transform,
-                 stream: bool | None = None, num_workers: int = 0):  # fmt: skip
-        super().__init__(obj, i, batch_transform)
+                 stream: bool | None = None, num_workers: int = 0,
+                 step_kwargs: dict | None = None):  # fmt: skip
+        super().__init__(obj, i, batch_transform, step_kwargs)
         what = "training data" if i == 0 else f"the data of objective {i + 1}"
         size = count("batch_size", obj.batch_size if obj.batch_size is not None else batch_size)
         self.stream: Stream | None = None
@@ -173,13 +178,14 @@ class _Fed(Term):
 
     def batch(self, item) -> tuple[torch.Tensor, ...]:
         # The batch the pair sees: indexed (or streamed, then checked here since a stream's data
-        # were not checked up front), with the batch transform applied.
+        # were not checked up front), with the batch transform applied, and the step's
+        # scheduled keywords after it.
         if self.stream is None:
-            return self.prepare(tuple(t[item] for t in self.tensors))
+            return self.keyworded(self.prepare(tuple(t[item] for t in self.tensors)))
         batch = self.prepare(item)
         if self.check is not None and is_validation_enabled():
             self.check(*batch)
-        return batch
+        return self.keyworded(batch)
 
 
 class Trainer:
@@ -216,12 +222,12 @@ class Trainer:
                  seed: int | None = None, batch_transform: Callable | None = None,
                  fast: bool = True, state: TrainState | None = None, optimizer=None,
                  optim_args: dict | None = None, stream: bool | None = None,
-                 num_workers: int = 0):  # fmt: skip
+                 num_workers: int = 0, step_kwargs: dict | None = None):  # fmt: skip
         check_fit_args(1, batch_size, lr)
         self.device = device = resolve_device(device)
         objectives = as_objectives(model, guide, data, loss)
-        self.terms = [_Fed(o, i, device, batch_size, batch_transform, stream, num_workers)
-                      for i, o in enumerate(objectives)]  # fmt: skip
+        self.terms = [_Fed(o, i, device, batch_size, batch_transform, stream, num_workers,
+                           step_kwargs) for i, o in enumerate(objectives)]  # fmt: skip
         self.val = _validation(val_data, batch_size, stream, num_workers, device)
         in_memory = self.val if isinstance(self.val, tuple) else None
         check_data(self.terms[0], self.terms[0].tensors, in_memory)
@@ -272,7 +278,10 @@ class Trainer:
         self.guard.start_epoch()
         if self.engine is not None:
             self.engine.start_epoch()
+        done = int(self.state.epoch)
         for step in itertools.count() if self.steps is None else range(self.steps):
+            for t in self.terms:
+                t.clock = Clock(done, step, self.steps)
             items = [t.next_index() for t in self.terms]
             if items[0] is None:  # the end of a stream of unknown length
                 break
@@ -355,6 +364,7 @@ def fit(
     stream: bool | None = None,
     num_workers: int = 0,
     run_dir: str | os.PathLike | None = None,
+    step_kwargs: dict | None = None,
 ) -> History:
     """Fit a model/guide pair (or several objectives) with SVI: a :class:`Trainer` advanced to
     ``epochs`` with a progress bar (the module docstring says what the fast path does).
@@ -395,6 +405,12 @@ def fit(
     :param run_dir: write a crash-consistent run directory there, as ``pyrovae train`` does
         (the pair's module weights, its training state, metrics.csv, elbo.png, manifest.json;
         see :func:`pyrovae.runs.fit_run`), and continue the run saved there if there is one.
+    :param dict step_kwargs: keyword arguments for the (first) objective's model and guide on
+        every training step, ``{name: constant or schedule}``: e.g. Pyro's DMM example's
+        ``{"annealing_factor": Ramp(0.2, 1.0, epochs=100)}`` (:mod:`pyrovae.keywords`,
+        :class:`~pyrovae.schedules.Ramp`). A schedule's value is a function of the epoch and
+        step, so a continued run feeds what an uninterrupted one would; each epoch's record
+        holds its value at the epoch's last step. Validation calls the pair without them.
     :returns: the :class:`History` of per-epoch train/validation ELBO per datapoint (the epochs
         trained by this call).
     :raises ValueError: for bad arguments, data or pairs (checked before the first update).
@@ -405,7 +421,7 @@ def fit(
     args = {"batch_size": batch_size, "lr": lr, "loss": loss, "device": device,
             "val_data": val_data, "seed": seed, "batch_transform": batch_transform, "fast": fast,
             "optimizer": optimizer, "optim_args": optim_args, "stream": stream,
-            "num_workers": num_workers}  # fmt: skip
+            "num_workers": num_workers, "step_kwargs": step_kwargs}  # fmt: skip
     if run_dir is not None:
         from .runs import fit_run
 

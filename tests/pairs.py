@@ -5,10 +5,14 @@
   and ``guide`` register their networks with ``pyro.module``), on flattened images.
 - :func:`prodlda`: Pyro's ProdLDA topic model (examples and tutorial), as a ``(model, guide)``
   pair of plain functions over bag-of-words counts, its networks registered with ``pyro.module``.
+- :class:`Chain` / :func:`annealed_chain`: a tiny deep Markov model written as Pyro's DMM
+  example writes its pair (the KL terms scaled by an ``annealing_factor`` keyword of model and
+  guide), with a step schedule for it (``step_kwargs``), over sequences from :func:`chains`.
 """
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,3 +135,57 @@ def bag_of_words(path, docs: int = 240, vocab: int = 40, topics: int = 3, words:
     import numpy as np
 
     np.savez(path, counts=counts.float().numpy())
+
+
+CHAIN = (4, 3, 2)  # time steps T, observed dimension D, latent dimension Z
+
+
+class Chain(nn.Module):
+    """A tiny deep-Markov-style pair over ``x (N, T, D)``: z_t ~ N(trans(z_{t-1}), 1),
+    x_t ~ Bernoulli(emit(z_t)); the KL terms of z_t scaled by ``annealing_factor`` in model
+    and guide (a keyword of both), as pyro/examples/dmm.py scales them."""
+
+    def __init__(self):
+        super().__init__()
+        T, D, Z = CHAIN
+        self.trans, self.emit = nn.Linear(Z, Z), nn.Linear(Z, D)
+        self.enc = nn.Linear(T * D, 2 * T * Z)
+        self.calls = 0  # how often the model's Python ran
+
+    def model(self, x, annealing_factor=1.0):
+        self.calls += 1
+        pyro.module("chain", self)
+        T, _, Z = CHAIN
+        z = x.new_zeros(len(x), Z)
+        with pyro.plate("data", len(x)):
+            for t in range(T):
+                with poutine.scale(scale=annealing_factor):
+                    z = pyro.sample(f"z_{t}", dist.Normal(self.trans(z), 1.0).to_event(1))
+                pyro.sample(f"x_{t}", dist.Bernoulli(logits=self.emit(z)).to_event(1),
+                            obs=x[:, t])  # fmt: skip
+
+    def guide(self, x, annealing_factor=1.0):
+        pyro.module("chain", self)
+        T, _, Z = CHAIN
+        loc, scale = self.enc(x.flatten(1)).view(len(x), T, 2 * Z).chunk(2, -1)  # (N, T, Z)
+        with pyro.plate("data", len(x)):
+            for t in range(T):
+                with poutine.scale(scale=annealing_factor):
+                    pyro.sample(f"z_{t}", dist.Normal(loc[:, t], F.softplus(scale[:, t]) + 1e-3)
+                                .to_event(1))  # fmt: skip
+
+
+def annealed_chain():
+    """A :class:`Chain` whose KL annealing factor rises from 0.2 to 1 over two epochs."""
+    from pyrovae.schedules import Ramp
+
+    chain = Chain()
+    chain.step_kwargs = {"annealing_factor": Ramp(0.2, 1.0, epochs=2)}
+    return chain
+
+
+def chains(n: int = 96) -> torch.Tensor:
+    """Binary sequences ``(n, T, D)``, seeded."""
+    T, D, _ = CHAIN
+    g = torch.Generator().manual_seed(0)
+    return torch.bernoulli(torch.full((n, T, D), 0.3), generator=g)
