@@ -171,6 +171,7 @@ def main(argv=None) -> None:
     for name, done in runs.items():
         per_epoch = sum(r[0] for r in done) / len(done)
         _, elbo, dmm, path = done[-1]  # seeded: every run of a path ends the same
+        pyro.set_rng_seed(args.seed)  # the same test draws for both
         rows.append((name, per_epoch, elbo, test_elbo(dmm, test), path))
     print(f"DMM on generated piano rolls: {len(train)} training sequences ({train.steps:,} "
           f"steps), {len(test)} test ({test.steps:,} steps); {args.epochs} epochs, batches of "

@@ -174,6 +174,39 @@ def test_a_dmm_trains_with_lightning():
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(dmm), strict=True))
 
 
+class _Annealed(_DMM):
+    # The DMM noting the annealing factor its model is given on every call.
+    def __init__(self):
+        super().__init__()
+        self.seen: list[float] = []
+
+    def model(self, *batch, annealing_factor=1.0):
+        self.seen.append(float(annealing_factor))
+        super().model(*batch, annealing_factor=annealing_factor)
+
+
+@pytest.mark.parametrize("engine", ["fit", "lightning"])
+def test_the_kl_annealing_factor_rises_step_by_step_as_in_pyros_example(engine):
+    # 24 sequences in batches of 8: 3 steps an epoch; Pyro's DMM factor at step s of epoch e,
+    # 0.2 + 0.8 · min(1, (3e + s + 1) / (2 · 3)): 1 from the last step of epoch 2 on
+    x, lengths = _data()
+    dmm = _Annealed()
+    kwargs = {"step_kwargs": {"annealing_factor": pyrovae.schedules.Ramp(0.2, 1.0, epochs=2)},
+              "epochs": 3, "batch_size": 8}  # fmt: skip
+    if engine == "fit":
+        pyrovae.fit(dmm.model, dmm.guide, Sequences(x, lengths), progress=False, **kwargs)
+    else:
+        pytest.importorskip("lightning")
+        from pyrovae.lightning import fit
+
+        fit(dmm.model, dmm.guide, Sequences(x, lengths), accelerator="cpu", devices=1,
+            enable_progress_bar=False, **kwargs)  # fmt: skip
+    expected = [0.2 + 0.8 * min(1.0, (k + 1) / 6) for k in range(9)]
+    assert len(dmm.seen) == (9 if engine == "fit" else 10)  # Lightning builds on a batch first
+    steps = dmm.seen[-9:]
+    assert steps == pytest.approx(expected, abs=1e-6), steps
+
+
 def test_streamed_sequences_collate_their_lengths():
     x, lengths = _data()
     dmm = _DMM()
