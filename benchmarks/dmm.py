@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-n", type=int, default=100, help="test sequences")
     p.add_argument("--epochs", type=int, default=5, help="epochs on each path")
     p.add_argument("--batch-size", type=int, default=20, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
     p.add_argument("--annealing-epochs", type=int, default=3, help="KL annealing epochs")
     p.add_argument("--minimum-annealing-factor", type=float, default=0.2,
                    help="the annealing factor at the first step")  # fmt: skip

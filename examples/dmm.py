@@ -16,7 +16,7 @@ are annealed as in Pyro's example, the factor rising step by step from
 test ELBO and the importance-sampled log p(x) per timestep, and draws sequences from the trained
 model beside the data (``draws.png``) and the train ELBO per sequence by epoch (``elbo.png``).
 
-    python examples/dmm.py                      # 200 sequences, 30 epochs, about a minute
+    python examples/dmm.py                      # 200 sequences, 30 epochs, a minute or two
     python examples/dmm.py --epochs 2 --train-n 40 --out /tmp/dmm
 
 The model and guide are adapted from pyro/examples/dmm.py (Copyright (c) 2017-2019 Uber
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rnn-dim", type=int, default=64, help="the guide's RNN state size")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training data")
     p.add_argument("--batch-size", type=int, default=20, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
     p.add_argument("--annealing-epochs", type=int, default=10,
                    help="epochs the KL annealing factor takes to rise to 1 (0: none)")  # fmt: skip
     p.add_argument("--minimum-annealing-factor", type=float, default=0.2,
