@@ -72,8 +72,8 @@ def check_lengths(lengths, rows: int, steps: int, what: str = "lengths") -> torc
         raise ValueError(f"{what} must be whole numbers (an integer tensor), got dtype "
                          f"{lengths.dtype}; pass {what}.long() if they are whole")  # fmt: skip
     if lengths.dim() != 1 or len(lengths) != rows:
-        raise ValueError(f"{what} must have one entry per sequence, shape ({rows},); got shape "
-                         f"{tuple(lengths.shape)}")  # fmt: skip
+        raise ValueError(f"{what} must have one entry per sequence ({rows} padded): shape "
+                         f"({rows},), got {tuple(lengths.shape)}")  # fmt: skip
     lengths = lengths.long()
     short = (lengths < 1).nonzero().flatten()
     if len(short):
@@ -90,30 +90,26 @@ def check_lengths(lengths, rows: int, steps: int, what: str = "lengths") -> torc
     return lengths
 
 
-def _check_mask(mask, lengths: torch.Tensor, shape: tuple[int, int]) -> None:
-    # A mask must be the lengths' (1 on the first lengths[i] steps of row i, 0 after).
+def _as_mask(mask, shape: tuple[int, int]) -> torch.Tensor:
+    # A mask as a tensor of the padded sequences' (N, T), holding 0/1 or bools.
     mask = torch.as_tensor(mask)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must have the shape (N, T) = {shape} of the padded sequences, "
                          f"got {tuple(mask.shape)}")  # fmt: skip
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must hold 0/1 (or True/False) values")
-    wrong = (mask.bool() != lengths_mask(lengths.to(mask.device), shape[1])).any(-1)  # (N,)
+    return mask.bool()
+
+
+def _check_mask(mask: torch.Tensor, lengths: torch.Tensor) -> None:
+    # A mask must be the lengths' (1 on the first lengths[i] steps of row i, 0 after).
+    wrong = (mask != lengths_mask(lengths.to(mask.device), mask.shape[1])).any(-1)  # (N,)
     if bool(wrong.any()):
         i = int(wrong.nonzero()[0])
         raise ValueError(f"the mask disagrees with the lengths at sequence {i} (its mask has "
-                         f"{int(mask[i].bool().sum())} steps set, its length is "
-                         f"{int(lengths[i])}; {int(wrong.sum())} of {shape[0]} rows disagree): "
-                         "a mask is 1 on a sequence's first `length` steps, 0 after")  # fmt: skip
-
-
-def _lengths_from_mask(mask, shape: tuple[int, int]) -> torch.Tensor:
-    # The lengths a mask gives (its number of steps set per row), checked by _check_mask after.
-    mask = torch.as_tensor(mask)
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have the shape (N, T) = {shape} of the padded sequences, "
-                         f"got {tuple(mask.shape)}")  # fmt: skip
-    return (mask != 0).sum(-1).long()  # (N,)
+                         f"{int(mask[i].sum())} steps set, its length is {int(lengths[i])}; "
+                         f"{int(wrong.sum())} of {len(mask)} rows disagree): a mask is 1 on a "
+                         "sequence's first `length` steps, 0 after")  # fmt: skip
 
 
 def dmm_mini_batch(batch) -> tuple[torch.Tensor, PackedSequence, torch.Tensor, torch.Tensor]:
@@ -172,12 +168,14 @@ class Sequences(torch.utils.data.Dataset):
         rows, steps = padded.shape[:2]
         if lengths is None and mask is None:
             raise ValueError("give the sequences' lengths (N,) or their mask (N, T)")
+        mask = _as_mask(mask, (rows, steps)) if mask is not None else None  # (N, T)
+        what = "lengths" if lengths is not None else "the mask's lengths"
         if lengths is None:
-            lengths = _lengths_from_mask(mask, (rows, steps))
+            lengths = mask.sum(-1)  # (N,): the steps set in each row
         self.padded = padded  # (N, T, ...)
-        self.lengths = check_lengths(lengths, rows, steps).to(padded.device)  # (N,)
+        self.lengths = check_lengths(lengths, rows, steps, what).to(padded.device)  # (N,)
         if mask is not None:
-            _check_mask(mask, self.lengths, (rows, steps))
+            _check_mask(mask, self.lengths)
         self.batch_preparation = prepare
 
     @property

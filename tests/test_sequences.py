@@ -96,7 +96,12 @@ def test_dmm_mini_batch_is_pyros_get_mini_batch_in_the_batchs_order():
         ),
         (lambda x, n: Sequences(x, -n), "sequence 0 has length -"),
         (lambda x, n: Sequences(x, n.float()), r"lengths must be whole numbers .*float32"),
-        (lambda x, n: Sequences(x, n[:20]), r"one entry per sequence, shape \(24,\); got .*20"),
+        (lambda x, n: Sequences(x, n[:20]), r"entry per sequence \(24 padded\): .*got \(20,\)"),
+        (
+            lambda x, n: Sequences(x, mask=torch.ones(24, T).index_fill(0, torch.tensor([3]), 0)),
+            r"the mask's lengths: sequence 3 has length 0",
+        ),
+        (lambda x, n: Sequences(x, mask=torch.full((24, T), 0.5)), "mask must hold 0/1"),
         (
             lambda x, n: Sequences(x, n, mask=torch.ones(24, T)),
             "the mask disagrees with the lengths at sequence 0",
