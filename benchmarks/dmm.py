@@ -24,7 +24,7 @@ sum each sequence's log p − log q over the sites, then logsumexp over K − lo
 back to the data's order; per sequence, the two differ by about what two pyrovae estimates with
 other draws differ by (printed beside).
 
-    OMP_NUM_THREADS=1 nice python benchmarks/dmm.py            # about 3 min on one busy core
+    OMP_NUM_THREADS=1 nice python benchmarks/dmm.py            # about 2 min on one busy core
 """
 
 from __future__ import annotations
