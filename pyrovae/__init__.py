@@ -33,6 +33,7 @@ _FROM = {
     "log_likelihood_report": "evaluation",
     "elbo": "evaluation",
     "iwae": "evaluation",
+    "Sequences": "sequences",
     "Config": "config",
     "build_vae": "config",
     "save_run": "checkpoint",
@@ -48,7 +49,8 @@ _FROM = {
     "WriteError": "errors",
 }
 _SUBMODULES = ("data", "likelihoods", "nets", "priors", "guides", "objectives", "schedules",
-               "selection", "plots", "metrics", "choices", "diagnostics", "ais")  # fmt: skip
+               "selection", "plots", "metrics", "choices", "diagnostics", "ais",
+               "sequences")  # fmt: skip
 
 __all__ = [*_FROM, *_SUBMODULES]
 
@@ -90,6 +92,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
         priors,
         schedules,
         selection,
+        sequences,
     )
     from .checkpoint import (  # noqa: F401
         load_run,
@@ -113,6 +116,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
     from .pair import Objective  # noqa: F401
     from .schedules import KLSchedule, Ramp  # noqa: F401
     from .selection import EarlyStopping  # noqa: F401
+    from .sequences import Sequences  # noqa: F401
     from .state import TrainState  # noqa: F401
     from .training import History, Trainer, fit  # noqa: F401
     from .vae import VAE  # noqa: F401

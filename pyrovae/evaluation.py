@@ -55,6 +55,7 @@ __all__ = [
     "find_data_plate",
     "inspect_pair",
     "check_order",
+    "scoring_transform",
     "PairLayout",
     "DEFAULT_CHUNK_ELEMENTS",
 ]
@@ -359,6 +360,16 @@ def _eval_mode(model, guide):
             )
 
 
+def scoring_transform(data, batch_transform: Callable | None = None) -> Callable | None:
+    """The batch transform the scoring functions apply to ``data``: ``batch_transform`` when
+    given, else the data's ``batch_preparation`` (part of how the pair reads a batch, as
+    :class:`pyrovae.sequences.Sequences` carries it: applied in training and scoring alike),
+    never the data's ``batch_transform`` alone (training only, e.g. dynamic binarization)."""
+    if batch_transform is not None:
+        return batch_transform
+    return getattr(data, "batch_preparation", None)
+
+
 def _preparing(batch_transform: Callable | None) -> Callable[[tuple], tuple]:
     # A batch as the pair sees it: the batch_transform's output, as a tuple.
     if batch_transform is None:
@@ -500,6 +511,7 @@ def _reduce(
     batch_transform: Callable | None = None,
 ) -> torch.Tensor:
     num_particles = count("the number of particles/samples", num_particles)
+    batch_transform = scoring_transform(data, batch_transform)
     if batch_size is not None:
         batch_size = count("batch_size", batch_size)
     tensors = _on_pair_device(model, guide, _batch_tensors(data))
@@ -646,7 +658,8 @@ def elbo(
         masks or packed sequences built per batch); it may return non-tensors after the first
         item, a tensor of the batch's datapoints. Rows come back in the order of ``data``: a
         transform or pair that reorders a batch (sorting by length) is refused
-        (:func:`check_order`).
+        (:func:`check_order`). Default: the data's ``batch_preparation``, if it has one
+        (:class:`pyrovae.sequences.Sequences`; :func:`scoring_transform`).
     :raises DataError: for data that are not tensors (a tuple holding a ``PackedSequence``).
     :raises ValueError: for a pair that reorders its batch or subsamples more than the data.
     """
@@ -771,7 +784,7 @@ def scoring_estimate(
     """
     import time
 
-    tensors = as_tensors(data)
+    tensors, prepare = as_tensors(data), scoring_transform(data)
     n, k = len(tensors[0]), count("the number of samples", num_samples)
     m, kp = min(n, probe[0]), min(k, probe[1])
 
@@ -783,11 +796,12 @@ def scoring_estimate(
     # this process's), from its own seed, the caller's generators left as they were
     with torch.random.fork_rng(devices=_cuda_devices(tensors)):
         torch.manual_seed(seed)
-        log_likelihood(model, guide, first(1), num_samples=2)  # traces the pair
+        log_likelihood(model, guide, first(1), num_samples=2, batch_transform=prepare)
         took = []
         for particles in (kp, 4 * kp):
             start = time.perf_counter()
-            log_likelihood(model, guide, first(m), num_samples=particles)
+            log_likelihood(model, guide, first(m), num_samples=particles,
+                           batch_transform=prepare)  # fmt: skip
             took.append(time.perf_counter() - start)
     per = max(took[1] - took[0], 0.0) / (3 * m * kp)  # seconds per datapoint per sample
     fixed = max(took[0] - per * m * kp, 0.0)  # a call's own overhead
@@ -839,7 +853,7 @@ def log_likelihood_report(
     if method == "ais":
         from .ais import ais
 
-        if batch_transform is not None:
+        if scoring_transform(data, batch_transform) is not None:
             raise ValueError("method='ais' takes tensors as the pair sees them: apply "
                              "batch_transform to the data first (it is applied per batch "
                              "with method='is' only)")  # fmt: skip

@@ -68,6 +68,18 @@ def test_vae(tmp_path, capsys):
           "interpolations.png", "log_px.png")  # fmt: skip
 
 
+def test_dmm(tmp_path, capsys):
+    args = ("--train-n 12 --test-n 6 --min-length 3 --max-length 6 --z-dim 2 --emission-dim 8 "
+            "--transition-dim 8 --rnn-dim 8 --epochs 2 --batch-size 6 --num-samples 20 "
+            "--draws 2")  # fmt: skip
+    r = _run("dmm", args, "--out", str(tmp_path), *QUIET)
+    # per timestep: the ELBO bounds the importance-sampled log p(x) from below
+    assert r["test_elbo_per_step"] < r["test_log_px_per_step"] < 0
+    printed = capsys.readouterr().out
+    assert f"log p(x) per timestep {r['test_log_px_per_step']:.3f} nats (K=20" in printed
+    _pngs(tmp_path, "draws.png", "elbo.png")
+
+
 def test_custom_pair_matches_the_exact_log_likelihood(capsys):
     args = "--epochs 30 --batch-size 32 --z-dim 3 --limit 300 --num-samples 300"
     r = _run("custom_model_guide", args, *QUIET)
