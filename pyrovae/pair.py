@@ -168,6 +168,8 @@ class Term:
         if batch_transform is None or i > 0:
             batch_transform = getattr(objective.data, "batch_transform", None)
         self.transform = batch_transform
+        # how the pair reads a batch, in validation as in training (pyrovae.sequences.Sequences)
+        self.preparation = getattr(objective.data, "batch_preparation", None)
         self.full: int | None = None  # the full size its plate scales batches up to, if any
         check = getattr(getattr(objective.model, "__self__", None), "check_data", None)
         self.check = check if callable(check) else None  # a pyrovae VAE's data check
@@ -380,6 +382,8 @@ def _loss_sum(term: Term, batch: tuple) -> torch.Tensor:
     # pyrovae.elbo cannot score: global latents). TraceEnum_ELBO refuses to run without
     # gradients: it gets them, and they are dropped.
     grads = isinstance(getattr(term.elbo_module, "elbo", None), TraceEnum_ELBO)
+    if term.preparation is not None:
+        batch = tuple(term.preparation(batch))
     with torch.set_grad_enabled(grads):
         return -batch_sum(term.elbo_module(*batch).detach(), len(batch[0]), term.full)
 
@@ -392,7 +396,8 @@ def _scores(term: Term, batch: tuple, seed: int | None) -> torch.Tensor:
     if getattr(term, "scored_by_loss", False):
         return _loss_sum(term, batch).double()
     try:
-        return elbo(term.model, term.guide, batch, seed=seed).double().sum()
+        return elbo(term.model, term.guide, batch, seed=seed,
+                    batch_transform=term.preparation).double().sum()  # fmt: skip
     except (ValueError, NotImplementedError) as e:
         term.scored_by_loss = True
         log.warning("pyrovae: the validation ELBO of %s is its training loss's (pyrovae.elbo "

@@ -179,6 +179,26 @@ def test_a_dmm_trains_with_lightning():
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(dmm), strict=True))
 
 
+@pytest.mark.parametrize("engine", ["fit", "lightning"])
+def test_held_out_sequences_are_scored_each_epoch_as_they_are_trained(engine):
+    # val_data=Sequences: the validation ELBO reads each batch through the data's preparation,
+    # as training and pyrovae.elbo do (the same number on both engines, one implementation)
+    x, lengths = _data()
+    val = Sequences(*_data(12, seed=1))
+    dmm, records = _DMM(), []
+    if engine == "fit":
+        pyrovae.fit(dmm.model, dmm.guide, Sequences(x, lengths), val_data=val, epochs=2,
+                    batch_size=8, lr=0.01, progress=False, callback=records.append)  # fmt: skip
+    else:
+        from pyrovae.lightning import EpochCallback, fit
+
+        fit(dmm.model, dmm.guide, Sequences(x, lengths), val_data=val, epochs=2, batch_size=8,
+            lr=0.01, accelerator="cpu", devices=1, enable_progress_bar=False,
+            callbacks=[EpochCallback(records.append)])  # fmt: skip
+    assert len(records) == 2 and all(r["val_elbo"] < 0 for r in records)
+    assert all(r["val_elbo"] > -200 for r in records), records
+
+
 class _Annealed(_DMM):
     # The DMM noting the annealing factor its model is given on every call.
     def __init__(self):
