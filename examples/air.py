@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-what", type=int, default=10, help="z_what size")
     p.add_argument("--pres-prior", type=float, default=0.01,
                    help="k: the prior gives n objects probability ∝ k^n")  # fmt: skip
+    p.add_argument("--window-bias", type=float, default=-2.0,
+                   help="added to the decoder's output before its sigmoid (Pyro's "
+                        "--decoder-output-bias)")  # fmt: skip
     p.add_argument("--no-baselines", action="store_true",
                    help="no baselines: train with Trace_ELBO (the plain score-function "
                         "estimator)")  # fmt: skip
@@ -175,12 +178,15 @@ class AIR(nn.Module):
     :param int hidden: the encoder's and decoder's hidden size.
     :param bool baselines: give ``z_pres`` a neural baseline (``baseline_value``).
     :param float pres_prior: k, the prior gives n objects probability ∝ k^n.
+    :param float window_bias: added to the decoder's output before its sigmoid.
     """
 
     def __init__(self, steps: int = 3, window: int = 16, z_what: int = 10, rnn: int = 128,
-                 hidden: int = 100, baselines: bool = True, pres_prior: float = 0.01):  # fmt: skip
+                 hidden: int = 100, baselines: bool = True, pres_prior: float = 0.01,
+                 window_bias: float = -2.0):  # fmt: skip
         super().__init__()
         self.steps, self.window, self.z_what, self.baselines = steps, window, z_what, baselines
+        self.window_bias = window_bias
         self.likelihood_sd = 0.3
         # the priors and decoder of the settings Pyro's AIR tutorial trains with: z_where ~
         # N([3, 0, 0], [0.2, 1, 1]); z_pres a truncated geometric (make_prior(k) in its
@@ -227,7 +233,7 @@ class AIR(nn.Module):
         z_where = pyro.sample(f"z_where_{t}", where.to_event(1).mask(on))  # (n, 3)
         what = dist.Normal(x.new_zeros(n, self.z_what), 1.0)
         z_what = pyro.sample(f"z_what_{t}", what.to_event(1).mask(on))  # (n, z_what)
-        window = torch.sigmoid(self.decode(z_what) - 2.0)  # (n, window²)
+        window = torch.sigmoid(self.decode(z_what) + self.window_bias)  # (n, window²)
         y = window_to_image(z_where, self.window, window)  # (n, 50, 50)
         return x + y * z_pres.view(-1, 1, 1), z_pres
 
@@ -392,8 +398,9 @@ def plot_accuracy(accuracy: list[float], n: int, label: str, path: Path) -> None
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(range(1, len(accuracy) + 1), accuracy, marker="o", ms=3, label=label)
-    ax.axhline(1 / 3, color="grey", lw=0.8, ls=":", label="chance (1/3)")
+    ax.axhline(1 / 3, color="grey", lw=0.8, ls=":", label="1/3: a guess among 0, 1, 2")
     ax.set(xlabel="epoch", ylabel="count accuracy", ylim=(0, 1.02))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"count accuracy, {n} held-out canvases\n(one draw of q per canvas)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -436,7 +443,7 @@ def main(args: argparse.Namespace) -> dict:
     train_x, test = x[: args.n], (x[args.n :], counts[args.n :])
     pyro.set_rng_seed(args.seed)
     air = AIR(args.steps, args.window, args.z_what, args.rnn, args.hidden, not args.no_baselines,
-              args.pres_prior)  # fmt: skip
+              args.pres_prior, args.window_bias)  # fmt: skip
     name = "TraceGraph_ELBO, baselines" if air.baselines else "Trace_ELBO, no baselines"
     print(f"AIR on {args.n} canvases of {args.objects} ({name})")
     history, accuracy, path = train(air, train_x, test, args)
