@@ -9,6 +9,8 @@ from air_pair import SmallAIR, canvases
 from pairs import VAE
 from pyro.contrib.gp.kernels import RBF
 from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceGraph_ELBO,
     RenyiELBO,
     Trace_ELBO,
     Trace_MMD,
@@ -21,7 +23,14 @@ from pyro.infer import (
 from test_tracegraph import Present, _data
 
 import pyrovae
-from pyrovae.nosync import NoSyncTrace_MMD, NoSyncTraceTMC_ELBO, no_sync, spelled
+from pyrovae.nosync import (
+    NoSyncTrace_ELBO,
+    NoSyncTrace_MMD,
+    NoSyncTraceGraph_ELBO,
+    NoSyncTraceTMC_ELBO,
+    no_sync,
+    spelled,
+)
 
 
 def _pair(name: str):
@@ -98,11 +107,13 @@ def test_a_mean_field_loss_refuses_a_discrete_guide_also_without_validation():
         _fit(pair, x, TraceMeanField_ELBO())
 
 
-TRAINED = [
-    (TraceTMC_ELBO(strict_enumeration_warning=False), "vae", NoSyncTraceTMC_ELBO),
-    (Trace_MMD(kernel=RBF(2), num_particles=3), "vae", NoSyncTrace_MMD),
-    (Trace_ELBO(num_particles=3, vectorize_particles=True), "vae", None),
-    (TraceGraph_ELBO(num_particles=2), "air", None),
+TRAINED = [  # (loss, pair, its twin, the Pyro loss whose values the twin gives)
+    (TraceTMC_ELBO(strict_enumeration_warning=False), "vae", NoSyncTraceTMC_ELBO, None),
+    (Trace_MMD(kernel=RBF(2), num_particles=3), "vae", NoSyncTrace_MMD, None),
+    (Trace_ELBO(num_particles=3, vectorize_particles=True), "vae", NoSyncTrace_ELBO, None),
+    (TraceGraph_ELBO(num_particles=2), "air", NoSyncTraceGraph_ELBO, None),
+    (JitTrace_ELBO(num_particles=2), "vae", NoSyncTrace_ELBO, Trace_ELBO(num_particles=2)),
+    (JitTraceGraph_ELBO(), "air", NoSyncTraceGraph_ELBO, TraceGraph_ELBO()),
 ]
 
 
@@ -127,13 +138,14 @@ def _stock_step(loss, pair, x):
     return step
 
 
-@pytest.mark.parametrize("loss, pair, twin", TRAINED, ids=_ids)
-def test_the_other_losses_train_on_the_fast_path_with_pyros_values(loss, pair, twin, caplog):
+@pytest.mark.parametrize("loss, pair, twin, pyros", TRAINED, ids=_ids)
+def test_the_other_losses_train_on_the_fast_path_with_pyros_values(loss, pair, twin, pyros,
+                                                                   caplog):  # fmt: skip
+    # (a Jit loss is compared with its plain class: fit captures the loss itself)
     pair, x = _pair(pair)
     ours = no_sync(loss)
-    assert twin is None or type(ours) is twin
-    assert ours.num_particles == loss.num_particles
-    stock = _value_and_grads(pair, x, _stock_step(loss, pair, x))
+    assert type(ours) is twin and ours.num_particles == loss.num_particles
+    stock = _value_and_grads(pair, x, _stock_step(pyros or loss, pair, x))
     mine = _value_and_grads(
         pair, x, lambda: _backward(ours.differentiable_loss(pair.model, pair.guide, x))
     )
