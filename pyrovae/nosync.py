@@ -54,6 +54,7 @@ __all__ = [
     "NoSyncTrace_MMD",
     "NO_SYNC",
     "no_sync",
+    "spelled",
     "tracing",
 ]
 
@@ -258,13 +259,14 @@ def _base(fn) -> type:
 @contextlib.contextmanager
 def _named_errors(loss):
     # Pyro's errors that a loss's settings cause, as one line naming the loss and the fix
-    # (Pyro's span several lines and name neither).
+    # (Pyro's span several lines and name neither). Not while capture traces the loss: it
+    # explains a failure there itself, from the original error.
     try:
         yield
     except (ValueError, RuntimeError, IndexError) as e:
         first = (str(e).splitlines() or [""])[0].strip()
         vectorized = getattr(loss, "vectorize_particles", False) and loss.num_particles > 1
-        if first.startswith("loss="):  # already named
+        if first.startswith("loss=") or isinstance(e, CaptureError) or getattr(tracing, "on", 0):
             raise
         if "plate stack overflow" in str(e):
             need = re.search(r"at least (\d+)", str(e))

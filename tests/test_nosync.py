@@ -161,3 +161,16 @@ def test_the_other_losses_train_on_the_fast_path_with_pyros_values(loss, pair, t
 def _backward(loss):
     loss.backward()
     return loss
+
+
+def test_a_vectorized_loss_that_cannot_be_replayed_keeps_its_reason(caplog):
+    # the capture's own refusal (a decaying-average baseline) is not reworded as a failure to
+    # vectorize: the pair trains eagerly, saying why
+    pair, x = Present("decaying"), _data(40)
+    loss = TraceGraph_ELBO(num_particles=2, vectorize_particles=True)
+    with caplog.at_level("INFO", logger="pyrovae"):
+        history = pyrovae.fit(pair.model, pair.guide, x, loss=loss, epochs=2, batch_size=20,
+                              progress=False, device="cpu")  # fmt: skip
+    (eager,) = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert "'present' use a decaying-average baseline" in eager
+    assert torch.isfinite(torch.tensor(history.train_elbo)).all()
