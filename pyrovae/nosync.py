@@ -1,14 +1,19 @@
 """Pyro's ELBOs computed without reading values back to the host: the losses the fast path of
 :func:`pyrovae.fit` (:mod:`pyrovae.capture`) and the Lightning engine run.
 
-Pyro's ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceEnum_ELBO`` and ``TraceGraph_ELBO`` read
-floats back to the host (``torch_item``, ``warn_if_nan``, a positivity test in the Dice
-estimator): fine eagerly, fatal to capture and a sync per step on a GPU. Each has a
-:class:`NoSync` twin here, the same values and gradients with nothing read back
-(``TraceGraph_ELBO`` as :class:`NoSyncTraceGraph_ELBO`, one differentiable loss with the
-guide's baselines); :func:`no_sync` maps a loss to its twin and refuses a loss with no
-``differentiable_loss``, naming what to use.
-"""
+Pyro's ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``, ``TraceGraph_ELBO``,
+``TraceTMC_ELBO`` and ``Trace_MMD`` read floats back to the host (``torch_item``,
+``warn_if_nan``, a positivity test in the Dice estimator): fine eagerly, fatal to capture and a
+sync per step on a GPU. Each has a :class:`NoSync` twin here, the same values and gradients
+with nothing read back (``TraceGraph_ELBO`` as :class:`NoSyncTraceGraph_ELBO`, one
+differentiable loss with the guide's baselines); :func:`no_sync` maps a loss to its twin.
+
+A loss that cannot train a pair is refused before any step, in one line naming the loss as
+written and what to use: by :func:`no_sync` (no ``differentiable_loss``: ``RenyiELBO``,
+``ReweightedWakeSleep``; a value that is not an ELBO: ``TraceTailAdaptive_ELBO``), or on the
+first, eager run of the pair, before its update (a loss that needs reparameterized sites given a
+Bernoulli one, even without Pyro's validation; a ``max_plate_nesting`` too small; a pair or a
+baseline that does not broadcast over vectorized particles)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import contextlib
 import copy
 import logging
 import math
+import re
 import threading
 
 import torch
@@ -26,9 +32,12 @@ from pyro.infer import (
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
     Trace_ELBO,
+    Trace_MMD,
     TraceEnum_ELBO,
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
+    TraceTailAdaptive_ELBO,
+    TraceTMC_ELBO,
 )
 
 from .errors import CaptureError
@@ -41,8 +50,11 @@ __all__ = [
     "NoSyncTraceMeanField_ELBO",
     "NoSyncTraceEnum_ELBO",
     "NoSyncTraceGraph_ELBO",
+    "NoSyncTraceTMC_ELBO",
+    "NoSyncTrace_MMD",
     "NO_SYNC",
     "no_sync",
+    "spelled",
     "tracing",
 ]
 
@@ -110,7 +122,15 @@ def _compute_expectation(self, costs):
 
 def _patches():
     # (owner, attribute, replacement) for every host read in Pyro's ELBOs.
-    from pyro.infer import elbo, trace_elbo, trace_mean_field_elbo, traceenum_elbo, util
+    from pyro.infer import (
+        elbo,
+        trace_elbo,
+        trace_mean_field_elbo,
+        trace_mmd,
+        traceenum_elbo,
+        tracetmc_elbo,
+        util,
+    )
 
     return [
         (trace_elbo, "torch_item", _detach),
@@ -118,6 +138,9 @@ def _patches():
         (trace_mean_field_elbo, "torch_item", _detach),
         (trace_mean_field_elbo, "warn_if_nan", _no_warn),
         (traceenum_elbo, "warn_if_nan", _no_warn),
+        (tracetmc_elbo, "warn_if_nan", _no_warn),
+        (trace_mmd, "torch_item", _detach),
+        (trace_mmd, "warn_if_nan", _no_warn),
         (elbo, "warn_if_nan", _no_warn) if hasattr(elbo, "warn_if_nan") else None,
         (util.Dice, "compute_expectation", _compute_expectation),
     ]
@@ -168,25 +191,106 @@ class NoSync:
 
     #: whether the loss reads the guide's ``infer={"baseline": ...}`` (TraceGraph_ELBO only)
     uses_baselines = False
+    #: the traces ("model", "guide") whose latent sites the loss needs reparameterized
+    needs_rsample: tuple[str, ...] = ()
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        with _no_host_reads():
+        with _no_host_reads(), _named_errors(self):
             return super().differentiable_loss(model, guide, *args, **kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
-        # Pyro's traces, and once per loss a warning for baselines this loss ignores.
+        # Pyro's traces, checked once per loss (_check_sites).
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if not self.uses_baselines and not getattr(self, "_baselines_checked", False):
-            self._baselines_checked = True
-            sites = _baselines(guide_trace)
-            if sites:
-                log.warning(
-                    "pyrovae: the guide's site(s) %s set infer={'baseline': ...}, which %s "
-                    "ignores (the baselines never train nor reduce variance); train with "
-                    "loss=TraceGraph_ELBO() to use them",
-                    ", ".join(map(repr, sites)), type(self).__name__.removeprefix("NoSync"),
-                )  # fmt: skip
+        if not getattr(self, "_sites_checked", False):
+            _check_sites(self, {"model": model_trace, "guide": guide_trace})
+            self._sites_checked = True
         return model_trace, guide_trace
+
+
+def spelled(loss) -> str:
+    """A loss as its user wrote it: its Pyro class (not its no-sync twin) and the settings that
+    differ from the defaults, e.g. ``Trace_ELBO(num_particles=4, vectorize_particles=True)``
+    (as :func:`no_sync` found them: Pyro fills in a guessed ``max_plate_nesting`` later)."""
+    if getattr(loss, "_spelled", None):
+        return loss._spelled
+    cls = next(c for c in type(loss).__mro__ if not issubclass(c, NoSync))
+    defaults = {"num_particles": 1, "vectorize_particles": False, "max_plate_nesting": math.inf}
+    shown = [
+        f"{name}={getattr(loss, name)}"
+        for name, default in defaults.items()
+        if getattr(loss, name, default) != default
+    ]
+    return f"{cls.__name__}({', '.join(shown)})"
+
+
+def _check_sites(loss: NoSync, traces: dict) -> None:
+    # Latent sites the loss cannot differentiate (refused: Pyro checks them only under
+    # validation, and without it trains on a biased gradient), and baselines it ignores
+    # (warned about, once).
+    discrete = [
+        f"{kind} {name!r} ({_base(site['fn']).__name__})"
+        for kind in loss.needs_rsample
+        for name, site in traces[kind].nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+        and not site["infer"].get("enumerate") and not getattr(site["fn"], "has_rsample", True)
+    ]  # fmt: skip
+    if discrete:
+        raise ValueError(
+            f"loss={spelled(loss)} needs reparameterized latent sites, and these have no "
+            f"rsample: {', '.join(discrete)}; use TraceGraph_ELBO() (score-function gradients "
+            "with the guide's baselines) or TraceEnum_ELBO() (the sites enumerated)"
+        )
+    sites = [] if loss.uses_baselines else _baselines(traces["guide"])
+    if sites:
+        log.warning(
+            "pyrovae: the guide's site(s) %s set infer={'baseline': ...}, which %s ignores (the "
+            "baselines never train nor reduce variance); train with loss=TraceGraph_ELBO() to "
+            "use them", ", ".join(map(repr, sites)), spelled(loss).split("(")[0],
+        )  # fmt: skip
+
+
+def _base(fn) -> type:
+    # A distribution's class under its wrappers (Independent, masked): Bernoulli, Normal, ...
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return type(fn)
+
+
+@contextlib.contextmanager
+def _named_errors(loss):
+    # Pyro's errors that a loss's settings cause, as one line naming the loss and the fix
+    # (Pyro's span several lines and name neither). Not while capture traces the loss: it
+    # explains a failure there itself, from the original error.
+    try:
+        yield
+    except (ValueError, RuntimeError, IndexError) as e:
+        first = (str(e).splitlines() or [""])[0].strip()
+        vectorized = getattr(loss, "vectorize_particles", False) and loss.num_particles > 1
+        if first.startswith("loss=") or isinstance(e, CaptureError) or getattr(tracing, "on", 0):
+            raise
+        if "plate stack overflow" in str(e):
+            need = re.search(r"at least (\d+)", str(e))
+            fix = (
+                f"pass max_plate_nesting={need.group(1) if need else 'larger'}, or leave it out "
+                "for Pyro to guess"
+            )
+        elif first.startswith("Expected baseline at site") and vectorized:
+            fix = (
+                "a neural baseline gives one value per element of the site's downstream cost, "
+                "which vectorized particles give a leading particle dimension: pass "
+                "vectorize_particles=False (particles in a loop) or give the baseline that "
+                "dimension"
+            )
+        elif vectorized:
+            raise ValueError(
+                f"loss={spelled(loss)}: the pair fails with its particles vectorized "
+                f"({type(e).__name__}: {first}); write the model and guide to broadcast over a "
+                "leading particle dimension (Pyro's plates and distributions do, a reshape or "
+                "stack of the batch may not), or pass vectorize_particles=False"
+            ) from e
+        else:
+            raise
+        raise ValueError(f"loss={spelled(loss)}: {first}; {fix}") from None
 
 
 class NoSyncTrace_ELBO(NoSync, Trace_ELBO):
@@ -194,11 +298,25 @@ class NoSyncTrace_ELBO(NoSync, Trace_ELBO):
 
 
 class NoSyncTraceMeanField_ELBO(NoSync, TraceMeanField_ELBO):
-    """:class:`~pyro.infer.TraceMeanField_ELBO` without host syncs (see :class:`NoSync`)."""
+    """:class:`~pyro.infer.TraceMeanField_ELBO` without host syncs (see :class:`NoSync`); a
+    guide site without ``rsample`` is refused (Pyro checks it only under validation)."""
+
+    needs_rsample = ("guide",)
 
 
 class NoSyncTraceEnum_ELBO(NoSync, TraceEnum_ELBO):
     """:class:`~pyro.infer.TraceEnum_ELBO` without host syncs (see :class:`NoSync`)."""
+
+
+class NoSyncTraceTMC_ELBO(NoSync, TraceTMC_ELBO):
+    """:class:`~pyro.infer.TraceTMC_ELBO` without host syncs (see :class:`NoSync`)."""
+
+
+class NoSyncTrace_MMD(NoSync, Trace_MMD):
+    """:class:`~pyro.infer.Trace_MMD` without host syncs (see :class:`NoSync`); latent sites
+    without ``rsample``, in the model or the guide, are refused."""
+
+    needs_rsample = ("model", "guide")
 
 
 class NoSyncTraceGraph_ELBO(NoSync, TraceGraph_ELBO):
@@ -225,7 +343,7 @@ class NoSyncTraceGraph_ELBO(NoSync, TraceGraph_ELBO):
     uses_baselines = True
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        with _no_host_reads():
+        with _no_host_reads(), _named_errors(self):
             if not torch.is_grad_enabled():  # a score: −ELBO, no baseline updated
                 return -sum(m.log_prob_sum() - g.log_prob_sum()
                             for m, g in self._get_traces(model, guide, args, kwargs)
@@ -304,6 +422,8 @@ NO_SYNC = {
     TraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
     TraceEnum_ELBO: NoSyncTraceEnum_ELBO,
     TraceGraph_ELBO: NoSyncTraceGraph_ELBO,
+    TraceTMC_ELBO: NoSyncTraceTMC_ELBO,
+    Trace_MMD: NoSyncTrace_MMD,
     JitTrace_ELBO: NoSyncTrace_ELBO,
     JitTraceMeanField_ELBO: NoSyncTraceMeanField_ELBO,
     JitTraceEnum_ELBO: NoSyncTraceEnum_ELBO,
@@ -318,6 +438,16 @@ _INSTEAD = {
     "baselines) or TraceEnum_ELBO() (discrete latents enumerated)",
 }
 
+#: Pyro losses with a ``differentiable_loss`` that still cannot train a pair in fit: why, and
+#: what to use instead.
+_REFUSED = {
+    TraceTailAdaptive_ELBO: (
+        "it estimates gradients only (its loss value is inf, and fit reports and checks −loss "
+        "as the training ELBO)",
+        "pyrovae.IWAE(k) (a mass-covering importance-weighted bound) or Trace_ELBO()",
+    ),
+}
+
 
 def no_sync(loss):
     """The no-sync twin of a Pyro ELBO instance (same settings: particles, vectorization,
@@ -325,9 +455,13 @@ def no_sync(loss):
 
     :param loss: a Pyro ELBO instance.
     :raises ValueError: for a loss that cannot train a pair in :func:`pyrovae.fit`: one with
-        no ``differentiable_loss`` (``RenyiELBO``, ``ReweightedWakeSleep``, ...) or that is
-        not an ELBO, naming what to use instead.
+        no ``differentiable_loss`` (``RenyiELBO``, ``ReweightedWakeSleep``, ...), one whose
+        value is not an ELBO (``TraceTailAdaptive_ELBO``) or that is not an ELBO, naming what
+        to use instead.
     """
+    for cls, (why, instead) in _REFUSED.items():
+        if isinstance(loss, cls):
+            raise ValueError(f"loss={spelled(loss)} cannot train a pair here: {why}; use {instead}")
     twin = NO_SYNC.get(type(loss))
     if twin is None:
         if not (isinstance(loss, ELBO) and callable(getattr(loss, "differentiable_loss", None))):
@@ -339,6 +473,8 @@ def no_sync(loss):
                 f"tensor of an ELBO's differentiable_loss, which {cls} has not; use {instead}"
             )
         return loss
+    written = spelled(loss)
     loss = copy.copy(loss)
     loss.__class__ = twin
+    loss._spelled = written
     return loss

@@ -256,6 +256,29 @@ def test_own_images(tmp_path, capsys):
     _pngs(tmp_path, "samples.png", "reconstructions.png", "interpolations.png", "elbo.png")
 
 
+def test_air(tmp_path, capsys):
+    # AIR with its baselines under TraceGraph_ELBO, captured; count accuracy every epoch
+    args = "--n 64 --test-n 16 --epochs 2 --batch-size 32 --window 8 --rnn 16 --hidden 16"
+    r = _run("air", args + " --num-samples 5", "--out", str(tmp_path), *QUIET)
+    assert len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"])
+    assert r["path"] == "captured"
+    assert sum(map(sum, r["table"])) == 16  # every held-out canvas counted once
+    assert math.isfinite(r["test_log_px"]) and r["test_elbo"] < r["test_log_px"]
+    printed = capsys.readouterr().out
+    assert "count accuracy" in printed and "took the captured path" in printed
+    _pngs(tmp_path, "reconstructions.png", "count_accuracy.png")
+
+
+@pytest.mark.parametrize("objects", ["squares", "digits"])
+def test_air_canvases_hold_as_many_objects_as_they_say(objects):
+    x, counts = _load("air").make_canvases(60, objects, seed=3)
+    assert x.shape == (60, 50, 50) and counts.shape == (60,)
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert set(counts.tolist()) == {0, 1, 2}
+    empty = x.flatten(1).amax(1) == 0  # (60,)
+    assert torch.equal(empty, counts == 0)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.py")))
 def test_every_option_of_an_example_has_help_and_shows_its_default(name, monkeypatch):
     monkeypatch.setenv("COLUMNS", "10000")  # one line per option: no words broken at hyphens
