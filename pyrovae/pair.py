@@ -262,7 +262,7 @@ class _SubsampleWatch(poutine.messenger.Messenger):
     def _process_message(self, msg) -> None:
         fn = msg.get("fn")
         if msg["type"] == "sample" and isinstance(fn, _Subsample):
-            if fn.subsample_size is not None and 0 < fn.subsample_size < fn.size:
+            if fn.subsample_size is not None and 0 < fn.subsample_size != fn.size:
                 if fn.subsample_size != self.rows:
                     raise ValueError(subsample_advice(msg["name"], fn.size, fn.subsample_size))
                 self.full = fn.size

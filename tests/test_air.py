@@ -120,11 +120,6 @@ def test_scoring_the_examples_subsampling_plate_gives_pyrovaes_message(score):
     assert message.endswith("and pass batch_size=64 to them")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyrovae.pair._SubsampleWatch notes a plate only when "
-    "subsample_size < size: fit then words Pyro's error with placeholders N, B",
-)
 def test_fit_names_the_examples_subsampling_plate_with_its_sizes():
     pair, (x, _) = SmallAIR(subsample_size=64), canvases(40)
     with pytest.raises(ValueError, match=r"subsample_size 64\); pyrovae.fit hands .* to fit$"):
