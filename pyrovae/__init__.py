@@ -23,6 +23,7 @@ _FROM = {
     "IWAE": "objectives",
     "KLSchedule": "schedules",
     "Ramp": "schedules",
+    "Schedule": "schedules",
     "EarlyStopping": "selection",
     "fit": "training",
     "Trainer": "training",
@@ -114,7 +115,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported eag
     from .hvae import HVAE  # noqa: F401
     from .objectives import IWAE  # noqa: F401
     from .pair import Objective  # noqa: F401
-    from .schedules import KLSchedule, Ramp  # noqa: F401
+    from .schedules import KLSchedule, Ramp, Schedule  # noqa: F401
     from .selection import EarlyStopping  # noqa: F401
     from .sequences import Sequences  # noqa: F401
     from .state import TrainState  # noqa: F401

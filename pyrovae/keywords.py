@@ -5,11 +5,12 @@ Deep Markov Model's ``annealing_factor``, which scales the KL terms and rises ov
 epochs, is ``svi.step(mini_batch, ..., annealing_factor=a)``. Both engines take the same
 ``step_kwargs`` dict, ``{name: value}``:
 
-- a constant (a number, a tensor, anything) is passed as it is on every step (a captured loss
-  records it as a constant);
-- a schedule, any callable of a :class:`~pyrovae.schedules.Clock` returning a number (e.g.
-  :class:`~pyrovae.schedules.Ramp`), is evaluated before every step and passed as a 0-dim
-  tensor on the batch's device. Those tensors ride after the batch's own, so a captured loss
+- a :class:`~pyrovae.schedules.Schedule` (e.g. :class:`~pyrovae.schedules.Ramp`), a function
+  of the step's :class:`~pyrovae.schedules.Clock` returning a number, is evaluated before every
+  step and passed as a 0-dim tensor on the batch's device;
+- anything else (a number, a tensor, a function such as Pyro's AIR's ``z_pres_prior_p``) is a
+  constant, passed as it is on every step (a captured loss records what it computes as
+  constants). Those tensors ride after the batch's own, so a captured loss
   takes them as graph inputs: it is recorded once and replayed with each step's values.
 
 The clock is the run's epoch and the step within it, so a resumed run feeds exactly the values
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .schedules import Clock
+from .schedules import Clock, Schedule
 
 __all__ = ["StepKeywords", "Keyworded", "not_accepted"]
 
@@ -67,7 +68,7 @@ def _number(value, name: str, clock: Clock) -> float:
 class StepKeywords:
     """The ``step_kwargs`` of a run: checked against the pair once, then evaluated every step.
 
-    :param dict kwargs: ``{name: constant or schedule}`` (see the module docstring).
+    :param dict kwargs: ``{name: constant or Schedule}`` (see the module docstring).
     :param model: the pair's model, which must accept every name as a keyword.
     :param guide: the pair's guide, likewise (Pyro calls both with the same arguments).
     :raises ValueError: for a name that is not an identifier, one the model or guide does not
@@ -89,8 +90,8 @@ class StepKeywords:
                     f"{missing[0]!r} (it takes {takes or 'nothing'}); pass only arguments that "
                     "both model and guide accept"
                 )
-        self.constants = {k: v for k, v in kwargs.items() if not callable(v)}
-        self.scheduled = {k: v for k, v in kwargs.items() if callable(v)}
+        self.constants = {k: v for k, v in kwargs.items() if not isinstance(v, Schedule)}
+        self.scheduled = {k: v for k, v in kwargs.items() if isinstance(v, Schedule)}
         self.last: dict[str, float] = {}  # the values of the last step, for the epoch's record
         for name, schedule in self.scheduled.items():
             _number(schedule(Clock(0, 0, 1)), name, Clock(0, 0, 1))

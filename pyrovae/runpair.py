@@ -68,7 +68,9 @@ class RunPair:
 
     def scheduled(self) -> list[str]:
         """The names of the step keywords that follow a schedule (a metrics.csv column each)."""
-        return [k for k, v in (self.step_kwargs or {}).items() if callable(v)]
+        from .schedules import Schedule
+
+        return [k for k, v in (self.step_kwargs or {}).items() if isinstance(v, Schedule)]
 
     @classmethod
     def of_vae(cls, vae) -> RunPair:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["KLSchedule", "Clock", "Ramp"]
+__all__ = ["KLSchedule", "Clock", "Schedule", "Ramp"]
 
 
 class KLSchedule:
@@ -78,7 +78,31 @@ class Clock:
     steps: int | None  # steps per epoch (None: a stream of unknown length)
 
 
-class Ramp:
+class Schedule:
+    """A value for every training step, a function of the step's :class:`Clock`: what
+    ``fit(step_kwargs=...)`` evaluates before each step (anything else there, a function
+    included, is passed as it is). Subclass it and define ``__call__`` (as :class:`Ramp`
+    does), or wrap a function::
+
+        step_kwargs={"annealing_factor": Schedule(lambda clock: 0.5 if clock.epoch < 3 else 1.0)}
+
+    :param fn: ``fn(clock) -> float``.
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise ValueError(f"Schedule wraps a function of the step's Clock, got {fn!r}")
+        self.fn = fn
+
+    def __call__(self, clock: Clock) -> float:
+        """The value at ``clock``'s step."""
+        return self.fn(clock)
+
+    def __repr__(self) -> str:
+        return f"Schedule({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+class Ramp(Schedule):
     """A value rising (or falling) linearly from ``start`` to ``end`` over the first ``epochs``
     epochs, step by step, then held: Pyro's DMM example's KL annealing [1]. At step ``s``
     (0-based) of epoch ``e`` (0-based) with ``N`` steps per epoch,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import pyrovae
-from pyrovae.schedules import Clock, Ramp
-from pyrovae.training import Trainer, TrainState
+from pyrovae.schedules import Clock, Ramp, Schedule
+from pyrovae.training import Trainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -109,24 +109,27 @@ def test_a_continued_run_feeds_the_same_values_bit_for_bit():
 
 
 def test_constants_are_passed_on_every_step_and_the_model_sees_them():
+    # a function is a constant too (Pyro's AIR takes z_pres_prior_p, a function of the object's
+    # step t); a Schedule is evaluated every step
     seen = []
 
-    def model(x, annealing_factor=1.0, label="none"):
-        seen.append((annealing_factor, label))
+    def model(x, annealing_factor=1.0, label="none", prior_p=None):
+        seen.append((annealing_factor, label, prior_p(1)))
         pyro.module("net", net)
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), Z), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=net(z)).to_event(1), obs=x[:, 0])
 
-    def guide(x, annealing_factor=1.0, label="none"):
+    def guide(x, annealing_factor=1.0, label="none", prior_p=None):
         pyro.module("net", net)
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(x[:, 0, :Z], 1.0).to_event(1))
 
     net = nn.Linear(Z, D)
-    step_kwargs = {"label": "chorales", "annealing_factor": Ramp(0.5, 1.0, 1)}
+    step_kwargs = {"label": "chorales", "annealing_factor": Ramp(0.5, 1.0, 1),
+                   "prior_p": lambda t: 0.5**t}  # fmt: skip
     Trainer(model, guide, _data(), batch_size=32, fast=False, step_kwargs=step_kwargs).epoch()
-    assert [s[1] for s in seen] == ["chorales"] * 3
+    assert [s[1:] for s in seen] == [("chorales", 0.5)] * 3
     assert [float(s[0]) for s in seen] == pytest.approx([0.5 + 0.5 / 3 * k for k in (1, 2, 3)])
 
 
@@ -167,8 +170,8 @@ def test_a_run_directory_writes_the_schedule_to_metrics_csv(tmp_path):
         ({"annealing_factor": Ramp(0.2, 1.0, 2), "beta": 2.0}, "takes no keyword argument 'beta'"),
         ({"annealing factor": 0.5}, "'annealing factor' is not a keyword argument name"),
         ([("annealing_factor", 0.5)], "step_kwargs must be a dict"),
-        ({"annealing_factor": lambda clock: math.nan}, "a schedule must return a finite number"),
-        ({"annealing_factor": lambda clock: "high"}, "a schedule must return a finite number"),
+        ({"annealing_factor": Schedule(lambda c: math.nan)}, "must return a finite number"),
+        ({"annealing_factor": Schedule(lambda c: "high")}, "must return a finite number"),
     ],
 )
 def test_bad_step_kwargs_are_one_line_before_any_step(step_kwargs, message):
@@ -191,7 +194,7 @@ def test_a_keyword_only_the_model_takes_names_the_guide():
 
 def test_a_schedule_failing_mid_run_names_the_step():
     chain = _chain()
-    schedule = {"annealing_factor": lambda c: 1.0 if c.step < 2 else -math.inf}
+    schedule = {"annealing_factor": Schedule(lambda c: 1.0 if c.step < 2 else -math.inf)}
     trainer = Trainer(chain.model, chain.guide, _data(), batch_size=32, step_kwargs=schedule)
     with pytest.raises(ValueError, match="at epoch 1, step 3"):
         trainer.epoch()
@@ -202,7 +205,9 @@ def test_ramp_refuses_bad_arguments():
         Ramp(0.2, 1.0, epochs=-1)
     with pytest.raises(ValueError, match="start must be a finite number"):
         Ramp(math.nan)
-    assert TrainState().epoch == 0
+    with pytest.raises(ValueError, match="Schedule wraps a function of the step's Clock"):
+        Schedule(0.5)
+    assert Schedule(lambda c: c.epoch + 0.5)(Clock(2, 0, 4)) == 2.5
 
 
 def test_a_pair_file_brings_its_schedule_to_a_cli_run_and_its_resume(tmp_path):
