@@ -235,7 +235,7 @@ def _prepare(model, guide, data, data_plate, option: str):
 
     tensors = _on_pair_device(model, guide, as_tensors(data))
     layout = inspect_pair(model, guide, tensors, data_plate)
-    if layout.subsample is not None or not layout.vectorized:
+    if layout.subsample is not None or not layout.vectorized or layout.looped:
         raise ValueError(f"{option} needs a pair whose particles vectorize (a plate left of the "
                          "model's) over a batch it is given; use importance sampling")  # fmt: skip
     probe = tuple(t[:2] for t in tensors)

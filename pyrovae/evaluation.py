@@ -152,23 +152,31 @@ def log_weights(
     max_plate_nesting: int,
     data_plate: str | None = None,
     vectorized: bool = True,
+    looped: bool = False,
 ) -> torch.Tensor:
     """Log importance weights ``(num_particles, N)`` of a batch, one per particle and datapoint.
 
-    Two ways to draw the particles, the same estimator: ``vectorized`` puts them in a plate
+    Three ways to draw the particles, the same estimator: ``vectorized`` puts them in a plate
     left of the model's plates (:func:`pyro.infer.importance.vectorized_importance_weights`);
     otherwise each datapoint is repeated ``num_particles`` times inside the data plate, so
     particles are rows of an ordinary batch (for models that index or reshape their batch in
-    ways that do not broadcast over a particle dimension, such as boolean masks).
+    ways that do not broadcast over a particle dimension, such as boolean masks); ``looped``
+    draws them one trace of the batch at a time, as training does (for a pair that does
+    neither, such as Pyro's AIR, whose plate subsamples the batch it is given).
 
     :param args: the batch, as passed to ``model(*args)`` and ``guide(*args)``.
     :param int num_particles: particles drawn from the guide for each datapoint.
     :param int max_plate_nesting: how many plates the model nests (particles go left of them).
     :param str data_plate: name of the plate over datapoints (default: found from the trace).
     :param bool vectorized: vectorize particles (else repeat datapoints).
+    :param bool looped: one trace per particle (overrides ``vectorized``).
     :raises ValueError: if a sample site lies outside the data plate, or no plate fits.
     """
     k, rows = int(num_particles), len(args[0])
+    if looped:
+        traces = (get_importance_trace("flat", max_plate_nesting, model, guide, args, {})
+                  for _ in range(k))  # fmt: skip
+        return torch.stack([_sum_sites(m, g, rows, data_plate, None) for m, g in traces])
     if vectorized:
         _, model_tr, guide_tr = vectorized_importance_weights(
             model, guide, *args, num_samples=k, max_plate_nesting=max_plate_nesting
@@ -213,6 +221,7 @@ class PairLayout:
     nesting: int  # how many plates the model nests
     vectorized: bool  # particles in a plate of their own; else datapoints repeated in the batch
     subsample: int | None = None  # the model subsamples its own plate to this size
+    looped: bool = False  # particles one trace at a time (neither of the above works)
 
 
 def _traces(model, guide, args):
@@ -221,16 +230,21 @@ def _traces(model, guide, args):
     return model_tr, guide_tr
 
 
-def _try_weights(model, guide, args, nesting, plate, vectorized) -> Exception | None:
+def _try_weights(model, guide, args, layout: PairLayout, idx=None) -> Exception | None:
     # Run one path on two particles; None if it gives one weight per particle and datapoint.
     try:
-        lw = log_weights(model, guide, *args, num_particles=2, max_plate_nesting=nesting,
-                         data_plate=plate, vectorized=vectorized)  # fmt: skip
+        lw = _chunk_weights(model, guide, args, 2, layout, idx)
     except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as e:
         return e
-    if tuple(lw.shape) != (2, len(args[0])):
-        return ValueError(f"weights of shape {tuple(lw.shape)}, expected (2, {len(args[0])})")
+    rows = len(args[0]) if idx is None else len(idx)
+    if tuple(lw.shape) != (2, rows):
+        return ValueError(f"weights of shape {tuple(lw.shape)}, expected (2, {rows})")
     return None
+
+
+#: How particles are drawn, in the order inspect_pair tries them.
+_PATHS = {"particles vectorized": {}, "datapoints repeated in the batch": {"vectorized": False},
+          "particles looped": {"looped": True}}  # fmt: skip
 
 
 def inspect_pair(
@@ -262,18 +276,19 @@ def inspect_pair(
         dims = [-f.dim for tr in (model_tr, guide_tr) for site in tr.nodes.values()
                 if site["type"] == "sample" for f in _frames(site)]  # fmt: skip
         nesting = max(dims, default=0)
+        base, idx = PairLayout(frame.name, nesting, True), None
         if frame.full_size is not None and frame.size < frame.full_size == len(probe[0]):
-            return PairLayout(frame.name, nesting, True, subsample=frame.size)
-        vec = _try_weights(model, guide, probe, nesting, frame.name, True)
-        if vec is None:
-            return PairLayout(frame.name, nesting, True)
-        rep = _try_weights(model, guide, probe, nesting, frame.name, False)
-    if rep is None:
-        return PairLayout(frame.name, nesting, False)
-    raise ValueError(
-        f"cannot score this pair: with particles vectorized, {type(vec).__name__}: {vec}; with "
-        f"datapoints repeated in the batch, {type(rep).__name__}: {rep}"
-    )
+            base = replace(base, subsample=frame.size)  # a plate of the full data, subsampled
+            idx = torch.arange(frame.size, device=probe[0].device)
+        failed = {}
+        for path, change in _PATHS.items():
+            if base.subsample is not None and change.get("vectorized") is False:
+                continue  # repeated rows cannot go through the model's own subsampling
+            failed[path] = _try_weights(model, guide, probe, replace(base, **change), idx)
+            if failed[path] is None:
+                return replace(base, **change)
+    reasons = "; ".join(f"with {p}, {type(e).__name__}: {e}" for p, e in failed.items())
+    raise ValueError(f"cannot score this pair: {reasons}")
 
 
 def _subsampled_traces(model, guide, tensors):
@@ -455,7 +470,8 @@ def _chunk_weights(model, guide, args, k, layout: PairLayout, idx=None) -> torch
     if idx is not None:  # the model replays the guide's indices
         guide = _Indices(layout.plate, idx)(guide)
     return log_weights(model, guide, *args, num_particles=k, max_plate_nesting=layout.nesting,
-                       data_plate=layout.plate, vectorized=layout.vectorized)  # fmt: skip
+                       data_plate=layout.plate, vectorized=layout.vectorized,
+                       looped=layout.looped)  # fmt: skip
 
 
 def _batches(tensors, n: int, batch_size: int, layout: PairLayout):
@@ -471,7 +487,7 @@ def _batches(tensors, n: int, batch_size: int, layout: PairLayout):
         yield tensors, idx, min(layout.subsample, n - i)
 
 
-PARTICLES = ("auto", "vectorized", "repeated")
+PARTICLES = ("auto", "vectorized", "repeated", "looped")
 
 
 def _on_pair_device(model, guide, tensors):
@@ -525,7 +541,7 @@ def _reduce(
     if layout.subsample is None:
         check_order(model, guide, tensors, layout.plate, batch_transform)
     if particles != "auto" and layout.subsample is None:
-        layout = replace(layout, vectorized=particles == "vectorized")
+        layout = replace(layout, vectorized=particles == "vectorized", looped=particles == "looped")
     if layout.subsample is not None:
         batch_size = layout.subsample
     batch_size, chunk = plan_chunks(n, k_total, per_item, batch_size, max_chunk_elements)
@@ -644,8 +660,8 @@ def elbo(
     :param str data_plate: name of the plate over datapoints (default: found from a trace).
     :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint
         (default: :func:`default_chunk_elements` of the data's device).
-    :param str particles: ``"auto"`` (vectorized where the pair allows it, else repeated),
-        ``"vectorized"`` or ``"repeated"`` (see :func:`log_weights`).
+    :param str particles: ``"auto"`` (vectorized where the pair allows it, else repeated, else
+        looped), ``"vectorized"``, ``"repeated"`` or ``"looped"`` (see :func:`log_weights`).
     :param bool progress: show a progress bar over the images (rate and time left).
     :param int seed: draw each block of ``batch_size`` datapoints from its own seed (derived
         from ``seed`` and the block's position), leaving the global generator as it was. The
@@ -714,9 +730,10 @@ def log_likelihood(
 
     This is the number VAE papers report (as the negative log-likelihood, with K=5000 [1]).
     Particles are vectorized where the pair allows it (else datapoints are repeated in the
-    batch), chunked to bound memory, and run on the device of the modules the pair is bound to
-    (else the data's). Works for any pair whose sample sites all lie inside one plate over the
-    datapoints, found from a trace (or named by ``data_plate``).
+    batch, else drawn one trace at a time), chunked to bound memory, and run on the device of
+    the modules the pair is bound to (else the data's). Works for any pair whose sample sites
+    all lie inside one plate over the datapoints, found from a trace (or named by
+    ``data_plate``).
 
     :param model: a Pyro model taking the batch tensors as positional arguments.
     :param guide: the matching guide.
@@ -726,7 +743,8 @@ def log_likelihood(
     :param str data_plate: name of the plate over datapoints (default: found from a trace).
     :param int max_chunk_elements: bound on particles × datapoints × numbers per datapoint
         (default: :func:`default_chunk_elements` of the data's device).
-    :param str particles: ``"auto"``, ``"vectorized"`` or ``"repeated"`` (as for :func:`elbo`).
+    :param str particles: ``"auto"``, ``"vectorized"``, ``"repeated"`` or ``"looped"`` (as for
+        :func:`elbo`).
     :param bool progress: show a progress bar over the images (rate and time left).
     :param int seed: per-block seeds, and scoring shared out over a ``torch.distributed``
         group's ranks (as for :func:`elbo`).

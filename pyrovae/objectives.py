@@ -102,6 +102,7 @@ class IWAE(ELBO):
             max_plate_nesting=self._layout.nesting if nesting == float("inf") else int(nesting),
             data_plate=self._layout.plate,
             vectorized=self._layout.vectorized,
+            looped=self._layout.looped,
         )  # (k, N)
         return lw.logsumexp(0) - math.log(self.num_particles)  # (N,)
 

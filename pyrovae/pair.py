@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -200,9 +201,12 @@ class Term:
 
 
 def modules_of(*fns: Callable) -> list[nn.Module]:
-    """The modules that ``fns`` (models, guides) are, or are bound methods of, in order."""
+    """The modules that ``fns`` (models, guides) are, or are bound methods of, in order (a
+    ``functools.partial`` of one counts as it)."""
     mods: list[nn.Module] = []
     for fn in fns:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
         owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
         if isinstance(owner, nn.Module) and all(owner is not m for m in mods):
             mods.append(owner)
