@@ -271,12 +271,19 @@ def test_air(tmp_path, capsys):
 
 @pytest.mark.parametrize("objects", ["squares", "digits"])
 def test_air_canvases_hold_as_many_objects_as_they_say(objects):
-    x, counts = _load("air").make_canvases(60, objects, seed=3)
-    assert x.shape == (60, 50, 50) and counts.shape == (60,)
+    x, counts = _load("air").make_canvases(60, objects, seed=3, size=24, side=9)
+    assert x.shape == (60, 24, 24) and counts.shape == (60,)
     assert float(x.min()) >= 0 and float(x.max()) <= 1
     assert set(counts.tolist()) == {0, 1, 2}
     empty = x.flatten(1).amax(1) == 0  # (60,)
     assert torch.equal(empty, counts == 0)
+    if objects == "squares":  # 9×9 white squares that never overlap
+        assert torch.equal((x > 0).flatten(1).sum(1), counts * 81)
+
+
+def test_air_refuses_objects_that_cannot_fit():
+    with pytest.raises(ValueError, match="--object-size 12 leaves no room for 2 objects"):
+        _load("air").make_canvases(20, seed=0, size=16, side=12)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.py")))
