@@ -52,6 +52,7 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 import pyrovae
+from pyrovae.schedules import Ramp
 
 __all__ = ["build_parser", "main", "make_canvases", "AIR", "build_air", "count_accuracy", "FitPath"]
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log k: the prior gives n objects probability ∝ k^n, so each object "
                         "costs about -log k nats (Pyro's --z-pres-prior is k; below float32's "
                         "smallest probability, so kept as log-odds)")  # fmt: skip
+    p.add_argument("--anneal-prior-epochs", type=int, default=0,
+                   help="if > 0, log k moves linearly, step by step, from --anneal-prior-from to "
+                        "--log-pres-prior over this many epochs, then stays (Pyro's "
+                        "--anneal-prior lin, fed by fit's step_kwargs); 0: none")  # fmt: skip
+    p.add_argument("--anneal-prior-from", type=float, default=-100.0,
+                   help="log k at the first step when annealing")  # fmt: skip
     p.add_argument("--scale-prior-mean", type=float, default=3.0,
                    help="z_where's scale prior mean (Pyro's --scale-prior-mean): a window "
                         "covers size/scale pixels, matched to --object-size")  # fmt: skip
@@ -250,26 +257,32 @@ class AIR(nn.Module):
         self.z_where_init = nn.Parameter(torch.zeros(1, 3))
         self.z_what_init = nn.Parameter(torch.zeros(1, z_what))
 
-    def model(self, data):
+    def model(self, data, log_pres_prior=None):
+        """:param log_pres_prior: log k for this step (a per-step keyword, ``fit(...,
+        step_kwargs=...)``, as Pyro's ``--anneal-prior`` feeds its model); default the pair's."""
         pyro.module("air", self)
         n = data.shape[0]
+        logits = None
+        if log_pres_prior is not None:
+            logits = _truncated_geometric(log_pres_prior, self.steps)  # (steps,)
         with pyro.plate("data", n):
-            x = self.prior(n, data)
+            x = self.prior(n, data, logits)
             pyro.sample("obs", dist.Normal(x.view(n, -1), self.likelihood_sd).to_event(1),
                         obs=data.view(n, -1))  # fmt: skip
 
-    def prior(self, n: int, data) -> torch.Tensor:
+    def prior(self, n: int, data, pres_logits=None) -> torch.Tensor:
         """The canvases ``(n, size, size)`` the prior's steps draw (inside the data plate); replayed
         on a guide's trace, the reconstruction: the mean of p(x|z) at the guide's z."""
+        pres_logits = self.pres_logits if pres_logits is None else pres_logits  # (steps,)
         x, z_pres = data.new_zeros(n, self.size, self.size), data.new_ones(n, 1)
         for t in range(self.steps):
-            x, z_pres = self.prior_step(t, n, x, z_pres)
+            x, z_pres = self.prior_step(t, n, x, z_pres, pres_logits[t])
         return x
 
-    def prior_step(self, t: int, n: int, x, prev_pres):
+    def prior_step(self, t: int, n: int, x, prev_pres, pres_logit):
         """One step of the prior: the canvas ``x`` with one more object if ``z_pres`` says so."""
         # Pyro's Bernoulli(p_t · z_pres_{t-1}): no object after an absent one
-        logits = torch.where(prev_pres > 0, self.pres_logits[t], -1e4)  # (n, 1)
+        logits = torch.where(prev_pres > 0, pres_logit, -1e4)  # (n, 1)
         z_pres = pyro.sample(f"z_pres_{t}", dist.Bernoulli(logits=logits).to_event(1))  # (n, 1)
         on = z_pres.squeeze(-1).bool()  # (n,): an absent object's other sites are masked out
         where = dist.Normal(self.where_loc.expand(n, 3), self.where_scale.expand(n, 3))
@@ -280,7 +293,8 @@ class AIR(nn.Module):
         y = window_to_image(z_where, self.window, window, self.size)  # (n, size, size)
         return x + y * z_pres.view(-1, 1, 1), z_pres
 
-    def guide(self, data):
+    def guide(self, data, log_pres_prior=None):
+        """:param log_pres_prior: unused (Pyro calls model and guide with the same keywords)."""
         pyro.module("air", self)
         n = data.shape[0]
         with pyro.plate("data", n):
@@ -330,11 +344,12 @@ class AIR(nn.Module):
         return {"baseline": {"baseline_value": value.squeeze(-1)}}, bl_h, bl_c
 
 
-def _truncated_geometric(log_k: float, steps: int) -> torch.Tensor:
+def _truncated_geometric(log_k, steps: int) -> torch.Tensor:
     # pyro/examples/air/main.py's make_prior, for any number of steps, in log space: each
     # step's log-odds of one more object ``(steps,)``, so that a canvas holds n objects with
-    # probability ∝ k^n (n = 0..steps)
-    log_w = torch.arange(steps + 1, dtype=torch.float64) * log_k  # (steps + 1,)
+    # probability ∝ k^n (n = 0..steps); log_k a number or a 0-dim tensor (a step's keyword)
+    log_k = torch.as_tensor(log_k, dtype=torch.float64)
+    log_w = torch.arange(steps + 1, dtype=torch.float64, device=log_k.device) * log_k  # (steps+1,)
     odds = [torch.logsumexp(log_w[t + 1 :], 0) - log_w[t] for t in range(steps)]
     return torch.stack(odds).float()
 
@@ -480,12 +495,16 @@ def train(air: AIR, x, test, args, say=print):
             f"count accuracy {acc:.3f}  ({record['seconds']:.1f} s)")  # fmt: skip
 
     loss = Trace_ELBO() if not air.baselines else TraceGraph_ELBO()
+    step_kwargs = None
+    if args.anneal_prior_epochs:  # Pyro's --anneal-prior lin, in log k, through fit
+        ramp = Ramp(args.anneal_prior_from, args.log_pres_prior, epochs=args.anneal_prior_epochs)
+        step_kwargs = {"log_pres_prior": ramp}
     with FitPath() as path:
         history = pyrovae.fit(air.model, air.guide, x, loss=loss, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, device="cpu",
                               seed=args.seed, callback=after_epoch,
                               optimizer=adam_with_baseline_lr(air, args.baseline_lr),
-                              progress=not args.no_progress)  # fmt: skip
+                              progress=not args.no_progress, step_kwargs=step_kwargs)  # fmt: skip
     return history, accuracy, path.path
 
 
@@ -517,7 +536,7 @@ def main(args: argparse.Namespace) -> dict:
     plot_accuracy(accuracy, len(test_x), name, out / "count_accuracy.png")
     return {"accuracy": accuracy, "train_elbo": history.train_elbo, "seconds": history.seconds,
             "path": path, "test_elbo": float(elbo.mean()), "test_log_px": float(log_px.mean()),
-            "table": table.tolist()}  # fmt: skip
+            "table": table.tolist(), "step_kwargs": history.step_kwargs}  # fmt: skip
 
 
 if __name__ == "__main__":

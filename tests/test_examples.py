@@ -269,6 +269,16 @@ def test_air(tmp_path, capsys):
     _pngs(tmp_path, "reconstructions.png", "count_accuracy.png")
 
 
+def test_air_anneals_its_prior_through_step_kwargs(tmp_path):
+    # log k ramps from -100 to -60 over the two epochs, fed to the captured model every step
+    args = "--n 64 --test-n 16 --epochs 2 --batch-size 32 --window 8 --rnn 16 --hidden 16"
+    r = _run("air", args + " --num-samples 5 --anneal-prior-epochs 2", "--out", str(tmp_path),
+             *QUIET)  # fmt: skip
+    assert r["path"] == "captured"
+    fed = [record["log_pres_prior"] for record in r["step_kwargs"]]  # each epoch's last step
+    assert fed == pytest.approx([-80.0, -60.0])
+
+
 @pytest.mark.parametrize("objects", ["squares", "digits"])
 def test_air_canvases_hold_as_many_objects_as_they_say(objects):
     x, counts = _load("air").make_canvases(60, objects, seed=3, size=24, side=9)
