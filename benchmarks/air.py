@@ -8,7 +8,7 @@ as both loops compute it), seconds per epoch (mean of epochs 2 onwards: the firs
 pyrovae's capture), the path pyrovae.fit took, and the count accuracy on the held-out canvases
 (one draw of q per canvas, as Pyro's main.py counts)::
 
-    OMP_NUM_THREADS=1 nice python benchmarks/air.py                 # about six minutes
+    OMP_NUM_THREADS=1 nice python benchmarks/air.py                 # six to eight minutes
     OMP_NUM_THREADS=1 nice python benchmarks/air.py --n 256 --epochs 2 --test-n 64 --k 20
 """
 
