@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if > 0, log k moves linearly, step by step, from --anneal-prior-from to "
                         "--log-pres-prior over this many epochs, then stays (Pyro's "
                         "--anneal-prior lin, fed by fit's step_kwargs); 0: none")  # fmt: skip
-    p.add_argument("--anneal-prior-from", type=float, default=-100.0,
+    p.add_argument("--anneal-prior-from", type=float, default=-30.0,
                    help="log k at the first step when annealing")  # fmt: skip
     p.add_argument("--scale-prior-mean", type=float, default=3.0,
                    help="z_where's scale prior mean (Pyro's --scale-prior-mean): a window "

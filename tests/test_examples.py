@@ -270,13 +270,13 @@ def test_air(tmp_path, capsys):
 
 
 def test_air_anneals_its_prior_through_step_kwargs(tmp_path):
-    # log k ramps from -100 to -60 over the two epochs, fed to the captured model every step
+    # log k ramps from -30 to -60 over the two epochs, fed to the captured model every step
     args = "--n 64 --test-n 16 --epochs 2 --batch-size 32 --window 8 --rnn 16 --hidden 16"
     r = _run("air", args + " --num-samples 5 --anneal-prior-epochs 2", "--out", str(tmp_path),
              *QUIET)  # fmt: skip
     assert r["path"] == "captured"
     fed = [record["log_pres_prior"] for record in r["step_kwargs"]]  # each epoch's last step
-    assert fed == pytest.approx([-80.0, -60.0])
+    assert fed == pytest.approx([-45.0, -60.0])
 
 
 @pytest.mark.parametrize("objects", ["squares", "digits"])
