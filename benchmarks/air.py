@@ -8,7 +8,7 @@ as both loops compute it), seconds per epoch (mean of epochs 2 onwards: the firs
 pyrovae's capture), the path pyrovae.fit took, and the count accuracy on the held-out canvases
 (one draw of q per canvas, as Pyro's main.py counts)::
 
-    OMP_NUM_THREADS=1 nice python benchmarks/air.py                 # about five minutes
+    OMP_NUM_THREADS=1 nice python benchmarks/air.py                 # six to eight minutes
     OMP_NUM_THREADS=1 nice python benchmarks/air.py --n 256 --epochs 2 --test-n 64 --k 20
 """
 
@@ -71,33 +71,35 @@ def independent_log_px(air, x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)  # (n,)
 
 
-def _fresh(ex, args, baselines: bool):
+def _fresh(ex, args, fit_args, baselines: bool):
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    return ex.AIR(baselines=baselines)
+    return ex.build_air(fit_args, baselines)
 
 
 def main(args: argparse.Namespace) -> None:
     ex = _example()
-    x, counts = ex.make_canvases(args.n + args.test_n, "squares", args.seed)
-    train_x, test = x[: args.n], (x[args.n :], counts[args.n :])
     fit_args = ex.build_parser().parse_args(["--epochs", str(args.epochs), "--no-progress",
                                              "--seed", str(args.seed)])  # fmt: skip
+    x, counts = ex.make_canvases(args.n + args.test_n, "squares", args.seed, fit_args.size,
+                                 fit_args.object_size)  # fmt: skip
+    train_x, test = x[: args.n], (x[args.n :], counts[args.n :])
     rows = []
-    air = _fresh(ex, args, True)
+    air = _fresh(ex, args, fit_args, True)
     seconds, elbo = stock(air, train_x, args.epochs, fit_args.batch_size, fit_args.lr,
                           fit_args.baseline_lr, args.seed)  # fmt: skip
     rows.append(("Pyro SVI", "TraceGraph_ELBO", "yes", elbo, seconds, "eager (SVI)",
                  ex.count_accuracy(air, *test)[0]))  # fmt: skip
     trained = None
     for baselines in (True, False):
-        air = _fresh(ex, args, baselines)
+        air = _fresh(ex, args, fit_args, baselines)
         history, _, path = ex.train(air, train_x, test, fit_args, say=lambda line: None)
         loss = "TraceGraph_ELBO" if baselines else "Trace_ELBO"
         rows.append(("pyrovae.fit", loss, "yes" if baselines else "no", history.train_elbo[-1],
                      history.seconds, path, ex.count_accuracy(air, *test)[0]))  # fmt: skip
         trained = trained or air
-    print(f"AIR, {args.n} canvases of 0-2 squares, {args.epochs} epochs, batches of "
+    print(f"AIR, {args.n} canvases ({fit_args.size}×{fit_args.size}, 0-2 squares of side "
+          f"{fit_args.object_size}), {args.epochs} epochs, batches of "
           f"{fit_args.batch_size}, Adam lr {fit_args.lr} (baselines {fit_args.baseline_lr}); "
           f"count accuracy on {args.test_n} held-out canvases")  # fmt: skip
     print(f"{'trainer':12s} {'loss':16s} {'baselines':9s} {'train ELBO':>10s} {'s/epoch':>8s} "
@@ -123,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--n", type=int, default=2000, help="training canvases")
-    p.add_argument("--test-n", type=int, default=200, help="held-out canvases")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each training run")
+    p.add_argument("--test-n", type=int, default=500, help="held-out canvases (the example's)")
+    p.add_argument("--epochs", type=int, default=50,
+                   help="epochs of each training run (the example's default)")  # fmt: skip
     p.add_argument("--k", type=int, default=100, help="importance samples for log p(x)")
     p.add_argument("--seed", type=int, default=0, help="canvases, weights, data order, draws")
     return p

@@ -10,13 +10,21 @@ whose variance the guide's baselines (a recurrent network trained alongside, pas
 
 The model and guide are Pyro's ``examples/air`` (air.py and modules.py), shrunk for a CPU and
 with the data plate over the batch pyrovae hands the pair (Pyro's guide subsamples its data
-itself). The data are 50×50 canvases holding 0–2 objects, squares or scikit-learn's 8×8 digits
-upscaled, generated from ``--seed``: nothing is downloaded. Every epoch prints the count
-accuracy as Pyro's ``main.py`` computes it (the number of present steps in one draw of the guide
-against the true count); the figures are the accuracy curve and a few canvases with the
-inferred boxes drawn over them beside their reconstructions.
+itself). The data are 32×32 canvases holding 0–2 non-overlapping objects of one size (10 px),
+white squares or scikit-learn's 8×8 digits resized, generated from ``--seed``: nothing is
+downloaded. Every epoch prints the count accuracy as Pyro's ``main.py`` computes it (the number
+of present steps in one draw of the guide against the true count); the figures are the accuracy
+curve and a few canvases with the inferred boxes drawn over them beside their reconstructions.
 
-    python examples/air.py --epochs 20                  # squares, about a minute an epoch
+AIR's known trap is to explain one object by several dim windows stacked on it, every step
+present. Three of Pyro's own settings avoid it here: z_where's scale prior matched to the
+objects (``--scale-prior-mean 3``: a window covers 32/3 ≈ 11 px), windows that start bright
+(``--window-bias 2``: two stacked windows overshoot the object) and a z_pres prior strong enough
+that an extra window never pays (``--log-pres-prior -60``: about 60 nats an object, far below
+the 0.01 of Pyro's tutorial; kept as log-odds, since ``Bernoulli(probs)`` clamps a probability
+at float32's 1.2e-7, i.e. at most 16 nats).
+
+    python examples/air.py                              # about a minute and a half on one core
     python examples/air.py --objects digits --no-baselines
 
 Adapted from pyro/examples/air (Copyright (c) 2017-2019 Uber Technologies, Inc.), Apache-2.0.
@@ -44,10 +52,9 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 import pyrovae
+from pyrovae.schedules import Ramp
 
-__all__ = ["build_parser", "main", "make_canvases", "AIR", "count_accuracy", "FitPath"]
-
-SIZE = 50  # canvas side in pixels
+__all__ = ["build_parser", "main", "make_canvases", "AIR", "build_air", "count_accuracy", "FitPath"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,24 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--objects", choices=["squares", "digits"], default="squares",
-                   help="what the canvases hold: squares, or upscaled 8×8 digits")  # fmt: skip
+                   help="what the canvases hold: white squares, or scikit-learn's 8×8 digits "
+                        "resized")  # fmt: skip
+    p.add_argument("--size", type=int, default=32, help="canvas side in pixels")
+    p.add_argument("--object-size", type=int, default=10,
+                   help="every object's side in pixels (objects never overlap)")  # fmt: skip
     p.add_argument("--n", type=int, default=2000, help="training canvases")
     p.add_argument("--test-n", type=int, default=500, help="held-out canvases scored")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training canvases")
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training canvases")
     p.add_argument("--batch-size", type=int, default=64, help="canvases per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     p.add_argument("--baseline-lr", type=float, default=1e-2,
                    help="the baseline networks' learning rate (Pyro's AIR: its -blr)")  # fmt: skip
     p.add_argument("--steps", type=int, default=3, help="AIR's steps (most objects found)")
-    p.add_argument("--window", type=int, default=16, help="attention window side in pixels")
+    p.add_argument("--window", type=int, default=10, help="attention window side in pixels")
     p.add_argument("--rnn", type=int, default=128, help="LSTM hidden size")
     p.add_argument("--hidden", type=int, default=100, help="encoder and decoder hidden size")
-    p.add_argument("--z-what", type=int, default=10, help="z_what size")
-    p.add_argument("--pres-prior", type=float, default=0.01,
-                   help="k: the prior gives n objects probability ∝ k^n")  # fmt: skip
-    p.add_argument("--window-bias", type=float, default=-2.0,
+    p.add_argument("--z-what", type=int, default=5, help="z_what size")
+    p.add_argument("--log-pres-prior", type=float, default=-60.0,
+                   help="log k: the prior gives n objects probability ∝ k^n, so each object "
+                        "costs about -log k nats (Pyro's --z-pres-prior is k; below float32's "
+                        "smallest probability, so kept as log-odds)")  # fmt: skip
+    p.add_argument("--anneal-prior-epochs", type=int, default=0,
+                   help="if > 0, log k moves linearly, step by step, from --anneal-prior-from to "
+                        "--log-pres-prior over this many epochs, then stays (Pyro's "
+                        "--anneal-prior lin, fed by fit's step_kwargs); 0: none")  # fmt: skip
+    p.add_argument("--anneal-prior-from", type=float, default=-30.0,
+                   help="log k at the first step when annealing")  # fmt: skip
+    p.add_argument("--scale-prior-mean", type=float, default=3.0,
+                   help="z_where's scale prior mean (Pyro's --scale-prior-mean): a window "
+                        "covers size/scale pixels, matched to --object-size")  # fmt: skip
+    p.add_argument("--scale-prior-sd", type=float, default=0.1,
+                   help="z_where's scale prior sd (Pyro's --scale-prior-sd)")  # fmt: skip
+    p.add_argument("--window-bias", type=float, default=2.0,
                    help="added to the decoder's output before its sigmoid (Pyro's "
-                        "--decoder-output-bias)")  # fmt: skip
+                        "--decoder-output-bias): positive, windows start bright, so two "
+                        "windows stacked on one object overshoot it")  # fmt: skip
     p.add_argument("--no-baselines", action="store_true",
                    help="no baselines: train with Trace_ELBO (the plain score-function "
                         "estimator)")  # fmt: skip
@@ -88,36 +113,52 @@ def build_parser() -> argparse.ArgumentParser:
 # --- data ----------------------------------------------------------------------------------
 
 
-def _shapes(objects: str) -> list[np.ndarray]:
-    # The objects' images in [0, 1]: squares of side 10-14, or the 8×8 digits upscaled to 16×16.
+def _shapes(objects: str, side: int) -> list[np.ndarray]:
+    # The objects' images (side, side) in [0, 1]: a white square, or the 8×8 digits resized
+    # (nearest neighbour).
     if objects == "squares":
-        return [np.ones((s, s), np.float32) for s in range(10, 15)]
+        return [np.ones((side, side), np.float32)]
     from sklearn.datasets import load_digits
 
     digits = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8)
-    return list(np.kron(digits, np.ones((2, 2), np.float32)))
+    rows = np.arange(side) * 8 // side  # (side,)
+    return list(digits[:, rows][:, :, rows])
+
+
+def _places(rng: np.random.Generator, count: int, size: int, side: int) -> list[tuple]:
+    # ``count`` top-left corners of non-overlapping side×side boxes on a size×size canvas
+    for _ in range(1000):
+        corners = [tuple(rng.integers(0, size - side + 1, 2)) for _ in range(count)]
+        if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= side
+               for i, a in enumerate(corners) for b in corners[:i]):  # fmt: skip
+            return corners
+    raise ValueError(f"--object-size {side} leaves no room for {count} objects on a {size}×{size}"
+                     " canvas: use a smaller --object-size or a larger --size")  # fmt: skip
 
 
 def make_canvases(
-    n: int, objects: str = "squares", seed: int = 0
+    n: int, objects: str = "squares", seed: int = 0, size: int = 32, side: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` canvases ``(n, 50, 50)`` in [0, 1] holding 0, 1 or 2 objects at random positions
-    (overlaps add, clipped at 1), and their counts ``(n,)``.
+    """``n`` canvases ``(n, size, size)`` in [0, 1] holding 0, 1 or 2 non-overlapping objects
+    of side ``side`` at random positions, and their counts ``(n,)``.
 
     :param int n: canvases.
     :param str objects: ``"squares"`` or ``"digits"``.
     :param int seed: the generator's seed.
+    :param int size: the canvas side in pixels.
+    :param int side: every object's side in pixels.
+    :raises ValueError: if two objects cannot fit side by side.
     """
+    if not 0 < side <= size:
+        raise ValueError(f"--object-size must lie in 1..--size ({size}), got {side}")
     rng = np.random.default_rng(seed)
-    shapes = _shapes(objects)
+    shapes = _shapes(objects, side)
     counts = rng.integers(0, 3, n)  # (n,)
-    x = np.zeros((n, SIZE, SIZE), np.float32)
+    x = np.zeros((n, size, size), np.float32)
     for i, count in enumerate(counts):
-        for _ in range(count):
-            shape = shapes[rng.integers(len(shapes))]
-            r, c = rng.integers(0, SIZE - shape.shape[0] + 1, 2)
-            x[i, r : r + shape.shape[0], c : c + shape.shape[1]] += shape
-    return torch.from_numpy(np.clip(x, 0.0, 1.0)), torch.from_numpy(counts)
+        for r, c in _places(rng, int(count), size, side):
+            x[i, r : r + side, c : c + side] = shapes[rng.integers(len(shapes))]
+    return torch.from_numpy(x), torch.from_numpy(counts)
 
 
 # --- networks (pyro/examples/air/modules.py) -----------------------------------------------
@@ -147,20 +188,22 @@ def z_where_inv(z_where: torch.Tensor) -> torch.Tensor:
     return out / z_where[:, 0:1]
 
 
-def window_to_image(z_where: torch.Tensor, window: int, windows: torch.Tensor) -> torch.Tensor:
-    """Windows ``(n, window²)`` placed on canvases ``(n, 50, 50)``."""
+def window_to_image(
+    z_where: torch.Tensor, window: int, windows: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Windows ``(n, window²)`` placed on canvases ``(n, size, size)``."""
     n = windows.shape[0]
-    grid = F.affine_grid(expand_z_where(z_where), [n, 1, SIZE, SIZE], align_corners=False)
+    grid = F.affine_grid(expand_z_where(z_where), [n, 1, size, size], align_corners=False)
     out = F.grid_sample(windows.view(n, 1, window, window), grid, align_corners=False)
-    return out.view(n, SIZE, SIZE)
+    return out.view(n, size, size)
 
 
 def image_to_window(z_where: torch.Tensor, window: int, images: torch.Tensor) -> torch.Tensor:
-    """The windows ``(n, window²)`` that ``z_where`` points at on canvases ``(n, 50, 50)``."""
-    n = images.shape[0]
+    """The windows ``(n, window²)`` that ``z_where`` points at on canvases ``(n, size, size)``."""
+    n, size = images.shape[0], images.shape[-1]
     theta = expand_z_where(z_where_inv(z_where))  # (n, 2, 3)
     grid = F.affine_grid(theta, [n, 1, window, window], align_corners=False)
-    return F.grid_sample(images.view(n, 1, SIZE, SIZE), grid, align_corners=False).view(n, -1)
+    return F.grid_sample(images.view(n, 1, size, size), grid, align_corners=False).view(n, -1)
 
 
 # --- the pair (pyro/examples/air/air.py) ---------------------------------------------------
@@ -169,7 +212,9 @@ GuideState = namedtuple("GuideState", ["h", "c", "bl_h", "bl_c", "z_pres", "z_wh
 
 
 class AIR(nn.Module):
-    """Pyro's AIR, shrunk: ``model(data)`` and ``guide(data)`` on canvases ``(n, 50, 50)``.
+    """Pyro's AIR, shrunk: ``model(data)`` and ``guide(data)`` on canvases ``(n, size, size)``.
+
+    :param int size: the canvas side in pixels.
 
     :param int steps: the most objects a canvas is explained by.
     :param int window: the attention window's side.
@@ -177,24 +222,28 @@ class AIR(nn.Module):
     :param int rnn: the guide's (and the baseline's) LSTM size.
     :param int hidden: the encoder's and decoder's hidden size.
     :param bool baselines: give ``z_pres`` a neural baseline (``baseline_value``).
-    :param float pres_prior: k, the prior gives n objects probability ∝ k^n.
+    :param float log_pres_prior: log k, the prior gives n objects probability ∝ k^n.
+    :param tuple scale_prior: the mean and sd of z_where's scale (the window covers
+        ``size / scale`` pixels of the canvas).
     :param float window_bias: added to the decoder's output before its sigmoid.
     """
 
-    def __init__(self, steps: int = 3, window: int = 16, z_what: int = 10, rnn: int = 128,
-                 hidden: int = 100, baselines: bool = True, pres_prior: float = 0.01,
-                 window_bias: float = -2.0):  # fmt: skip
+    def __init__(self, size: int = 32, steps: int = 3, window: int = 10, z_what: int = 5,
+                 rnn: int = 128, hidden: int = 100, baselines: bool = True,
+                 log_pres_prior: float = -60.0, scale_prior: tuple[float, float] = (3.0, 0.1),
+                 window_bias: float = 2.0):  # fmt: skip
         super().__init__()
-        self.steps, self.window, self.z_what, self.baselines = steps, window, z_what, baselines
-        self.window_bias = window_bias
+        self.size, self.steps, self.window, self.z_what = size, steps, window, z_what
+        self.baselines, self.window_bias = baselines, window_bias
         self.likelihood_sd = 0.3
-        # the priors and decoder of the settings Pyro's AIR tutorial trains with: z_where ~
-        # N([3, 0, 0], [0.2, 1, 1]); z_pres a truncated geometric (make_prior(k) in its
-        # main.py, --z-pres-prior 0.01); windows through a sigmoid, biased dark (-2)
-        self.register_buffer("where_loc", torch.tensor([3.0, 0.0, 0.0]))
-        self.register_buffer("where_scale", torch.tensor([0.2, 1.0, 1.0]))
-        self.pres_prior = _truncated_geometric(pres_prior, steps)
-        rnn_in = SIZE * SIZE + 3 + z_what + 1
+        # Pyro's AIR's priors and decoder: z_where ~ N([scale, 0, 0], [scale sd, 1, 1]); z_pres
+        # a truncated geometric (make_prior(k) in its main.py) as log-odds, so that k can lie
+        # far below float32's smallest probability (Bernoulli(probs) clamps at 1.2e-7, capping
+        # an object's cost at 16 nats); windows through a sigmoid with a bias
+        self.register_buffer("where_loc", torch.tensor([scale_prior[0], 0.0, 0.0]))
+        self.register_buffer("where_scale", torch.tensor([scale_prior[1], 1.0, 1.0]))
+        self.register_buffer("pres_logits", _truncated_geometric(log_pres_prior, steps))
+        rnn_in = size * size + 3 + z_what + 1
         self.rnn = nn.LSTMCell(rnn_in, rnn)
         self.encode = mlp([window * window, hidden, 2 * z_what])
         self.decode = mlp([z_what, hidden, window * window])
@@ -208,40 +257,48 @@ class AIR(nn.Module):
         self.z_where_init = nn.Parameter(torch.zeros(1, 3))
         self.z_what_init = nn.Parameter(torch.zeros(1, z_what))
 
-    def model(self, data):
+    def model(self, data, log_pres_prior=None):
+        """:param log_pres_prior: log k for this step (a per-step keyword, ``fit(...,
+        step_kwargs=...)``, as Pyro's ``--anneal-prior`` feeds its model); default the pair's."""
         pyro.module("air", self)
         n = data.shape[0]
+        logits = None
+        if log_pres_prior is not None:
+            logits = _truncated_geometric(log_pres_prior, self.steps)  # (steps,)
         with pyro.plate("data", n):
-            x = self.prior(n, data)
+            x = self.prior(n, data, logits)
             pyro.sample("obs", dist.Normal(x.view(n, -1), self.likelihood_sd).to_event(1),
                         obs=data.view(n, -1))  # fmt: skip
 
-    def prior(self, n: int, data) -> torch.Tensor:
-        """The canvases ``(n, 50, 50)`` the prior's steps draw (inside the data plate); replayed
+    def prior(self, n: int, data, pres_logits=None) -> torch.Tensor:
+        """The canvases ``(n, size, size)`` the prior's steps draw (inside the data plate); replayed
         on a guide's trace, the reconstruction: the mean of p(x|z) at the guide's z."""
-        x, z_pres = data.new_zeros(n, SIZE, SIZE), data.new_ones(n, 1)
+        pres_logits = self.pres_logits if pres_logits is None else pres_logits  # (steps,)
+        x, z_pres = data.new_zeros(n, self.size, self.size), data.new_ones(n, 1)
         for t in range(self.steps):
-            x, z_pres = self.prior_step(t, n, x, z_pres)
+            x, z_pres = self.prior_step(t, n, x, z_pres, pres_logits[t])
         return x
 
-    def prior_step(self, t: int, n: int, x, prev_pres):
+    def prior_step(self, t: int, n: int, x, prev_pres, pres_logit):
         """One step of the prior: the canvas ``x`` with one more object if ``z_pres`` says so."""
-        pres = dist.Bernoulli(self.pres_prior[t] * prev_pres).to_event(1)
-        z_pres = pyro.sample(f"z_pres_{t}", pres)  # (n, 1)
+        # Pyro's Bernoulli(p_t · z_pres_{t-1}): no object after an absent one
+        logits = torch.where(prev_pres > 0, pres_logit, -1e4)  # (n, 1)
+        z_pres = pyro.sample(f"z_pres_{t}", dist.Bernoulli(logits=logits).to_event(1))  # (n, 1)
         on = z_pres.squeeze(-1).bool()  # (n,): an absent object's other sites are masked out
         where = dist.Normal(self.where_loc.expand(n, 3), self.where_scale.expand(n, 3))
         z_where = pyro.sample(f"z_where_{t}", where.to_event(1).mask(on))  # (n, 3)
         what = dist.Normal(x.new_zeros(n, self.z_what), 1.0)
         z_what = pyro.sample(f"z_what_{t}", what.to_event(1).mask(on))  # (n, z_what)
         window = torch.sigmoid(self.decode(z_what) + self.window_bias)  # (n, window²)
-        y = window_to_image(z_where, self.window, window)  # (n, 50, 50)
+        y = window_to_image(z_where, self.window, window, self.size)  # (n, size, size)
         return x + y * z_pres.view(-1, 1, 1), z_pres
 
-    def guide(self, data):
+    def guide(self, data, log_pres_prior=None):
+        """:param log_pres_prior: unused (Pyro calls model and guide with the same keywords)."""
         pyro.module("air", self)
         n = data.shape[0]
         with pyro.plate("data", n):
-            flat = data.reshape(n, -1)  # (n, 2500)
+            flat = data.reshape(n, -1)  # (n, size²)
             state = GuideState(
                 h=self.h_init.expand(n, -1), c=self.c_init.expand(n, -1),
                 bl_h=self.bl_h_init.expand(n, -1), bl_c=self.bl_c_init.expand(n, -1),
@@ -287,11 +344,14 @@ class AIR(nn.Module):
         return {"baseline": {"baseline_value": value.squeeze(-1)}}, bl_h, bl_c
 
 
-def _truncated_geometric(k: float, steps: int) -> list[float]:
-    # pyro/examples/air/main.py's make_prior, for any number of steps: each step's success
-    # probability, so that a canvas holds n objects with probability ∝ k^n (n = 0..steps)
-    weights = [k**n for n in range(steps + 1)]
-    return [sum(weights[t + 1 :]) / sum(weights[t:]) for t in range(steps)]
+def _truncated_geometric(log_k, steps: int) -> torch.Tensor:
+    # pyro/examples/air/main.py's make_prior, for any number of steps, in log space: each
+    # step's log-odds of one more object ``(steps,)``, so that a canvas holds n objects with
+    # probability ∝ k^n (n = 0..steps); log_k a number or a 0-dim tensor (a step's keyword)
+    log_k = torch.as_tensor(log_k, dtype=torch.float64)
+    log_w = torch.arange(steps + 1, dtype=torch.float64, device=log_k.device) * log_k  # (steps+1,)
+    odds = [torch.logsumexp(log_w[t + 1 :], 0) - log_w[t] for t in range(steps)]
+    return torch.stack(odds).float()
 
 
 def adam_with_baseline_lr(air: AIR, baseline_lr: float):
@@ -353,11 +413,13 @@ class FitPath(logging.Handler):
         self._logger.setLevel(self._level)
 
 
-def _box(z_where) -> tuple[tuple[float, float], float]:
-    # pyro/examples/air/viz.py's bounding_box: the window's corner and side on the canvas
+def _box(z_where, size: int) -> tuple[tuple[float, float], float]:
+    # pyro/examples/air/viz.py's bounding_box: the window's corner and side on the canvas, in
+    # imshow's coordinates (pixel i spans i - 0.5 .. i + 0.5)
     s, x, y = (float(v) for v in z_where)
-    side = SIZE / s
-    return ((SIZE - side) / 2 - x / s * SIZE / 2, (SIZE - side) / 2 - y / s * SIZE / 2), side
+    side = size / s
+    corner = [(size - side) / 2 - v / s * size / 2 - 0.5 for v in (x, y)]
+    return (corner[0], corner[1]), side
 
 
 @torch.no_grad()
@@ -370,19 +432,19 @@ def plot_reconstructions(air: AIR, x: torch.Tensor, path: Path) -> None:
     trace = pyro.poutine.trace(air.guide).get_trace(x)
     z_where, z_pres = trace.nodes["_RETURN"]["value"]
     with pyro.plate("data", len(x)):
-        recon = pyro.poutine.replay(air.prior, trace=trace)(len(x), x)  # (n, 50, 50)
+        recon = pyro.poutine.replay(air.prior, trace=trace)(len(x), x)  # (n, size, size)
     fig, axes = plt.subplots(2, len(x), figsize=(1.5 * len(x), 3.4), squeeze=False)
     for i in range(len(x)):
         present = [t for t in range(air.steps) if z_pres[t][i, 0] > 0]
         axes[0, i].imshow(x[i], cmap="gray", vmin=0, vmax=1)
         for k, t in enumerate(present):
-            corner, side = _box(z_where[t][i])
+            corner, side = _box(z_where[t][i], air.size)
             axes[0, i].add_patch(Rectangle(corner, side, side, fill=False, lw=1.2,
                                            color=("r", "lime", "c", "y")[k % 4]))  # fmt: skip
         axes[0, i].set_title(f"{len(present)} found", fontsize=8)
         axes[1, i].imshow(recon[i].clamp(0, 1), cmap="gray", vmin=0, vmax=1)
     for ax in axes.flat:
-        ax.set(xticks=[], yticks=[], xlim=(-0.5, SIZE - 0.5), ylim=(SIZE - 0.5, -0.5))
+        ax.set(xticks=[], yticks=[], xlim=(-0.5, air.size - 0.5), ylim=(air.size - 0.5, -0.5))
     axes[0, 0].set_ylabel("data, boxes", fontsize=8)
     axes[1, 0].set_ylabel("reconstruction", fontsize=8)
     fig.suptitle("held-out canvases: boxes of one draw of z ~ q(z|x); reconstructions: the mean "
@@ -411,6 +473,15 @@ def plot_accuracy(accuracy: list[float], n: int, label: str, path: Path) -> None
 # --- the experiment --------------------------------------------------------------------------
 
 
+def build_air(args: argparse.Namespace, baselines: bool | None = None) -> AIR:
+    """The :class:`AIR` pair the parsed ``args`` describe (``baselines`` overrides
+    ``--no-baselines``)."""
+    baselines = not args.no_baselines if baselines is None else baselines
+    return AIR(args.size, args.steps, args.window, args.z_what, args.rnn, args.hidden, baselines,
+               args.log_pres_prior, (args.scale_prior_mean, args.scale_prior_sd),
+               args.window_bias)  # fmt: skip
+
+
 def train(air: AIR, x, test, args, say=print):
     """Train ``air`` on canvases ``x`` with pyrovae.fit (TraceGraph_ELBO with the baselines, or
     Trace_ELBO without), printing the count accuracy on ``test`` (canvases, counts) after every
@@ -424,12 +495,16 @@ def train(air: AIR, x, test, args, say=print):
             f"count accuracy {acc:.3f}  ({record['seconds']:.1f} s)")  # fmt: skip
 
     loss = Trace_ELBO() if not air.baselines else TraceGraph_ELBO()
+    step_kwargs = None
+    if args.anneal_prior_epochs:  # Pyro's --anneal-prior lin, in log k, through fit
+        ramp = Ramp(args.anneal_prior_from, args.log_pres_prior, epochs=args.anneal_prior_epochs)
+        step_kwargs = {"log_pres_prior": ramp}
     with FitPath() as path:
         history = pyrovae.fit(air.model, air.guide, x, loss=loss, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, device="cpu",
                               seed=args.seed, callback=after_epoch,
                               optimizer=adam_with_baseline_lr(air, args.baseline_lr),
-                              progress=not args.no_progress)  # fmt: skip
+                              progress=not args.no_progress, step_kwargs=step_kwargs)  # fmt: skip
     return history, accuracy, path.path
 
 
@@ -439,11 +514,11 @@ def main(args: argparse.Namespace) -> dict:
     matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x, counts = make_canvases(args.n + args.test_n, args.objects, args.seed)
+    x, counts = make_canvases(args.n + args.test_n, args.objects, args.seed, args.size,
+                              args.object_size)  # fmt: skip
     train_x, test = x[: args.n], (x[args.n :], counts[args.n :])
     pyro.set_rng_seed(args.seed)
-    air = AIR(args.steps, args.window, args.z_what, args.rnn, args.hidden, not args.no_baselines,
-              args.pres_prior, args.window_bias)  # fmt: skip
+    air = build_air(args)
     name = "TraceGraph_ELBO, baselines" if air.baselines else "Trace_ELBO, no baselines"
     print(f"AIR on {args.n} canvases of {args.objects} ({name})")
     history, accuracy, path = train(air, train_x, test, args)
@@ -461,7 +536,7 @@ def main(args: argparse.Namespace) -> dict:
     plot_accuracy(accuracy, len(test_x), name, out / "count_accuracy.png")
     return {"accuracy": accuracy, "train_elbo": history.train_elbo, "seconds": history.seconds,
             "path": path, "test_elbo": float(elbo.mean()), "test_log_px": float(log_px.mean()),
-            "table": table.tolist()}  # fmt: skip
+            "table": table.tolist(), "step_kwargs": history.step_kwargs}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -269,14 +269,31 @@ def test_air(tmp_path, capsys):
     _pngs(tmp_path, "reconstructions.png", "count_accuracy.png")
 
 
+def test_air_anneals_its_prior_through_step_kwargs(tmp_path):
+    # log k ramps from -30 to -60 over the two epochs, fed to the captured model every step
+    args = "--n 64 --test-n 16 --epochs 2 --batch-size 32 --window 8 --rnn 16 --hidden 16"
+    r = _run("air", args + " --num-samples 5 --anneal-prior-epochs 2", "--out", str(tmp_path),
+             *QUIET)  # fmt: skip
+    assert r["path"] == "captured"
+    fed = [record["log_pres_prior"] for record in r["step_kwargs"]]  # each epoch's last step
+    assert fed == pytest.approx([-45.0, -60.0])
+
+
 @pytest.mark.parametrize("objects", ["squares", "digits"])
 def test_air_canvases_hold_as_many_objects_as_they_say(objects):
-    x, counts = _load("air").make_canvases(60, objects, seed=3)
-    assert x.shape == (60, 50, 50) and counts.shape == (60,)
+    x, counts = _load("air").make_canvases(60, objects, seed=3, size=24, side=9)
+    assert x.shape == (60, 24, 24) and counts.shape == (60,)
     assert float(x.min()) >= 0 and float(x.max()) <= 1
     assert set(counts.tolist()) == {0, 1, 2}
     empty = x.flatten(1).amax(1) == 0  # (60,)
     assert torch.equal(empty, counts == 0)
+    if objects == "squares":  # 9×9 white squares that never overlap
+        assert torch.equal((x > 0).flatten(1).sum(1), counts * 81)
+
+
+def test_air_refuses_objects_that_cannot_fit():
+    with pytest.raises(ValueError, match="--object-size 12 leaves no room for 2 objects"):
+        _load("air").make_canvases(20, seed=0, size=16, side=12)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.py")))
