@@ -5,7 +5,8 @@ learns to count, and how well (one seed is one draw of canvases, weights, data o
 
 Each run is ``examples/air.py --seed S [--no-baselines]`` with its defaults, in a process of its
 own (``--workers`` at a time, one thread each). Prints the count accuracy on the held-out
-canvases after the last epoch (the last point of the example's curve, one draw of q) per seed and a summary: the runs that count (accuracy ≥ 0.9) and the median accuracy.
+canvases after the last epoch (the last point of the example's curve, one draw of q) per seed,
+and a summary: the runs that count (accuracy ≥ 0.9) and the median accuracy.
 """
 
 from __future__ import annotations
