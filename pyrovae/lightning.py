@@ -99,7 +99,9 @@ class PairModule(L.LightningModule):
     :param example: a batch (tensor or tuple of tensors) of the data, to build the parameters.
     :param loss: a Pyro ELBO (default :class:`~pyro.infer.Trace_ELBO`), run as its no-sync twin.
     :param float lr: the learning rate.
-    :param optimizer: a ``torch.optim`` class (default Adam).
+    :param optimizer: a ``torch.optim`` class (default Adam);
+        or any callable ``(params, lr=..., **optim_args) -> Optimizer`` (e.g. one that gives
+        some parameters a group of their own, as examples/air.py does for its baselines).
     :param dict optim_args: its keyword arguments besides the parameters.
     :param batch_transform: applied to each training batch of the (first) objective, e.g.
         dynamic binarization; the others use their data's ``batch_transform``, if any.
@@ -504,7 +506,9 @@ def fit(
     :param int seed: seeds the data order; rank r draws its noise from ``seed + r``.
     :param callbacks: Lightning callbacks (e.g. :class:`KLWarmup`, :class:`SelectBest`).
     :param bool fast: replay the captured loss where the pair allows it.
-    :param optimizer: a ``torch.optim`` class (default Adam).
+    :param optimizer: a ``torch.optim`` class (default Adam);
+        or any callable ``(params, lr=..., **optim_args) -> Optimizer`` (e.g. one that gives
+        some parameters a group of their own, as examples/air.py does for its baselines).
     :param dict optim_args: its keyword arguments besides the parameters.
     :param TrainState state: continue a run (from one engine or the other): epochs
         ``state.epoch + 1 .. epochs`` are trained, Adam starts from ``state.optimizer``; the

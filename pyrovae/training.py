@@ -395,7 +395,9 @@ def fit(
         the optimizer starts from ``state.optimizer`` and the generators from ``state.rng``
         (after ``seed``); the model's weights must already be those of ``state.epoch``. Updated
         in place after every epoch.
-    :param optimizer: a ``torch.optim`` class (default: Adam, fused where available).
+    :param optimizer: a ``torch.optim`` class (default: Adam, fused where available);
+        or any callable ``(params, lr=..., **optim_args) -> Optimizer`` (e.g. one that gives
+        some parameters a group of their own, as examples/air.py does for its baselines).
     :param dict optim_args: its keyword arguments besides the parameters (``lr`` overrides the
         ``lr`` above), e.g. ``{"betas": (0.95, 0.999)}``.
     :param stream: ``True`` to stream a map-style Dataset through a DataLoader instead of
