@@ -7,7 +7,8 @@ epochs, is ``svi.step(mini_batch, ..., annealing_factor=a)``. Both engines take 
 
 - a :class:`~pyrovae.schedules.Schedule` (e.g. :class:`~pyrovae.schedules.Ramp`), a function
   of the step's :class:`~pyrovae.schedules.Clock` returning a number, is evaluated before every
-  step and passed as a 0-dim tensor on the batch's device;
+  step and passed as a 0-dim tensor on the batch's device (one tensor, refilled every step:
+  a pair that keeps the value past its step copies it);
 - anything else (a number, a tensor, a function such as Pyro's AIR's ``z_pres_prior_p``) is a
   constant, passed as it is on every step (a captured loss records what it computes as
   constants). Those tensors ride after the batch's own, so a captured loss
@@ -93,17 +94,23 @@ class StepKeywords:
         self.constants = {k: v for k, v in kwargs.items() if not isinstance(v, Schedule)}
         self.scheduled = {k: v for k, v in kwargs.items() if isinstance(v, Schedule)}
         self.last: dict[str, float] = {}  # the values of the last step, for the epoch's record
+        self._tensors: dict[tuple, torch.Tensor] = {}  # (name, device) -> the value fed
         for name, schedule in self.scheduled.items():
             _number(schedule(Clock(0, 0, 1)), name, Clock(0, 0, 1))
 
     def values(self, clock: Clock, device) -> tuple[torch.Tensor, ...]:
         """The schedules' values at ``clock``, as 0-dim tensors on ``device`` (noted in
-        :attr:`last`)."""
+        :attr:`last`). Each schedule has one tensor per device, filled in place: a fill is a
+        kernel with the value as its argument, where a new CUDA tensor would be a copy from
+        the host that waits for the queued work (a sync per step)."""
         out = []
         for name, schedule in self.scheduled.items():
             self.last[name] = _number(schedule(clock), name, clock)
-            out.append(torch.tensor(self.last[name], dtype=torch.get_default_dtype(),
-                                    device=device))  # fmt: skip
+            key = (name, torch.device(device))
+            if key not in self._tensors:
+                self._tensors[key] = torch.zeros((), dtype=torch.get_default_dtype(),
+                                                 device=device)  # fmt: skip
+            out.append(self._tensors[key].fill_(self.last[name]))
         return tuple(out)
 
     def bind(self, loss: Callable) -> Keyworded:

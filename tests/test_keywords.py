@@ -114,7 +114,7 @@ def test_constants_are_passed_on_every_step_and_the_model_sees_them():
     seen = []
 
     def model(x, annealing_factor=1.0, label="none", prior_p=None):
-        seen.append((annealing_factor, label, prior_p(1)))
+        seen.append((float(annealing_factor), label, prior_p(1)))  # the step's value
         pyro.module("net", net)
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), Z), 1.0).to_event(1))
